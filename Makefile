@@ -1,0 +1,53 @@
+# lxd-vsock: every target goes through `deno task` (deno.json holds the tasks and
+# the permission sets). Deno comes from npm (package.json pins it); a system
+# `deno` on PATH is used when present and DENO is not set. (`npm install`, not
+# `npm ci`: npm 11 leaves the other platforms of `deno` out of the lock file.)
+DENO ?= $(shell command -v deno 2>/dev/null || echo node_modules/.bin/deno)
+export PATH := $(CURDIR)/node_modules/.bin:$(PATH)
+export DENO_NO_UPDATE_CHECK := 1
+DENO_VERSION := $(shell node -p 'require("./package.json").devDependencies.deno' 2>/dev/null)
+
+.PHONY: install run test check unit bench build e2e demo clean
+
+install: node_modules/.installed
+
+node_modules/.installed: package.json package-lock.json
+	npm install --no-audit --no-fund --loglevel=error
+	@touch $@
+
+## run: install, then start the host daemon with state in ./state (no config file needed)
+run: install
+	$(DENO) task host daemon --state-dir ./state $(ARGS)
+
+## test: install, then format/lint/type checks and every unit and process test
+test: install check unit
+
+check: install
+	$(DENO) task check
+
+unit: install
+	$(DENO) task test
+
+bench: install
+	$(DENO) task bench $(ARGS)
+
+## build: the real `deno compile`; needs the denort runtime (DENORT_BIN or Deno's cache)
+build: install
+	@if [ -n "$$DENORT_BIN" ] && [ ! -x "$$DENORT_BIN" ]; then \
+	  echo "make build: DENORT_BIN=$$DENORT_BIN is not an executable denort runtime." >&2; exit 1; fi
+	@dir="$${DENO_DIR:-$$HOME/.cache/deno}/dl/release/v$(DENO_VERSION)"; \
+	if [ -z "$$DENORT_BIN" ] && [ ! -f "$$dir/denort-x86_64-unknown-linux-gnu.zip" ]; then \
+	  echo "make build: the denort runtime for Deno $(DENO_VERSION) is not available and cannot be downloaded here; set DENORT_BIN=/path/to/denort (or put denort-x86_64-unknown-linux-gnu.zip in $$dir) and run make build again." >&2; \
+	  exit 1; fi
+	@mkdir -p dist
+	$(DENO) task compile:host
+	$(DENO) task compile:agent
+
+e2e: install
+	bash tests/vm/run-e2e
+
+demo: install
+	bash tests/vm/demo
+
+clean:
+	rm -rf dist .cache
