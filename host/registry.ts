@@ -1,0 +1,663 @@
+/**
+ * The instance registry, the host's source of truth: one SQLite file (through
+ * the built-in `node:sqlite`) in the state directory, holding every
+ * instance's identity, certificates, config, devices and runtime state.
+ *
+ * Durability: WAL journal with `synchronous=FULL`, so every committed change
+ * is fsynced before the call returns and survives a process crash
+ * (`kill -9`) and a power loss. The one exception is `recordSeen()`, called
+ * on every authenticated agent request: it updates memory at once and the
+ * file at most once per {@linkcode SEEN_PERSIST_INTERVAL_MS} per instance
+ * (and on `close()`), so a request storm costs no fsyncs.
+ *
+ * Lock: the connection runs in `locking_mode=EXCLUSIVE` and takes the write
+ * lock with `BEGIN IMMEDIATE` and no busy timeout at open, then holds it until
+ * `close()`. A second process (daemon or CLI) on the same state directory
+ * fails at once with {@linkcode RegistryError} `LOCKED`. The kernel drops the
+ * lock when the holder dies, even by SIGKILL.
+ *
+ * Every mutation validates its input before touching the file and runs in one
+ * transaction: a rejected change leaves the store as it was.
+ *
+ * Owns the database handle. Needs read and write permission on the file.
+ * @module
+ */
+
+import { DatabaseSync } from "node:sqlite";
+import { MAX_CID } from "../shared/api.ts";
+import type { Instance, InstanceRuntime, StatusChannel } from "./instance.ts";
+
+/** Schema version written to `PRAGMA user_version`. */
+export const SCHEMA_VERSION = 1;
+
+/** How often at most `recordSeen()` writes an instance's `last_seen` to disk. */
+export const SEEN_PERSIST_INTERVAL_MS = 60_000;
+
+const MIGRATIONS: readonly string[] = [
+  // 0 → 1
+  `CREATE TABLE instances (
+     name TEXT PRIMARY KEY,
+     cid INTEGER NOT NULL UNIQUE,
+     status TEXT NOT NULL,
+     hybrid TEXT UNIQUE,
+     agent_cert TEXT NOT NULL,
+     client_cert TEXT NOT NULL,
+     client_key TEXT NOT NULL,
+     agent_state TEXT NOT NULL DEFAULT 'STOPPED',
+     ready INTEGER NOT NULL DEFAULT 0,
+     last_seen TEXT,
+     last_change TEXT,
+     last_error TEXT,
+     created_at TEXT NOT NULL
+   ) STRICT;
+   CREATE TABLE config (
+     instance TEXT NOT NULL REFERENCES instances(name) ON DELETE CASCADE,
+     key TEXT NOT NULL,
+     value TEXT NOT NULL,
+     PRIMARY KEY (instance, key)
+   ) STRICT;
+   CREATE TABLE devices (
+     instance TEXT NOT NULL REFERENCES instances(name) ON DELETE CASCADE,
+     name TEXT NOT NULL,
+     config TEXT NOT NULL,
+     PRIMARY KEY (instance, name)
+   ) STRICT;
+   CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;`,
+];
+
+/** A registry condition callers act on. */
+export class RegistryError extends Error {
+  override name = "RegistryError";
+  constructor(
+    readonly code: "NOT_FOUND" | "ALREADY_EXISTS" | "LOCKED",
+    message: string,
+    options?: ErrorOptions,
+  ) {
+    super(message, options);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Validation: pure functions, run before any write.
+
+const NAME_RE = /^[a-z0-9][a-z0-9-]{0,62}$/;
+/** Config keys: dotted words; no `/`, no `..`, no leading or trailing dot. */
+const KEY_RE = /^[a-z0-9][a-z0-9_-]*(\.[A-Za-z0-9_-]+)+$/;
+const DEVICE_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
+const DEVICE_KEY_RE = /^[a-z0-9][a-z0-9_.-]{0,63}$/;
+/** Namespaces an operator may set; `security.devlxd*` are checked by name. */
+const CONFIG_PREFIXES = ["user.", "cloud-init.", "image.", "environment.", "limits."];
+const BOOLEAN_KEYS = ["security.devlxd", "security.devlxd.images"];
+/** Largest config value (cloud-init user-data can be large). */
+export const MAX_CONFIG_VALUE = 1 << 20;
+const MAX_DEVICE_VALUE = 4096;
+const MAX_PATH = 4096;
+
+/** Validates an instance name: `[a-z0-9][a-z0-9-]{0,62}`. */
+export function checkInstanceName(name: unknown): string {
+  if (typeof name !== "string") throw new TypeError("Invalid instance name: not a string");
+  if (!NAME_RE.test(name)) {
+    throw new TypeError(
+      `Invalid instance name ${
+        JSON.stringify(name.slice(0, 80))
+      }: use 1-63 lowercase letters, digits and "-", starting with a letter or digit`,
+    );
+  }
+  return name;
+}
+
+/** Validates a guest CID: 3 … 2^32-2 (0-2 are reserved, 2^32-1 is "any"). */
+export function checkInstanceCid(cid: unknown): number {
+  if (typeof cid !== "number" || !Number.isInteger(cid)) {
+    throw new TypeError(`Invalid CID ${JSON.stringify(cid)}: not an integer`);
+  }
+  if (cid < 3 || cid > MAX_CID) {
+    throw new RangeError(`Invalid CID ${cid}: a guest CID is 3-${MAX_CID} (0-2 are reserved)`);
+  }
+  return cid;
+}
+
+/** Whether `key` is a syntactically valid config key (no `/`, no `..`). */
+export function isValidConfigKey(key: string): boolean {
+  return key.length <= 256 && KEY_RE.test(key);
+}
+
+/** Validates a config key an operator sets: syntax, then a known namespace. */
+export function checkConfigKey(key: unknown): string {
+  if (typeof key !== "string" || !isValidConfigKey(key)) {
+    throw new TypeError(
+      `Invalid config key ${JSON.stringify(String(key).slice(0, 80))}: expected dotted words`,
+    );
+  }
+  if (!BOOLEAN_KEYS.includes(key) && !CONFIG_PREFIXES.some((p) => key.startsWith(p))) {
+    throw new TypeError(
+      `Unknown config key "${key}": use ${CONFIG_PREFIXES.map((p) => p + "*").join(", ")}, ` +
+        BOOLEAN_KEYS.join(", "),
+    );
+  }
+  return key;
+}
+
+/** Validates a config value for `key`. */
+export function checkConfigValue(key: string, value: unknown): string {
+  if (typeof value !== "string") throw new TypeError(`Invalid value for ${key}: not a string`);
+  if (value.length > MAX_CONFIG_VALUE) {
+    throw new RangeError(`Invalid value for ${key}: longer than ${MAX_CONFIG_VALUE} characters`);
+  }
+  if (BOOLEAN_KEYS.includes(key) && value !== "true" && value !== "false") {
+    throw new TypeError(`Invalid value for ${key}: use "true" or "false"`);
+  }
+  return value;
+}
+
+/** Validates a device name. */
+export function checkDeviceName(name: unknown): string {
+  if (typeof name !== "string" || !DEVICE_RE.test(name)) {
+    throw new TypeError(
+      `Invalid device name ${JSON.stringify(String(name).slice(0, 80))}: ` +
+        `use 1-64 letters, digits, ".", "_" and "-"`,
+    );
+  }
+  return name;
+}
+
+/** Validates a device's config: a flat string map with a `type`. */
+export function checkDeviceConfig(config: unknown): Record<string, string> {
+  if (typeof config !== "object" || config === null || Array.isArray(config)) {
+    throw new TypeError("Invalid device config: expected an object of strings");
+  }
+  const out: Record<string, string> = {};
+  for (const [k, v] of Object.entries(config)) {
+    if (!DEVICE_KEY_RE.test(k)) throw new TypeError(`Invalid device key ${JSON.stringify(k)}`);
+    if (typeof v !== "string" || v.length > MAX_DEVICE_VALUE) {
+      throw new TypeError(`Invalid device value for ${k}: expected a string`);
+    }
+    out[k] = v;
+  }
+  if (!out.type) throw new TypeError('Invalid device config: "type" is required');
+  return out;
+}
+
+function checkPath(path: unknown, what: string): string {
+  if (typeof path !== "string" || !path.startsWith("/") || path.length > MAX_PATH) {
+    throw new TypeError(`Invalid ${what}: expected an absolute path`);
+  }
+  if (path.includes("\0")) throw new TypeError(`Invalid ${what}: contains a NUL byte`);
+  return path;
+}
+
+/** Validates a status channel description. */
+export function checkStatusChannel(status: unknown): StatusChannel {
+  const s = status as Record<string, unknown> | null;
+  if (typeof s !== "object" || s === null) throw new TypeError("Invalid status channel");
+  switch (s.kind) {
+    case "none":
+      return { kind: "none" };
+    case "socket":
+    case "file":
+      return { kind: s.kind, path: checkPath(s.path, `${s.kind} path`) };
+    case "qmp": {
+      const chardev = s.chardev;
+      if (typeof chardev !== "string" || !/^[A-Za-z][A-Za-z0-9_.-]{0,127}$/.test(chardev)) {
+        throw new TypeError("Invalid QMP chardev id");
+      }
+      const size = s.size ?? 16;
+      if (typeof size !== "number" || !Number.isInteger(size) || size < 1 || size > 65536) {
+        throw new RangeError("Invalid ring buffer size: 1-65536");
+      }
+      return { kind: "qmp", path: checkPath(s.path, "QMP socket path"), chardev, size };
+    }
+    default:
+      throw new TypeError(`Invalid status channel kind ${JSON.stringify(s.kind)}`);
+  }
+}
+
+function checkPem(pem: unknown, what: string): string {
+  if (typeof pem !== "string" || !pem.includes("-----BEGIN ")) {
+    throw new TypeError(`Invalid ${what}: expected PEM`);
+  }
+  return pem;
+}
+
+/** Everything needed to register an instance; runtime starts at its defaults. */
+export interface NewInstance {
+  name: string;
+  cid: number;
+  status?: StatusChannel;
+  hybrid?: string;
+  agentCert: string;
+  clientCert: string;
+  clientKey: string;
+  config?: Record<string, string>;
+  devices?: Record<string, Record<string, string>>;
+}
+
+/** The identity part of a {@linkcode NewInstance}, checked before keys are generated. */
+export type InstanceIdentity = Pick<
+  NewInstance,
+  "name" | "cid" | "status" | "hybrid" | "config" | "devices"
+>;
+
+function validateIdentity(spec: InstanceIdentity): Required<Omit<InstanceIdentity, "hybrid">> & {
+  hybrid?: string;
+} {
+  const config: Record<string, string> = {};
+  for (const [k, v] of Object.entries(spec.config ?? {})) {
+    config[checkConfigKey(k)] = checkConfigValue(k, v);
+  }
+  const devices: Record<string, Record<string, string>> = {};
+  for (const [k, v] of Object.entries(spec.devices ?? {})) {
+    devices[checkDeviceName(k)] = checkDeviceConfig(v);
+  }
+  return {
+    name: checkInstanceName(spec.name),
+    cid: checkInstanceCid(spec.cid),
+    status: checkStatusChannel(spec.status ?? { kind: "none" }),
+    hybrid: spec.hybrid === undefined ? undefined : checkPath(spec.hybrid, "hybrid vsock path"),
+    config,
+    devices,
+  };
+}
+
+// ---------------------------------------------------------------------------
+
+interface InstanceRow {
+  name: string;
+  cid: number;
+  status: string;
+  hybrid: string | null;
+  agent_cert: string;
+  client_cert: string;
+  client_key: string;
+  agent_state: string;
+  ready: number;
+  last_seen: string | null;
+  last_change: string | null;
+  last_error: string | null;
+}
+
+export interface RegistryOptions {
+  /** Clock for `created_at` and coalescing. @default Date.now */
+  now?: () => number;
+}
+
+/** The instance store. Open with {@linkcode Registry.open}; one per state directory. */
+export class Registry {
+  #db: DatabaseSync;
+  #path: string;
+  #now: () => number;
+  #instances = new Map<string, Instance>();
+  #seenPersisted = new Map<string, number>();
+  #closed = false;
+
+  private constructor(db: DatabaseSync, path: string, options: RegistryOptions) {
+    this.#db = db;
+    this.#path = path;
+    this.#now = options.now ?? Date.now;
+    this.#load();
+  }
+
+  /**
+   * Opens (creating and migrating if needed) the store at `path` and takes
+   * its lock. Throws RegistryError `LOCKED` when another connection holds it.
+   */
+  static open(path: string, options: RegistryOptions = {}): Registry {
+    const db = new DatabaseSync(path, { timeout: 0, enableForeignKeyConstraints: true });
+    try {
+      db.exec("PRAGMA locking_mode = EXCLUSIVE");
+      db.exec("PRAGMA journal_mode = WAL");
+      db.exec("PRAGMA synchronous = FULL");
+      db.exec("BEGIN IMMEDIATE");
+      try {
+        const { user_version } = db.prepare("PRAGMA user_version").get() as {
+          user_version: number;
+        };
+        if (user_version > SCHEMA_VERSION) {
+          throw new Error(
+            `Registry ${path} has schema version ${user_version}; this program knows ${SCHEMA_VERSION}`,
+          );
+        }
+        for (let v = user_version; v < SCHEMA_VERSION; v++) db.exec(MIGRATIONS[v]);
+        db.exec(`PRAGMA user_version = ${SCHEMA_VERSION}`);
+        db.exec("COMMIT");
+      } catch (error) {
+        db.exec("ROLLBACK");
+        throw error;
+      }
+    } catch (error) {
+      db.close();
+      if (error instanceof Error && /locked|busy/i.test(error.message)) {
+        throw new RegistryError(
+          "LOCKED",
+          `The state in ${path} is in use by another lxd-vsock-host process (daemon or CLI); ` +
+            "stop it first, or use the CLI while the daemon runs so it goes through the daemon",
+          { cause: error },
+        );
+      }
+      throw error;
+    }
+    return new Registry(db, path, options);
+  }
+
+  /** The database file. */
+  get path(): string {
+    return this.#path;
+  }
+
+  #load(): void {
+    const rows = this.#db.prepare("SELECT * FROM instances ORDER BY name")
+      .all() as unknown as InstanceRow[];
+    for (const row of rows) {
+      const config: Record<string, string> = {};
+      for (
+        const c of this.#db.prepare("SELECT key, value FROM config WHERE instance = ? ORDER BY key")
+          .all(row.name) as unknown as { key: string; value: string }[]
+      ) config[c.key] = c.value;
+      const devices: Record<string, Record<string, string>> = {};
+      for (
+        const d of this.#db.prepare(
+          "SELECT name, config FROM devices WHERE instance = ? ORDER BY name",
+        )
+          .all(row.name) as unknown as { name: string; config: string }[]
+      ) devices[d.name] = JSON.parse(d.config);
+      const runtime: InstanceRuntime = {
+        agentState: row.agent_state as InstanceRuntime["agentState"],
+        ready: row.ready === 1,
+      };
+      if (row.last_seen) runtime.lastSeen = row.last_seen;
+      if (row.last_change) runtime.lastChange = row.last_change;
+      if (row.last_error) runtime.lastError = row.last_error;
+      const instance: Instance = {
+        name: row.name,
+        cid: row.cid,
+        status: JSON.parse(row.status),
+        agentCert: row.agent_cert,
+        clientCert: row.client_cert,
+        clientKey: row.client_key,
+        config,
+        devices,
+        runtime,
+      };
+      if (row.hybrid !== null) instance.hybrid = row.hybrid;
+      this.#instances.set(row.name, instance);
+      if (row.last_seen) this.#seenPersisted.set(row.name, Date.parse(row.last_seen));
+    }
+  }
+
+  #assertOpen(): void {
+    if (this.#closed) throw new Error("Registry is closed");
+  }
+
+  #transaction<T>(fn: () => T): T {
+    this.#assertOpen();
+    this.#db.exec("BEGIN IMMEDIATE");
+    try {
+      const result = fn();
+      this.#db.exec("COMMIT");
+      return result;
+    } catch (error) {
+      this.#db.exec("ROLLBACK");
+      throw error;
+    }
+  }
+
+  /** Every instance, sorted by name (copies). */
+  list(): Instance[] {
+    this.#assertOpen();
+    return [...this.#instances.values()].sort((a, b) => a.name < b.name ? -1 : 1).map((i) =>
+      structuredClone(i)
+    );
+  }
+
+  /** The instance named `name` (a copy), or undefined. */
+  get(name: string): Instance | undefined {
+    this.#assertOpen();
+    const i = this.#instances.get(name);
+    return i && structuredClone(i);
+  }
+
+  /** Like `get()`, but throws RegistryError `NOT_FOUND`. */
+  require(name: string): Instance {
+    const i = this.get(name);
+    if (!i) throw new RegistryError("NOT_FOUND", `Instance "${name}" not found`);
+    return i;
+  }
+
+  /** The instance with guest CID `cid`, or undefined. */
+  byCid(cid: number): Instance | undefined {
+    this.#assertOpen();
+    for (const i of this.#instances.values()) if (i.cid === cid) return structuredClone(i);
+    return undefined;
+  }
+
+  /** Number of instances. */
+  get size(): number {
+    return this.#instances.size;
+  }
+
+  /**
+   * Validates an instance's identity and checks that its name, CID and hybrid
+   * path are free, without writing. Lets callers fail before generating keys.
+   */
+  checkNew(spec: InstanceIdentity): void {
+    this.#assertOpen();
+    const v = validateIdentity(spec);
+    if (this.#instances.has(v.name)) {
+      throw new RegistryError("ALREADY_EXISTS", `Instance "${v.name}" already exists`);
+    }
+    for (const i of this.#instances.values()) {
+      if (i.cid === v.cid) {
+        throw new RegistryError(
+          "ALREADY_EXISTS",
+          `CID ${v.cid} is already used by instance "${i.name}"`,
+        );
+      }
+      if (v.hybrid !== undefined && i.hybrid === v.hybrid) {
+        throw new RegistryError(
+          "ALREADY_EXISTS",
+          `Hybrid vsock path ${v.hybrid} is already used by instance "${i.name}"`,
+        );
+      }
+    }
+  }
+
+  /** Registers an instance. Validates everything first; returns the stored copy. */
+  add(spec: NewInstance): Instance {
+    this.checkNew(spec);
+    const v = validateIdentity(spec);
+    const agentCert = checkPem(spec.agentCert, "agent certificate");
+    const clientCert = checkPem(spec.clientCert, "client certificate");
+    const clientKey = checkPem(spec.clientKey, "client key");
+    const instance: Instance = {
+      name: v.name,
+      cid: v.cid,
+      status: v.status,
+      agentCert,
+      clientCert,
+      clientKey,
+      config: v.config,
+      devices: v.devices,
+      runtime: { agentState: "STOPPED", ready: false },
+    };
+    if (v.hybrid !== undefined) instance.hybrid = v.hybrid;
+    this.#transaction(() => {
+      this.#db.prepare(
+        `INSERT INTO instances (name, cid, status, hybrid, agent_cert, client_cert, client_key, created_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
+      ).run(
+        instance.name,
+        instance.cid,
+        JSON.stringify(instance.status),
+        instance.hybrid ?? null,
+        agentCert,
+        clientCert,
+        clientKey,
+        new Date(this.#now()).toISOString(),
+      );
+      const insertConfig = this.#db.prepare(
+        "INSERT INTO config (instance, key, value) VALUES (?, ?, ?)",
+      );
+      for (const [k, val] of Object.entries(instance.config)) {
+        insertConfig.run(instance.name, k, val);
+      }
+      const insertDevice = this.#db.prepare(
+        "INSERT INTO devices (instance, name, config) VALUES (?, ?, ?)",
+      );
+      for (const [k, d] of Object.entries(instance.devices)) {
+        insertDevice.run(instance.name, k, JSON.stringify(d));
+      }
+    });
+    this.#instances.set(instance.name, instance);
+    return structuredClone(instance);
+  }
+
+  /** Removes an instance and returns what it was. */
+  remove(name: string): Instance {
+    const instance = this.require(name);
+    this.#transaction(() => {
+      this.#db.prepare("DELETE FROM instances WHERE name = ?").run(name);
+    });
+    this.#instances.delete(name);
+    this.#seenPersisted.delete(name);
+    return instance;
+  }
+
+  /** Sets a config key; returns the previous value ("" when unset). */
+  setConfig(name: string, key: string, value: string): { old: string; value: string } {
+    const instance = this.require(name);
+    checkConfigKey(key);
+    checkConfigValue(key, value);
+    this.#transaction(() => {
+      this.#db.prepare(
+        "INSERT INTO config (instance, key, value) VALUES (?, ?, ?) ON CONFLICT (instance, key) DO UPDATE SET value = excluded.value",
+      ).run(name, key, value);
+    });
+    this.#instances.get(name)!.config[key] = value;
+    return { old: instance.config[key] ?? "", value };
+  }
+
+  /** Removes a config key; returns its previous value, or undefined if it was unset. */
+  unsetConfig(name: string, key: string): string | undefined {
+    const instance = this.require(name);
+    checkConfigKey(key);
+    if (!(key in instance.config)) return undefined;
+    this.#transaction(() => {
+      this.#db.prepare("DELETE FROM config WHERE instance = ? AND key = ?").run(name, key);
+    });
+    delete this.#instances.get(name)!.config[key];
+    return instance.config[key];
+  }
+
+  /** Adds a device; RegistryError `ALREADY_EXISTS` if the name is taken. */
+  addDevice(name: string, device: string, config: Record<string, string>): Record<string, string> {
+    const instance = this.require(name);
+    checkDeviceName(device);
+    const clean = checkDeviceConfig(config);
+    if (device in instance.devices) {
+      throw new RegistryError("ALREADY_EXISTS", `Device "${device}" already exists on "${name}"`);
+    }
+    this.#transaction(() => {
+      this.#db.prepare("INSERT INTO devices (instance, name, config) VALUES (?, ?, ?)")
+        .run(name, device, JSON.stringify(clean));
+    });
+    this.#instances.get(name)!.devices[device] = clean;
+    return structuredClone(clean);
+  }
+
+  /** Removes a device and returns its config; RegistryError `NOT_FOUND` if absent. */
+  removeDevice(name: string, device: string): Record<string, string> {
+    const instance = this.require(name);
+    const config = instance.devices[device];
+    if (!config) throw new RegistryError("NOT_FOUND", `Device "${device}" not found on "${name}"`);
+    this.#transaction(() => {
+      this.#db.prepare("DELETE FROM devices WHERE instance = ? AND name = ?").run(name, device);
+    });
+    delete this.#instances.get(name)!.devices[device];
+    return config;
+  }
+
+  /** Durably updates runtime fields; returns the new runtime. */
+  updateRuntime(name: string, patch: Partial<InstanceRuntime>): InstanceRuntime {
+    const current = this.require(name).runtime;
+    const next: InstanceRuntime = { ...current, ...patch };
+    const states = ["STARTED", "CONNECTED", "STOPPED", "CONNECT sent"];
+    if (!states.includes(next.agentState)) {
+      throw new TypeError(`Invalid agent state ${next.agentState}`);
+    }
+    if (typeof next.ready !== "boolean") throw new TypeError("Invalid ready flag");
+    this.#transaction(() => {
+      this.#db.prepare(
+        `UPDATE instances SET agent_state = ?, ready = ?, last_seen = ?, last_change = ?, last_error = ?
+         WHERE name = ?`,
+      ).run(
+        next.agentState,
+        next.ready ? 1 : 0,
+        next.lastSeen ?? null,
+        next.lastChange ?? null,
+        next.lastError ?? null,
+        name,
+      );
+    });
+    this.#instances.get(name)!.runtime = next;
+    if (next.lastSeen) this.#seenPersisted.set(name, Date.parse(next.lastSeen));
+    return structuredClone(next);
+  }
+
+  /**
+   * Records an authenticated agent request at `at`. Memory is updated at once;
+   * the file at most every {@linkcode SEEN_PERSIST_INTERVAL_MS} (see module doc).
+   */
+  recordSeen(name: string, at: Date = new Date(this.#now())): void {
+    this.#assertOpen();
+    const instance = this.#instances.get(name);
+    if (!instance) return;
+    instance.runtime.lastSeen = at.toISOString();
+    const persisted = this.#seenPersisted.get(name) ?? 0;
+    if (at.getTime() - persisted >= SEEN_PERSIST_INTERVAL_MS) this.#persistSeen(name);
+  }
+
+  #persistSeen(name: string): void {
+    const lastSeen = this.#instances.get(name)?.runtime.lastSeen;
+    if (!lastSeen) return;
+    this.#transaction(() => {
+      this.#db.prepare("UPDATE instances SET last_seen = ? WHERE name = ?").run(lastSeen, name);
+    });
+    this.#seenPersisted.set(name, Date.parse(lastSeen));
+  }
+
+  /** A small key/value setting (e.g. the last port used). */
+  getMeta(key: string): string | undefined {
+    this.#assertOpen();
+    const row = this.#db.prepare("SELECT value FROM meta WHERE key = ?").get(key) as
+      | { value: string }
+      | undefined;
+    return row?.value;
+  }
+
+  /** Sets a key/value setting durably. */
+  setMeta(key: string, value: string): void {
+    this.#transaction(() => {
+      this.#db.prepare(
+        "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+      ).run(key, value);
+    });
+  }
+
+  /** Flushes pending `lastSeen` times, then closes the file and drops the lock. Idempotent. */
+  close(): void {
+    if (this.#closed) return;
+    try {
+      for (const [name, instance] of this.#instances) {
+        const seen = instance.runtime.lastSeen;
+        if (seen && Date.parse(seen) !== this.#seenPersisted.get(name)) this.#persistSeen(name);
+      }
+    } finally {
+      this.#closed = true;
+      this.#db.close();
+    }
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+}
