@@ -1,0 +1,392 @@
+/**
+ * `SerialChannel`: the agent's side of the virtio-serial status port (the
+ * "ring buffer"). It writes one state line per write (`STARTED\n`,
+ * `CONNECTED\n`, `STOPPED\n`) and watches the same port for the host's
+ * `CONNECT <cid>:<port>\n` lines.
+ *
+ * A virtio-serial port can be open only once at a time (a second open fails
+ * with EBUSY), so while the port exists the channel holds ONE fd, opened
+ * `O_RDWR | O_NONBLOCK`, for both reading and writing; when the port is
+ * absent, each write tries to open it again (`O_RDWR` per write, as LXD's
+ * agent does) and a missing port is not an error. Non-blocking matters: a
+ * write to a port whose host end is not connected would otherwise block the
+ * whole event loop; here it is dropped (the periodic rewrite repeats it).
+ * The fd is polled for input every `pollInterval`, and closed and reopened when
+ * the port disappears (hot-unplug, or the path now names another file).
+ *
+ * Test stand-in: when the path is a unix socket (the host end of QEMU's
+ * `-chardev socket` seen from the guest), the channel connects to it instead
+ * and speaks the same lines over the connection.
+ *
+ * Owns: the port fd or socket connection and its reader loop.
+ * Permissions: `--allow-read` (stat), `--allow-ffi` (open/read/write via the
+ * project's libc module), `--allow-net` (only for the unix socket stand-in).
+ * @module
+ */
+
+import { type AgentState, MAX_CONNECT_LINE, parseConnectLine } from "../shared/api.ts";
+import { type Logger, silentLogger } from "../shared/log.ts";
+import * as libc from "../shared/vsock/_libc.ts";
+
+const O_RDWR = 2;
+const ENOENT = 2;
+const EAGAIN = 11;
+const EINTR = 4;
+
+/** Splits a byte stream into lines, dropping lines longer than `max` whole. */
+export class LineBuffer {
+  #max: number;
+  #partial = "";
+  #discarding = false;
+  #decoder = new TextDecoder("utf-8", { fatal: false });
+
+  /** @param max longest line kept, its `\n` included */
+  constructor(max: number) {
+    this.#max = max;
+  }
+
+  /** Feeds bytes; returns the complete lines they finish (without `\n`). */
+  push(chunk: Uint8Array): string[] {
+    const text = this.#decoder.decode(chunk, { stream: true });
+    const lines: string[] = [];
+    let start = 0;
+    for (let i = text.indexOf("\n"); i !== -1; i = text.indexOf("\n", start)) {
+      const line = this.#partial + text.slice(start, i);
+      if (!this.#discarding && line.length + 1 <= this.#max) lines.push(line);
+      this.#partial = "";
+      this.#discarding = false;
+      start = i + 1;
+    }
+    if (!this.#discarding) {
+      this.#partial += text.slice(start);
+      if (this.#partial.length + 1 > this.#max) {
+        this.#partial = "";
+        this.#discarding = true;
+      }
+    }
+    return lines;
+  }
+
+  /** Forgets a partial line (the port was reopened). */
+  reset(): void {
+    this.#partial = "";
+    this.#discarding = false;
+    this.#decoder = new TextDecoder("utf-8", { fatal: false });
+  }
+}
+
+/** An open port: a char device fd or a unix socket connection. */
+interface OpenPort {
+  readonly path: string;
+  /** Reads what is there; `undefined` when nothing is, `null` when the port ended. */
+  read(buf: Uint8Array): Promise<number | null | undefined>;
+  /** Writes one line; false when it was dropped. Throws when the port is gone. */
+  write(bytes: Uint8Array): Promise<boolean>;
+  /** Whether the path still names the file that was opened. */
+  stillThere(): boolean;
+  close(): void;
+}
+
+function inode(path: string): number | null | undefined {
+  try {
+    return Deno.statSync(path).ino;
+  } catch {
+    return undefined;
+  }
+}
+
+class DevicePort implements OpenPort {
+  #fd: number;
+  #ino: number | null | undefined;
+  constructor(readonly path: string, fd: number) {
+    this.#fd = fd;
+    this.#ino = inode(path);
+  }
+  read(buf: Uint8Array): Promise<number | null | undefined> {
+    if (this.#fd < 0) return Promise.resolve(null);
+    const n = libc.read(this.#fd, buf);
+    // 0: a virtio-serial port whose host end is not connected; nothing to read yet.
+    if (n === 0 || n === -EAGAIN || n === -EINTR) return Promise.resolve(undefined);
+    if (n < 0) return Promise.reject(new Error(`Cannot read ${this.path}: errno ${-n}`));
+    return Promise.resolve(n);
+  }
+  write(bytes: Uint8Array): Promise<boolean> {
+    if (this.#fd < 0) return Promise.reject(new Error(`${this.path} is closed`));
+    const n = libc.write(this.#fd, bytes);
+    if (n === -EAGAIN || n === -EINTR) return Promise.resolve(false);
+    if (n < 0) return Promise.reject(new Error(`Cannot write ${this.path}: errno ${-n}`));
+    return Promise.resolve(n === bytes.byteLength);
+  }
+  stillThere(): boolean {
+    return this.#fd >= 0 && inode(this.path) === this.#ino;
+  }
+  close(): void {
+    if (this.#fd >= 0) libc.close(this.#fd);
+    this.#fd = -1;
+  }
+}
+
+class SocketPort implements OpenPort {
+  #conn: Deno.UnixConn;
+  #closed = false;
+  #writing: Promise<unknown> = Promise.resolve();
+  constructor(readonly path: string, conn: Deno.UnixConn) {
+    this.#conn = conn;
+  }
+  async read(buf: Uint8Array): Promise<number | null | undefined> {
+    if (this.#closed) return null;
+    try {
+      return await this.#conn.read(buf);
+    } catch (error) {
+      if (this.#closed) return null;
+      throw error;
+    }
+  }
+  write(bytes: Uint8Array): Promise<boolean> {
+    if (this.#closed) return Promise.reject(new Error(`${this.path} is closed`));
+    const done = this.#writing.then(async () => {
+      let off = 0;
+      while (off < bytes.byteLength) off += await this.#conn.write(bytes.subarray(off));
+      return true;
+    });
+    this.#writing = done.catch(() => {});
+    return done;
+  }
+  stillThere(): boolean {
+    return !this.#closed;
+  }
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    try {
+      this.#conn.close();
+    } catch {
+      // already closed by the peer
+    }
+  }
+}
+
+/** Opens `path` as a port; `undefined` when it does not exist. */
+async function openPort(path: string): Promise<OpenPort | undefined> {
+  let info: Deno.FileInfo;
+  try {
+    info = Deno.statSync(path);
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) return undefined;
+    throw error;
+  }
+  if (info.isSocket) {
+    try {
+      return new SocketPort(path, await Deno.connect({ transport: "unix", path }));
+    } catch (error) {
+      if (error instanceof Deno.errors.NotFound) return undefined;
+      if (error instanceof Deno.errors.ConnectionRefused) return undefined;
+      throw error;
+    }
+  }
+  const fd = libc.openPath(path, O_RDWR | libc.O_NONBLOCK | libc.O_CLOEXEC);
+  if (fd === -ENOENT) return undefined;
+  if (fd < 0) throw new Error(`Cannot open ${path}: errno ${-fd}`);
+  return new DevicePort(path, fd);
+}
+
+export interface SerialChannelOptions {
+  /** Candidate port paths; the first that exists is used. */
+  paths: string[];
+  /** Called for each valid `CONNECT <cid>:<port>` line from the host. */
+  onConnect?: (target: { cid: number; port: number }) => void;
+  /** The state to write as soon as the port (re)appears. */
+  currentState?: () => AgentState | undefined;
+  /**
+   * Watch the port for host lines (and hold it open while it exists).
+   * @default {true}
+   */
+  watch?: boolean;
+  /**
+   * How often an absent or ended port is looked for again, in ms.
+   * @default {1000}
+   */
+  retryInterval?: number;
+  /**
+   * How often an open device port is checked for input, in ms.
+   * @default {200}
+   */
+  pollInterval?: number;
+  logger?: Logger;
+}
+
+function delay(ms: number, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    if (signal.aborted) return resolve();
+    const timer = setTimeout(done, ms);
+    function done() {
+      clearTimeout(timer);
+      signal.removeEventListener("abort", done);
+      resolve();
+    }
+    signal.addEventListener("abort", done, { once: true });
+  });
+}
+
+/** The virtio-serial status channel. */
+export class SerialChannel {
+  #options:
+    & Required<Omit<SerialChannelOptions, "onConnect" | "currentState">>
+    & SerialChannelOptions;
+  #port: OpenPort | undefined;
+  #abort = new AbortController();
+  #loop: Promise<void> | undefined;
+  #missingLogged = false;
+  #lines = new LineBuffer(MAX_CONNECT_LINE);
+  #encoder = new TextEncoder();
+
+  constructor(options: SerialChannelOptions) {
+    this.#options = {
+      watch: true,
+      retryInterval: 1000,
+      pollInterval: 200,
+      logger: silentLogger,
+      ...options,
+    };
+    if (this.#options.watch) this.#loop = this.#watch();
+  }
+
+  /** The port currently held open, if any. */
+  get path(): string | undefined {
+    return this.#port?.path;
+  }
+
+  /**
+   * Writes `<state>\n`. Resolves true when written, false when the port is
+   * absent or the line was dropped; never rejects. On a device port the
+   * write is synchronous: it is done when this returns.
+   */
+  write(state: AgentState): Promise<boolean> {
+    const bytes = this.#encoder.encode(`${state}\n`);
+    const port = this.#port;
+    if (port !== undefined) {
+      return port.write(bytes).catch((error) => {
+        this.#options.logger.debug("serial port write failed; reopening", {
+          port: port.path,
+          error,
+        });
+        this.#drop(port);
+        return false;
+      });
+    }
+    return this.#writeOnce(bytes);
+  }
+
+  async #writeOnce(bytes: Uint8Array): Promise<boolean> {
+    for (const path of this.#options.paths) {
+      let port: OpenPort | undefined;
+      try {
+        port = await openPort(path);
+      } catch (error) {
+        this.#options.logger.debug("cannot open serial port", { port: path, error });
+        continue;
+      }
+      if (port === undefined) continue;
+      try {
+        this.#missingLogged = false;
+        return await port.write(bytes);
+      } catch (error) {
+        this.#options.logger.debug("serial port write failed", { port: path, error });
+        return false;
+      } finally {
+        port.close();
+      }
+    }
+    if (!this.#missingLogged) {
+      this.#missingLogged = true;
+      this.#options.logger.info("no serial status port present", {
+        ports: this.#options.paths.join(","),
+      });
+    }
+    return false;
+  }
+
+  #drop(port: OpenPort): void {
+    port.close();
+    if (this.#port === port) this.#port = undefined;
+  }
+
+  async #watch(): Promise<void> {
+    const signal = this.#abort.signal;
+    const buf = new Uint8Array(256);
+    while (!signal.aborted) {
+      const port = await this.#openFirst();
+      if (port === undefined) {
+        await delay(this.#options.retryInterval, signal);
+        continue;
+      }
+      if (signal.aborted) {
+        port.close();
+        break;
+      }
+      this.#port = port;
+      this.#lines.reset();
+      this.#options.logger.debug("serial port open", { port: port.path });
+      const state = this.#options.currentState?.();
+      if (state !== undefined) await this.write(state);
+      try {
+        while (!signal.aborted && this.#port === port) {
+          const n = await port.read(buf);
+          if (n === null) break;
+          if (n === undefined) {
+            await delay(this.#options.pollInterval, signal);
+            if (!port.stillThere()) break;
+            continue;
+          }
+          for (const line of this.#lines.push(buf.subarray(0, n))) this.#line(line);
+        }
+      } catch (error) {
+        this.#options.logger.debug("serial port read failed", { port: port.path, error });
+      }
+      this.#drop(port);
+      if (!signal.aborted) {
+        this.#options.logger.debug("serial port closed; looking for it again", {
+          port: port.path,
+        });
+        await delay(this.#options.retryInterval, signal);
+      }
+    }
+  }
+
+  async #openFirst(): Promise<OpenPort | undefined> {
+    for (const path of this.#options.paths) {
+      try {
+        const port = await openPort(path);
+        if (port !== undefined) return port;
+      } catch (error) {
+        this.#options.logger.debug("cannot open serial port", { port: path, error });
+      }
+    }
+    return undefined;
+  }
+
+  #line(line: string): void {
+    if (line.trim() === "") return;
+    let target: { cid: number; port: number };
+    try {
+      target = parseConnectLine(line);
+    } catch (error) {
+      this.#options.logger.debug("ignoring serial line", { error });
+      return;
+    }
+    this.#options.logger.info("host announced itself on the serial port", target);
+    this.#options.onConnect?.(target);
+  }
+
+  /** Stops watching and closes the port. Idempotent. */
+  async close(): Promise<void> {
+    this.#abort.abort();
+    const port = this.#port;
+    if (port !== undefined) this.#drop(port);
+    await this.#loop;
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.close();
+  }
+}
