@@ -1,0 +1,399 @@
+/**
+ * Watches one instance's status channel (the agent's virtio-serial "ring
+ * buffer") and reports every state line the guest wrote, plus `STOPPED` when
+ * the channel goes away. One watcher per instance; backends behind one class:
+ *
+ * - `qmp`: QEMU `-chardev ringbuf` read with QMP `ringbuf-read` (what LXD does):
+ *   polled at start, after every QMP event and on a timer whose period the
+ *   caller sets (`setInterval`); a read consumes the bytes and only the last
+ *   complete line counts.
+ * - `socket`: a `-chardev socket,server=on` virtserialport: lines are read as
+ *   they come, and `writeLine()` sends `CONNECT 2:<port>\n` to the guest.
+ * - `file`: a plain file the guest side appends to (tests only), polled.
+ * - `none`: never reports anything.
+ *
+ * A channel that cannot be opened or goes away (VM stopped, QEMU killed) is
+ * reported once as `STOPPED` and retried with exponential backoff; it never
+ * affects other watchers. Owns its connection and timers until `close()`.
+ *
+ * Needs `--allow-read`, `--allow-write`, `--allow-net=unix:<path>`.
+ * @module
+ */
+
+import { type AgentState, parseStatusLine } from "../../shared/api.ts";
+import { type Logger, silentLogger } from "../../shared/log.ts";
+import type { StatusChannel } from "../instance.ts";
+import { QmpClient, QmpError, ringbufReadArgs } from "./qmp_client.ts";
+
+/** One observation of the agent's state. */
+export interface StatusObservation {
+  state: AgentState;
+  /** `"line"`: the guest wrote it; `"channel"`: the channel went away or is absent. */
+  source: "line" | "channel";
+  /** The raw text read (line source), for operators and logs. */
+  text?: string;
+  /** Why the channel is down (channel source). */
+  error?: Error;
+}
+
+/** Options of {@linkcode createStatusWatcher}. */
+export interface StatusWatcherOptions {
+  /** Called with every observed state line, and with `STOPPED` when the channel goes down. */
+  onState: (observation: StatusObservation) => void;
+  /** Called with non-fatal errors (a QMP command error), deduplicated while it repeats. */
+  onError?: (error: Error) => void;
+  /** Poll period of polled backends (qmp, file), in ms. @default 3000 */
+  interval?: number;
+  /** Reconnect delay after the channel went away: doubles from `min` to `max`, in ms. @default { min: 500, max: 30000 } */
+  backoff?: { min?: number; max?: number };
+  /** Bound on the QMP connect + greeting and on each QMP command, in ms. @default 3000 */
+  timeout?: number;
+  /** Longest line accepted on the socket backend, in bytes. @default 256 */
+  maxLineLength?: number;
+  /** @default silentLogger */
+  logger?: Logger;
+}
+
+const encoder = new TextEncoder();
+
+/** A status watcher; see the module doc. Create with {@linkcode createStatusWatcher}. */
+export abstract class StatusWatcher implements AsyncDisposable {
+  abstract readonly kind: StatusChannel["kind"];
+  protected readonly options: StatusWatcherOptions;
+  protected readonly logger: Logger;
+  #interval: number;
+  #closed = false;
+  #up = false;
+  #abort = new AbortController();
+  #pollRequested = false;
+  #lastPoll = -Infinity;
+  #kick: (() => void) | undefined;
+  #lastError = "";
+  #loop: Promise<void> | undefined;
+
+  constructor(options: StatusWatcherOptions) {
+    this.options = options;
+    this.logger = options.logger ?? silentLogger;
+    this.#interval = options.interval ?? 3000;
+  }
+
+  /** Starts watching (idempotent). */
+  start(): this {
+    this.#loop ??= this.#run();
+    return this;
+  }
+
+  /** Whether the channel is currently open. */
+  get connected(): boolean {
+    return this.#up;
+  }
+
+  /** The current poll period, in ms. */
+  get interval(): number {
+    return this.#interval;
+  }
+
+  /** Whether `writeLine()` can reach the guest (socket backend). */
+  get canWrite(): boolean {
+    return false;
+  }
+
+  /** Sets the poll period; a shorter one takes effect at once. */
+  setInterval(ms: number): void {
+    if (!(ms > 0)) throw new RangeError(`Invalid poll interval: ${ms} ms`);
+    this.#interval = ms;
+    this.#kick?.();
+  }
+
+  /** Asks for a check as soon as possible (no-op on push backends). */
+  poll(): void {
+    this.#pollRequested = true;
+    this.#kick?.();
+  }
+
+  /** Writes a line to the guest; resolves false when the backend cannot. */
+  writeLine(_line: string): Promise<boolean> {
+    return Promise.resolve(false);
+  }
+
+  /** Stops watching and closes the channel. Idempotent. */
+  async close(): Promise<void> {
+    this.#closed = true;
+    this.#abort.abort(new Error("status watcher closed"));
+    this.#kick?.();
+    await this.#loop;
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.close();
+  }
+
+  /** Opens the channel, calls `up()` once it is usable, then reports until it fails. */
+  protected abstract session(signal: AbortSignal, up: () => void): Promise<void>;
+
+  protected get closed(): boolean {
+    return this.#closed;
+  }
+
+  protected emit(observation: StatusObservation): void {
+    try {
+      this.options.onState(observation);
+    } catch (error) {
+      this.logger.warn("status handler failed", { error });
+    }
+  }
+
+  protected reportError(error: Error): void {
+    if (error.message === this.#lastError) return;
+    this.#lastError = error.message;
+    try {
+      this.options.onError?.(error);
+    } catch (e) {
+      this.logger.warn("status error handler failed", { error: e });
+    }
+  }
+
+  /**
+   * Waits until the next poll is due (period elapsed or `poll()` called).
+   * Returns false when `gone()` or the watcher closed first.
+   */
+  protected async nextPoll(gone: () => boolean): Promise<boolean> {
+    while (!this.#closed && !gone()) {
+      const wait = this.#pollRequested ? 0 : this.#lastPoll + this.#interval - performance.now();
+      if (wait <= 0) {
+        this.#pollRequested = false;
+        this.#lastPoll = performance.now();
+        return true;
+      }
+      await this.#wait(wait);
+    }
+    return false;
+  }
+
+  /** Wakes a pending `nextPoll()` so it re-checks (channel gone, interval changed). */
+  protected wake(): void {
+    this.#kick?.();
+  }
+
+  #wait(ms: number): Promise<void> {
+    return new Promise<void>((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        this.#kick = undefined;
+        resolve();
+      };
+      const timer = setTimeout(done, ms);
+      this.#kick = done;
+    });
+  }
+
+  async #run(): Promise<void> {
+    const min = this.options.backoff?.min ?? 500;
+    const max = this.options.backoff?.max ?? 30_000;
+    let delay = min;
+    let reportedDown = false;
+    while (!this.#closed) {
+      let failure: Error | undefined;
+      try {
+        await this.session(this.#abort.signal, () => {
+          this.#up = true;
+          delay = min;
+          reportedDown = false;
+          this.#lastError = "";
+          this.#pollRequested = true; // read once at (re)connect, as LXD does
+        });
+      } catch (error) {
+        failure = error instanceof Error ? error : new Error(String(error));
+      }
+      this.#up = false;
+      if (this.#closed) break;
+      failure ??= new Error("status channel closed");
+      if (!reportedDown) {
+        reportedDown = true;
+        this.logger.debug("status channel down", { error: failure });
+        this.emit({ state: "STOPPED", source: "channel", error: failure });
+      }
+      const jittered = delay * (0.8 + 0.4 * Math.random());
+      await this.#wait(jittered);
+      delay = Math.min(delay * 2, max);
+    }
+  }
+}
+
+class QmpStatusWatcher extends StatusWatcher {
+  readonly kind = "qmp";
+  constructor(
+    readonly channel: Extract<StatusChannel, { kind: "qmp" }>,
+    options: StatusWatcherOptions,
+  ) {
+    super(options);
+  }
+
+  protected async session(signal: AbortSignal, up: () => void): Promise<void> {
+    const timeout = this.options.timeout ?? 3000;
+    const client = await QmpClient.connect(this.channel.path, {
+      greetingTimeout: timeout,
+      commandTimeout: timeout,
+      signal,
+      onEvent: () => this.poll(),
+      logger: this.logger,
+    });
+    let gone = false;
+    client.closed.then(() => {
+      gone = true;
+      this.wake();
+    });
+    try {
+      up();
+      const args = ringbufReadArgs(this.channel.chardev, this.channel.size || 16);
+      while (await this.nextPoll(() => gone)) {
+        let text: unknown;
+        try {
+          text = await client.execute("ringbuf-read", args);
+        } catch (error) {
+          if (!(error instanceof QmpError)) throw error;
+          this.reportError(error);
+          continue;
+        }
+        if (typeof text !== "string") continue;
+        const state = parseStatusLine(text);
+        if (state !== undefined) this.emit({ state, source: "line", text });
+      }
+      if (!this.closed) {
+        throw (await client.closed) ?? new Error(`QMP socket ${this.channel.path} closed`);
+      }
+    } finally {
+      await client.close();
+    }
+  }
+}
+
+class SocketStatusWatcher extends StatusWatcher {
+  readonly kind = "socket";
+  #conn: Deno.UnixConn | undefined;
+
+  constructor(
+    readonly channel: Extract<StatusChannel, { kind: "socket" }>,
+    options: StatusWatcherOptions,
+  ) {
+    super(options);
+  }
+
+  override get canWrite(): boolean {
+    return this.#conn !== undefined;
+  }
+
+  override async writeLine(line: string): Promise<boolean> {
+    const conn = this.#conn;
+    if (conn === undefined) return false;
+    const bytes = encoder.encode(line.endsWith("\n") ? line : line + "\n");
+    try {
+      let offset = 0;
+      while (offset < bytes.length) offset += await conn.write(bytes.subarray(offset));
+      return true;
+    } catch (error) {
+      this.logger.debug("serial write failed", { error });
+      return false;
+    }
+  }
+
+  protected async session(signal: AbortSignal, up: () => void): Promise<void> {
+    const maxLine = this.options.maxLineLength ?? 256;
+    // A unix connect succeeds or fails at once: no timeout needed.
+    const conn = await Deno.connect({ transport: "unix", path: this.channel.path });
+    const onAbort = () => conn.close();
+    signal.addEventListener("abort", onAbort, { once: true });
+    this.#conn = conn;
+    try {
+      up();
+      const decoder = new TextDecoder();
+      const buf = new Uint8Array(1024);
+      let partial = "";
+      while (true) {
+        const n = await conn.read(buf);
+        if (n === null) throw new Deno.errors.UnexpectedEof(`${this.channel.path} closed`);
+        partial += decoder.decode(buf.subarray(0, n), { stream: true });
+        let newline: number;
+        while ((newline = partial.indexOf("\n")) >= 0) {
+          const line = partial.slice(0, newline + 1);
+          partial = partial.slice(newline + 1);
+          const state = parseStatusLine(line);
+          if (state !== undefined) this.emit({ state, source: "line", text: line });
+        }
+        if (partial.length > maxLine) partial = ""; // garbage without newline: drop it
+      }
+    } catch (error) {
+      if (!this.closed) throw error;
+    } finally {
+      this.#conn = undefined;
+      signal.removeEventListener("abort", onAbort);
+      try {
+        conn.close();
+      } catch {
+        // closed by abort
+      }
+    }
+  }
+}
+
+class FileStatusWatcher extends StatusWatcher {
+  readonly kind = "file";
+  constructor(
+    readonly channel: Extract<StatusChannel, { kind: "file" }>,
+    options: StatusWatcherOptions,
+  ) {
+    super(options);
+  }
+
+  protected async session(_signal: AbortSignal, up: () => void): Promise<void> {
+    const path = this.channel.path;
+    await Deno.stat(path);
+    up();
+    let offset = 0;
+    const decoder = new TextDecoder();
+    while (await this.nextPoll(() => false)) {
+      using file = await Deno.open(path, { read: true });
+      const { size } = await file.stat();
+      if (size < offset) offset = 0; // truncated: start over
+      if (size === offset) continue;
+      await file.seek(offset, Deno.SeekMode.Start);
+      const bytes = new Uint8Array(size - offset);
+      let got = 0;
+      while (got < bytes.length) {
+        const n = await file.read(bytes.subarray(got));
+        if (n === null) break;
+        got += n;
+      }
+      const text = decoder.decode(bytes.subarray(0, got));
+      const lastNewline = text.lastIndexOf("\n");
+      if (lastNewline < 0) continue; // only a partial line so far
+      offset += encoder.encode(text.slice(0, lastNewline + 1)).length;
+      const state = parseStatusLine(text.slice(0, lastNewline + 1));
+      if (state !== undefined) this.emit({ state, source: "line", text });
+    }
+  }
+}
+
+class NullStatusWatcher extends StatusWatcher {
+  readonly kind = "none";
+  protected session(signal: AbortSignal, _up: () => void): Promise<void> {
+    return new Promise((resolve) => signal.addEventListener("abort", () => resolve()));
+  }
+}
+
+/** A watcher for `channel`; call `start()` to begin, `close()` to stop. */
+export function createStatusWatcher(
+  channel: StatusChannel,
+  options: StatusWatcherOptions,
+): StatusWatcher {
+  switch (channel.kind) {
+    case "qmp":
+      return new QmpStatusWatcher(channel, options);
+    case "socket":
+      return new SocketStatusWatcher(channel, options);
+    case "file":
+      return new FileStatusWatcher(channel, options);
+    case "none":
+      return new NullStatusWatcher(options);
+  }
+}
