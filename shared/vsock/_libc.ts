@@ -1,0 +1,285 @@
+/**
+ * The only unsafe module of the project: the libc symbol table, `Deno.dlopen`,
+ * `UnsafePointerView` and errno handling.
+ *
+ * Provides thin synchronous wrappers over the socket, epoll and eventfd system
+ * calls used by `shared/vsock/`. Every wrapper returns the call's result, or
+ * `-errno` when the call failed: errno is read synchronously, on the calling
+ * thread, right after the failing call. The only `nonblocking` symbol is
+ * `epoll_wait`, used by the single waiter in `_reactor.ts`; it reports failure
+ * as `-1` only, since its errno belongs to another thread.
+ *
+ * Owns: the `libc.so.6` handle, opened on first use (never at import time) and
+ * kept for the life of the process.
+ *
+ * Permissions: `--allow-ffi` (which, like any FFI, bypasses Deno's net/read
+ * permission checks for the sockets opened through it).
+ *
+ * @module
+ */
+
+/** Linux socket, epoll and vsock constants (the same on x86_64 and aarch64). */
+export const AF_UNIX = 1;
+export const AF_VSOCK = 40;
+export const SOCK_STREAM = 1;
+export const SOCK_NONBLOCK = 0o4000;
+export const SOCK_CLOEXEC = 0o2000000;
+export const O_RDONLY = 0;
+export const O_NONBLOCK = 0o4000;
+export const O_CLOEXEC = 0o2000000;
+export const F_GETFL = 3;
+export const F_GETFD = 1;
+export const FD_CLOEXEC = 1;
+export const SOL_SOCKET = 1;
+export const SO_ERROR = 4;
+export const SO_RCVBUF = 8;
+export const SO_SNDBUF = 7;
+/** `SO_VM_SOCKETS_CONNECT_TIMEOUT_OLD`: a `struct timeval` (two `long`s). */
+export const SO_VM_SOCKETS_CONNECT_TIMEOUT = 6;
+/** `_IO(7, 0xb9)`. */
+export const IOCTL_VM_SOCKETS_GET_LOCAL_CID = 0x7b9;
+export const SHUT_RD = 0;
+export const SHUT_WR = 1;
+export const SHUT_RDWR = 2;
+export const MSG_NOSIGNAL = 0x4000;
+export const EPOLL_CLOEXEC = 0o2000000;
+export const EPOLL_CTL_ADD = 1;
+export const EPOLL_CTL_DEL = 2;
+export const EPOLL_CTL_MOD = 3;
+export const EPOLLIN = 0x001;
+export const EPOLLOUT = 0x004;
+export const EPOLLERR = 0x008;
+export const EPOLLHUP = 0x010;
+export const EPOLLRDHUP = 0x2000;
+export const EFD_NONBLOCK = 0o4000;
+export const EFD_CLOEXEC = 0o2000000;
+
+/** errno values used by the callers (asm-generic, same on x86_64 and aarch64). */
+export const EINTR = 4;
+export const EAGAIN = 11;
+export const EINPROGRESS = 115;
+export const EADDRINUSE = 98;
+export const ECONNABORTED = 103;
+export const ENOTCONN = 107;
+export const EPROTO = 71;
+
+/**
+ * `struct epoll_event` is packed on x86_64 (12 bytes: u32 events, u64 data) and
+ * naturally aligned elsewhere (16 bytes, data at offset 8).
+ */
+export const EPOLL_EVENT_SIZE = Deno.build.arch === "x86_64" ? 12 : 16;
+export const EPOLL_EVENT_DATA_OFFSET = Deno.build.arch === "x86_64" ? 4 : 8;
+
+const SYMBOLS = {
+  /** int socket(int domain, int type, int protocol); */
+  socket: { parameters: ["i32", "i32", "i32"], result: "i32" },
+  /** int bind(int sockfd, const struct sockaddr *addr, socklen_t addrlen); */
+  bind: { parameters: ["i32", "buffer", "u32"], result: "i32" },
+  /** int listen(int sockfd, int backlog); */
+  listen: { parameters: ["i32", "i32"], result: "i32" },
+  /** int accept4(int sockfd, struct sockaddr *addr, socklen_t *addrlen, int flags); */
+  accept4: { parameters: ["i32", "buffer", "buffer", "i32"], result: "i32" },
+  /** int connect(int sockfd, const struct sockaddr *addr, socklen_t addrlen); */
+  connect: { parameters: ["i32", "buffer", "u32"], result: "i32" },
+  /** int getsockname(int sockfd, struct sockaddr *addr, socklen_t *addrlen); */
+  getsockname: { parameters: ["i32", "buffer", "buffer"], result: "i32" },
+  /** int getpeername(int sockfd, struct sockaddr *addr, socklen_t *addrlen); */
+  getpeername: { parameters: ["i32", "buffer", "buffer"], result: "i32" },
+  /** ssize_t recv(int sockfd, void *buf, size_t len, int flags); */
+  recv: { parameters: ["i32", "buffer", "usize", "i32"], result: "isize" },
+  /** ssize_t send(int sockfd, const void *buf, size_t len, int flags); */
+  send: { parameters: ["i32", "buffer", "usize", "i32"], result: "isize" },
+  /** ssize_t read(int fd, void *buf, size_t count); */
+  read: { parameters: ["i32", "buffer", "usize"], result: "isize" },
+  /** ssize_t write(int fd, const void *buf, size_t count); */
+  write: { parameters: ["i32", "buffer", "usize"], result: "isize" },
+  /** int shutdown(int sockfd, int how); */
+  shutdown: { parameters: ["i32", "i32"], result: "i32" },
+  /** int close(int fd); */
+  close: { parameters: ["i32"], result: "i32" },
+  /** int open(const char *pathname, int flags, ...); */
+  open: { parameters: ["buffer", "i32"], result: "i32" },
+  /** int fcntl(int fd, int cmd, ...); called with one int argument */
+  fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" },
+  /** int ioctl(int fd, unsigned long request, ...); called with one pointer argument */
+  ioctl: { parameters: ["i32", "u64", "buffer"], result: "i32" },
+  /** int setsockopt(int sockfd, int level, int optname, const void *optval, socklen_t optlen); */
+  setsockopt: { parameters: ["i32", "i32", "i32", "buffer", "u32"], result: "i32" },
+  /** int getsockopt(int sockfd, int level, int optname, void *optval, socklen_t *optlen); */
+  getsockopt: { parameters: ["i32", "i32", "i32", "buffer", "buffer"], result: "i32" },
+  /** int epoll_create1(int flags); */
+  epoll_create1: { parameters: ["i32"], result: "i32" },
+  /** int epoll_ctl(int epfd, int op, int fd, struct epoll_event *event); */
+  epoll_ctl: { parameters: ["i32", "i32", "i32", "buffer"], result: "i32" },
+  /**
+   * int epoll_wait(int epfd, struct epoll_event *events, int maxevents, int timeout);
+   * Runs on Deno's blocking pool: the one call that waits.
+   */
+  epoll_wait: {
+    parameters: ["i32", "buffer", "i32", "i32"],
+    result: "i32",
+    nonblocking: true,
+  },
+  /** int eventfd(unsigned int initval, int flags); */
+  eventfd: { parameters: ["u32", "i32"], result: "i32" },
+  /** int *__errno_location(void); */
+  __errno_location: { parameters: [], result: "pointer" },
+} as const satisfies Deno.ForeignLibraryInterface;
+
+type Symbols = Deno.DynamicLibrary<typeof SYMBOLS>["symbols"];
+
+let lib: { symbols: Symbols; errno: Deno.UnsafePointerView } | undefined;
+
+function open(): { symbols: Symbols; errno: Deno.UnsafePointerView } {
+  if (lib === undefined) {
+    const handle = Deno.dlopen("libc.so.6", SYMBOLS);
+    // errno is thread-local; every synchronous call of this isolate runs on its
+    // own thread, so the address is stable for the life of the isolate.
+    const pointer = handle.symbols.__errno_location();
+    if (pointer === null) throw new Error("__errno_location() returned NULL");
+    lib = { symbols: handle.symbols, errno: new Deno.UnsafePointerView(pointer) };
+  }
+  return lib;
+}
+
+/** The raw symbols (for `epoll_wait`, the only `nonblocking` one). */
+function sym(): Symbols {
+  return (lib ?? open()).symbols;
+}
+
+/** Returns `result`, or `-errno` when `result` is -1 (read right after the call). */
+function check(result: number | bigint): number {
+  const n = Number(result);
+  return n === -1 ? -(lib ?? open()).errno.getInt32() : n;
+}
+
+/** socket(2): a new fd or -errno. */
+export function socket(domain: number, type: number, protocol = 0): number {
+  return check(sym().socket(domain, type, protocol));
+}
+
+/** bind(2): 0 or -errno. */
+export function bind(fd: number, addr: Uint8Array): number {
+  return check(sym().bind(fd, addr, addr.byteLength));
+}
+
+/** listen(2): 0 or -errno. */
+export function listen(fd: number, backlog: number): number {
+  return check(sym().listen(fd, backlog));
+}
+
+/**
+ * accept4(2) with SOCK_NONBLOCK|SOCK_CLOEXEC: a new fd or -errno. The peer's
+ * address is written to `addr`; `addrLen` (one u32) carries its length.
+ */
+export function accept4(fd: number, addr: Uint8Array, addrLen: Uint32Array): number {
+  addrLen[0] = addr.byteLength;
+  return check(sym().accept4(fd, addr, addrLen, SOCK_NONBLOCK | SOCK_CLOEXEC));
+}
+
+/** connect(2): 0 or -errno (`-EINPROGRESS` for a non-blocking connect under way). */
+export function connect(fd: number, addr: Uint8Array): number {
+  return check(sym().connect(fd, addr, addr.byteLength));
+}
+
+/** getsockname(2) into `addr`: the address length or -errno. */
+export function getsockname(fd: number, addr: Uint8Array): number {
+  const len = new Uint32Array([addr.byteLength]);
+  const r = check(sym().getsockname(fd, addr, len));
+  return r < 0 ? r : len[0];
+}
+
+/** getpeername(2) into `addr`: the address length or -errno. */
+export function getpeername(fd: number, addr: Uint8Array): number {
+  const len = new Uint32Array([addr.byteLength]);
+  const r = check(sym().getpeername(fd, addr, len));
+  return r < 0 ? r : len[0];
+}
+
+/** recv(2) into `buf`: bytes read (0 at EOF) or -errno. */
+export function recv(fd: number, buf: Uint8Array): number {
+  return check(sym().recv(fd, buf, BigInt(buf.byteLength), 0));
+}
+
+/** send(2) with MSG_NOSIGNAL: bytes written or -errno. */
+export function send(fd: number, buf: Uint8Array): number {
+  return check(sym().send(fd, buf, BigInt(buf.byteLength), MSG_NOSIGNAL));
+}
+
+/** read(2) into `buf`: bytes read or -errno. */
+export function read(fd: number, buf: Uint8Array): number {
+  return check(sym().read(fd, buf, BigInt(buf.byteLength)));
+}
+
+/** write(2): bytes written or -errno. */
+export function write(fd: number, buf: Uint8Array): number {
+  return check(sym().write(fd, buf, BigInt(buf.byteLength)));
+}
+
+/** shutdown(2): 0 or -errno. */
+export function shutdown(fd: number, how: number): number {
+  return check(sym().shutdown(fd, how));
+}
+
+/** close(2): 0 or -errno. */
+export function close(fd: number): number {
+  return check(sym().close(fd));
+}
+
+/** open(2) without O_CREAT: a new fd or -errno. */
+export function openPath(path: string, flags: number): number {
+  const bytes = new TextEncoder().encode(path + "\0");
+  return check(sym().open(bytes, flags));
+}
+
+/** fcntl(2) with an int argument: the result or -errno. */
+export function fcntl(fd: number, cmd: number, arg = 0): number {
+  return check(sym().fcntl(fd, cmd, arg));
+}
+
+/** ioctl(2) with a pointer argument: the result or -errno. */
+export function ioctl(fd: number, request: number, arg: Uint8Array): number {
+  return check(sym().ioctl(fd, BigInt(request), arg));
+}
+
+/** setsockopt(2): 0 or -errno. */
+export function setsockopt(fd: number, level: number, name: number, value: Uint8Array): number {
+  return check(sym().setsockopt(fd, level, name, value, value.byteLength));
+}
+
+/** getsockopt(2) of an int option: the value (>= 0) or -errno. */
+export function getsockoptInt(fd: number, level: number, name: number): number {
+  const value = new Int32Array(1);
+  const len = new Uint32Array([4]);
+  const r = check(sym().getsockopt(fd, level, name, value, len));
+  return r < 0 ? r : value[0];
+}
+
+/** epoll_create1(2): a new fd or -errno. */
+export function epollCreate1(flags: number): number {
+  return check(sym().epoll_create1(flags));
+}
+
+/** epoll_ctl(2): 0 or -errno. `event` is one `struct epoll_event` (or empty for DEL). */
+export function epollCtl(epfd: number, op: number, fd: number, event: Uint8Array): number {
+  return check(sym().epoll_ctl(epfd, op, fd, event));
+}
+
+/**
+ * epoll_wait(2) on Deno's blocking pool. Resolves to the number of events, or
+ * -1 on failure (errno is not readable: it belongs to the pool thread). The
+ * caller must keep `events` untouched until the promise settles.
+ */
+export function epollWait(epfd: number, events: Uint8Array, timeoutMs: number): Promise<number> {
+  return sym().epoll_wait(
+    epfd,
+    events,
+    Math.floor(events.byteLength / EPOLL_EVENT_SIZE),
+    timeoutMs,
+  );
+}
+
+/** eventfd(2): a new fd or -errno. */
+export function eventfd(initval: number, flags: number): number {
+  return check(sym().eventfd(initval, flags));
+}
