@@ -1,0 +1,85 @@
+import assert from "node:assert/strict";
+import { AgentStatus, type StatusSnapshot } from "./agent_state.ts";
+
+async function stateDir(): Promise<string> {
+  return await Deno.makeTempDir({ prefix: "agent-state-" });
+}
+
+function readSnapshot(path: string): StatusSnapshot {
+  return JSON.parse(Deno.readTextFileSync(path));
+}
+
+Deno.test("AgentStatus starts STARTED and writes the state file", async () => {
+  const dir = await stateDir();
+  try {
+    const status = new AgentStatus({ stateFile: `${dir}/run/state.json`, version: "1.2.3" });
+    assert.equal(status.state, "STARTED");
+    const file = readSnapshot(`${dir}/run/state.json`);
+    assert.equal(file.state, "STARTED");
+    assert.equal(file.pid, Deno.pid);
+    assert.equal(file.version, "1.2.3");
+    assert.equal(file.ready, false);
+    assert.equal(file.host, null);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("AgentStatus records connections, failures with their reason, and transitions", async () => {
+  const dir = await stateDir();
+  try {
+    let t = Date.parse("2026-01-01T00:00:00Z");
+    const status = new AgentStatus({
+      stateFile: `${dir}/state.json`,
+      now: () => new Date(t += 1000),
+    });
+    const transitions: string[] = [];
+    status.onTransition((state, previous) => transitions.push(`${previous}->${state}`));
+    status.setHost({ cid: 2, port: 1234 }, "PUT /1.0");
+    status.connected();
+    status.connected();
+    status.failed("connection refused");
+    status.stopped();
+    status.connected();
+    assert.deepEqual(transitions, ["STARTED->CONNECTED", "CONNECTED->STARTED", "STARTED->STOPPED"]);
+    const file = readSnapshot(`${dir}/state.json`);
+    assert.equal(file.state, "STOPPED");
+    assert.deepEqual(file.host, { cid: 2, port: 1234 });
+    assert.equal(file.hostSource, "PUT /1.0");
+    assert.equal(file.lastFailure?.reason, "connection refused");
+    assert.ok(file.lastConnected !== null && file.lastConnected.startsWith("2026-01-01T"));
+    assert.ok(file.lastConnected < file.lastFailure!.at, "failure recorded after the connection");
+    const leftovers = [...Deno.readDirSync(dir)].map((e) => e.name).sort();
+    assert.deepEqual(leftovers, ["state.json"], "no temp file left behind");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("AgentStatus keeps the Ready flag across restarts of the agent", async () => {
+  const dir = await stateDir();
+  try {
+    const first = new AgentStatus({ stateFile: `${dir}/state.json` });
+    first.setReady(true);
+    assert.equal(Deno.readTextFileSync(`${dir}/ready`), "Ready\n");
+    const second = new AgentStatus({ stateFile: `${dir}/state.json` });
+    assert.equal(second.ready, true);
+    assert.equal(readSnapshot(`${dir}/state.json`).ready, true);
+    second.setReady(false);
+    assert.equal(new AgentStatus({ stateFile: `${dir}/state.json` }).ready, false);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("AgentStatus without a state file keeps working in memory", () => {
+  const status = new AgentStatus();
+  status.setDevlxd(true, true);
+  status.setReady(true);
+  assert.equal(status.ready, true);
+  assert.deepEqual(status.snapshot().devlxd, {
+    enabled: true,
+    serving: true,
+    socket: "/dev/lxd/sock",
+  });
+});
