@@ -1,0 +1,256 @@
+/**
+ * The operations on instances that the admin API, the CLI (without a daemon)
+ * and the devlxd API share: each one changes the registry, then tells
+ * whoever listens: devlxd `config`/`device` events on the instance's topic
+ * of `events`, and lifecycle events on `lifecycle`. Also where the status
+ * monitor and coordinator report agent state. Registering an instance
+ * generates its key pairs and writes its config drive.
+ * Needs read/write permission on the state directory.
+ * @module
+ */
+
+import { join } from "node:path";
+import { isGuestVisibleKey } from "../shared/api.ts";
+import type { DevlxdEvent } from "../shared/api.ts";
+import { type Logger, silentLogger } from "../shared/log.ts";
+import { agentConf, writeConfigDrive } from "./config_drive.ts";
+import type { EventHub, LifecycleEvent } from "./event_hub.ts";
+import type { AgentStatus, Instance, StatusChannel } from "./instance.ts";
+import type { Registry } from "./registry.ts";
+import { defaultConfigDrive, type StatePaths } from "./state_dir.ts";
+
+/** A PEM certificate and its private key (the shape `shared/tls` uses). */
+export interface KeyPair {
+  cert: string;
+  key: string;
+}
+
+/** Makes a key pair; `shared/tls`'s `generateKeyPair` in production. */
+export type KeyPairGenerator = (options: { commonName: string }) => Promise<KeyPair>;
+
+/** What `add()` needs. */
+export interface AddInstance {
+  name: string;
+  cid: number;
+  status?: StatusChannel;
+  hybrid?: string;
+  config?: Record<string, string>;
+  devices?: Record<string, Record<string, string>>;
+  /** Where to write the config drive. @default <state-dir>/instances/<name>/config */
+  configDrive?: string;
+}
+
+export interface InstanceServiceOptions {
+  registry: Registry;
+  paths: StatePaths;
+  generateKeyPair: KeyPairGenerator;
+  /** The host server certificate (PEM) written to `agent.conf`. */
+  serverCert: string;
+  /** The vsock port the daemon listens on; 0 when it does not run. @default () => 0 */
+  port?: () => number;
+  /** devlxd events by instance name. */
+  events?: EventHub<DevlxdEvent>;
+  /** Lifecycle events by instance name. */
+  lifecycle?: EventHub<LifecycleEvent>;
+  logger?: Logger;
+  /** Clock. @default () => new Date() */
+  now?: () => Date;
+}
+
+/** An instance as shown outside the host: the client key never leaves. */
+export type PublicInstance = Omit<Instance, "clientKey">;
+
+/** Strips the host's private key from an instance. */
+export function publicInstance(instance: Instance): PublicInstance {
+  const { clientKey: _, ...rest } = instance;
+  return rest;
+}
+
+export class InstanceService {
+  readonly registry: Registry;
+  readonly paths: StatePaths;
+  readonly events?: EventHub<DevlxdEvent>;
+  readonly lifecycle?: EventHub<LifecycleEvent>;
+  #generate: KeyPairGenerator;
+  #serverCert: string;
+  #port: () => number;
+  #logger: Logger;
+  #now: () => Date;
+  #adding: Promise<unknown> = Promise.resolve();
+
+  constructor(options: InstanceServiceOptions) {
+    this.registry = options.registry;
+    this.paths = options.paths;
+    this.events = options.events;
+    this.lifecycle = options.lifecycle;
+    this.#generate = options.generateKeyPair;
+    this.#serverCert = options.serverCert;
+    this.#port = options.port ?? (() => 0);
+    this.#logger = options.logger ?? silentLogger;
+    this.#now = options.now ?? (() => new Date());
+  }
+
+  #lifecycle(
+    instance: string,
+    action: LifecycleEvent["action"],
+    metadata: LifecycleEvent["metadata"],
+  ): void {
+    this.lifecycle?.publish(instance, {
+      timestamp: this.#now().toISOString(),
+      type: "lifecycle",
+      instance,
+      action,
+      metadata,
+    });
+  }
+
+  list(): Instance[] {
+    return this.registry.list();
+  }
+
+  /** The instance or RegistryError `NOT_FOUND`. */
+  get(name: string): Instance {
+    return this.registry.require(name);
+  }
+
+  /**
+   * Registers an instance: checks it (name, CID, paths, config) before
+   * anything else, generates the agent pair and the host's client pair,
+   * writes the config drive, then stores it. Adds run one at a time.
+   */
+  add(spec: AddInstance): Promise<{ instance: Instance; configDrive: string }> {
+    const run = this.#adding.then(() => this.#add(spec));
+    this.#adding = run.catch(() => {});
+    return run;
+  }
+
+  async #add(spec: AddInstance): Promise<{ instance: Instance; configDrive: string }> {
+    this.registry.checkNew(spec);
+    const agent = await this.#generate({ commonName: `lxd-vsock-agent ${spec.name}` });
+    const client = await this.#generate({ commonName: `lxd-vsock-host ${spec.name}` });
+    const configDrive = spec.configDrive ?? defaultConfigDrive(this.paths, spec.name);
+    await writeConfigDrive(configDrive, {
+      agentCert: agent.cert,
+      agentKey: agent.key,
+      clientCert: client.cert,
+      info: agentConf(this.#serverCert, this.#port()),
+    });
+    let instance: Instance;
+    try {
+      instance = this.registry.add({
+        ...spec,
+        agentCert: agent.cert,
+        clientCert: client.cert,
+        clientKey: client.key,
+      });
+    } catch (error) {
+      if (spec.configDrive === undefined) {
+        await Deno.remove(join(this.paths.instances, spec.name), { recursive: true }).catch(
+          () => {},
+        );
+      }
+      throw error;
+    }
+    this.#logger.info("instance added", {
+      instance: instance.name,
+      cid: instance.cid,
+      configDrive,
+    });
+    this.#lifecycle(instance.name, "instance-added", {});
+    return { instance, configDrive };
+  }
+
+  /** Removes an instance, ends its event streams and deletes its default config drive. */
+  async remove(name: string): Promise<Instance> {
+    const instance = this.registry.remove(name);
+    this.events?.closeTopic(name);
+    await Deno.remove(join(this.paths.instances, name), { recursive: true }).catch(() => {});
+    this.#logger.info("instance removed", { instance: name });
+    this.#lifecycle(name, "instance-removed", {});
+    return instance;
+  }
+
+  #configEvent(name: string, key: string, old: string, value: string): void {
+    if (old === value) return;
+    if (isGuestVisibleKey(key)) {
+      this.events?.publish(name, {
+        timestamp: this.#now().toISOString(),
+        type: "config",
+        metadata: { key, old_value: old, value },
+      });
+    }
+    // Turning devlxd off ends the streams a guest holds open.
+    if (key === "security.devlxd" && value === "false") this.events?.closeTopic(name);
+    this.#logger.info("config changed", { instance: name, key });
+    this.#lifecycle(name, "config-changed", { key, value });
+  }
+
+  /** Sets a config key; guest-visible changes reach the instance's event streams. */
+  setConfig(name: string, key: string, value: string): void {
+    const { old } = this.registry.setConfig(name, key, value);
+    this.#configEvent(name, key, old, value);
+  }
+
+  /** Unsets a config key (no-op when unset). Returns whether it was set. */
+  unsetConfig(name: string, key: string): boolean {
+    const old = this.registry.unsetConfig(name, key);
+    if (old === undefined) return false;
+    this.#configEvent(name, key, old, "");
+    return true;
+  }
+
+  #deviceEvent(
+    name: string,
+    device: string,
+    action: "added" | "removed",
+    config: Record<string, string>,
+  ) {
+    this.events?.publish(name, {
+      timestamp: this.#now().toISOString(),
+      type: "device",
+      metadata: { name: device, action, config },
+    });
+    this.#logger.info(`device ${action}`, { instance: name, device });
+    this.#lifecycle(name, action === "added" ? "device-added" : "device-removed", { device });
+  }
+
+  addDevice(name: string, device: string, config: Record<string, string>): void {
+    const stored = this.registry.addDevice(name, device, config);
+    this.#deviceEvent(name, device, "added", stored);
+  }
+
+  removeDevice(name: string, device: string): void {
+    const config = this.registry.removeDevice(name, device);
+    this.#deviceEvent(name, device, "removed", config);
+  }
+
+  /** Stores the guest's Ready state durably (PATCH /1.0). */
+  setReady(name: string, ready: boolean): void {
+    const before = this.registry.require(name).runtime.ready;
+    if (before === ready) return;
+    this.registry.updateRuntime(name, { ready });
+    this.#logger.info("ready changed", { instance: name, ready });
+    this.#lifecycle(name, "ready", { ready });
+  }
+
+  /** Records the agent state the monitor or coordinator observed. */
+  setAgentState(name: string, agentState: AgentStatus, error?: string): void {
+    const runtime = this.registry.require(name).runtime;
+    const changed = runtime.agentState !== agentState;
+    if (!changed && error === runtime.lastError) return;
+    this.registry.updateRuntime(name, {
+      agentState,
+      lastChange: changed ? this.#now().toISOString() : runtime.lastChange,
+      lastError: error,
+    });
+    if (changed) {
+      this.#logger.info("agent state", { instance: name, state: agentState });
+      this.#lifecycle(name, "agent-state", { agentState, error });
+    }
+  }
+
+  /** Notes an authenticated agent request (cheap; see Registry.recordSeen). */
+  recordSeen(name: string): void {
+    this.registry.recordSeen(name, this.#now());
+  }
+}
