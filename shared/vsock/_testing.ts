@@ -72,6 +72,7 @@ export function readToEnd(stream: Readable, ms = 10000): Promise<Buffer> {
     stream.on("data", (chunk: Buffer) => chunks.push(chunk));
     stream.once("end", () => resolve(Buffer.concat(chunks)));
     stream.once("error", reject);
+    stream.resume();
   });
   return within(done, ms, "stream end");
 }

@@ -39,6 +39,7 @@ import {
 import { ERRNO, SocketError } from "./socket_error.ts";
 import {
   type ConnectOptions,
+  DEFAULT_BACKLOG,
   DEFAULT_CONNECT_TIMEOUT,
   listenUnix,
   type ListenUnixOptions,
@@ -193,6 +194,7 @@ export function listenHybridMux(
   return new HybridMuxListener(inner, new Set(ports), {
     handshakeTimeout,
     address: address ?? inner.address,
+    backlog: unixOptions.backlog ?? DEFAULT_BACKLOG,
   });
 }
 
@@ -208,17 +210,21 @@ class HybridMuxListener implements Listener {
   #pending: Pending[] = [];
   #handshaking = new Set<() => void>();
   #nextPort = HYBRID_FIRST_LOCAL_PORT;
+  #backlog: number;
   readonly address: SocketAddress;
 
   constructor(
     inner: FdListener,
     ports: Set<number>,
-    options: { handshakeTimeout: number; address: SocketAddress },
+    options: { handshakeTimeout: number; address: SocketAddress; backlog: number },
   ) {
     this.#inner = inner;
+    this.#backlog = Math.max(1, options.backlog);
     this.#ports = ports;
     this.#handshakeTimeout = options.handshakeTimeout;
     this.address = options.address;
+    // Like a VMM, answer CONNECT requests whether or not accept() is pending.
+    this.#pump();
   }
 
   accept(): Promise<FdSocket> {
@@ -227,7 +233,7 @@ class HybridMuxListener implements Listener {
     if (ready) return Promise.resolve(ready);
     return new Promise<FdSocket>((resolve, reject) => {
       this.#pending.push({ resolve, reject });
-      this.#pump();
+      this.#pump(); // restarts it after an accept error
     });
   }
 
@@ -269,15 +275,21 @@ class HybridMuxListener implements Listener {
     if (this.#pumping) return;
     this.#pumping = true;
     try {
-      while (!this.#closed && this.#pending.length > 0) {
+      while (!this.#closed) {
         let accepted;
         try {
           accepted = await this.#inner.acceptFd();
         } catch (error) {
+          // Closed, or out of fds: fail the waiting accept() calls; the next
+          // accept() starts over.
           if (!this.#closed) {
             for (const pending of this.#pending.splice(0)) pending.reject(error);
           }
           return;
+        }
+        if (this.#ready.length + this.#handshaking.size >= this.#backlog) {
+          closeFd(accepted.fd); // as a full backlog would
+          continue;
         }
         this.#handshake(accepted.fd);
       }
