@@ -68,6 +68,11 @@ export class FdListener implements Listener {
     this.#onClose = options.onClose;
   }
 
+  /** The listening fd, or -1 once closed. */
+  get fd(): number {
+    return this.#fd;
+  }
+
   /** Whether `close()` was called. */
   get closed(): boolean {
     return this.#closed;
