@@ -1,0 +1,450 @@
+import assert from "node:assert/strict";
+import type { ConnectionInfo, DevlxdEvent } from "../../shared/api.ts";
+import type { Instance, InstanceRuntime, StatusChannel } from "../instance.ts";
+import { AgentCallError, type AgentProbe } from "./announcer.ts";
+import {
+  type AgentApi,
+  Coordinator,
+  type CoordinatorOptions,
+  type CoordinatorStore,
+} from "./coordinator.ts";
+import { FakeQmpServer, FakeRingBuffer } from "./_fake_qmp.ts";
+import { FakeAgent, makeIdentity, makeTarget, unixConnect } from "./_fake_agent.ts";
+import { Queue, tempDir } from "./_test_util.ts";
+
+const INTERVALS = { waiting: 10, stopped: 20, connected: 100 };
+const SERVER_CERT = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+
+function makeInstance(
+  name: string,
+  cid: number,
+  status: StatusChannel,
+  runtime: Partial<InstanceRuntime> = {},
+): Instance {
+  return {
+    name,
+    cid,
+    status,
+    agentCert: "agent-cert",
+    clientCert: "client-cert",
+    clientKey: "client-key",
+    config: {},
+    devices: {},
+    runtime: { agentState: "STOPPED", ready: false, ...runtime },
+  };
+}
+
+class FakeStore implements CoordinatorStore {
+  readonly instances = new Map<string, Instance>();
+  seen = 0;
+  constructor(instances: Instance[]) {
+    for (const i of instances) this.instances.set(i.name, i);
+  }
+  list(): Instance[] {
+    return [...this.instances.values()];
+  }
+  get(name: string): Instance | undefined {
+    return this.instances.get(name);
+  }
+  setRuntime(name: string, patch: Partial<InstanceRuntime>): void {
+    const i = this.instances.get(name)!;
+    i.runtime = { ...i.runtime, ...patch };
+  }
+  recordSeen(): void {
+    this.seen++;
+  }
+}
+
+/** An in-process stand-in for the agents' APIs. */
+class FakeApi implements AgentApi {
+  coordinator!: Coordinator;
+  readonly announces = new Queue<{ name: string; info: ConnectionInfo }>();
+  readonly pushes: Array<{ name: string; event: DevlxdEvent }> = [];
+  readonly pids = new Map<string, number>();
+  probes = 0;
+  /** Whether the agent "validates" (reaches the host) when announced to. */
+  validates = true;
+  announceError: Error | undefined;
+  pushError: Error | undefined;
+  inFlight = 0;
+  maxInFlight = 0;
+  gate: Promise<void> | undefined;
+
+  async announce(instance: Instance, info: ConnectionInfo): Promise<void> {
+    this.inFlight++;
+    this.maxInFlight = Math.max(this.maxInFlight, this.inFlight);
+    try {
+      await this.gate;
+      if (this.announceError) throw this.announceError;
+      if (this.validates) this.coordinator.agentSeen(instance.name);
+      this.announces.push({ name: instance.name, info });
+    } finally {
+      this.inFlight--;
+    }
+  }
+  pushEvent(instance: Instance, event: DevlxdEvent): Promise<void> {
+    if (this.pushError) return Promise.reject(this.pushError);
+    this.pushes.push({ name: instance.name, event });
+    return Promise.resolve();
+  }
+  probe(instance: Instance): Promise<AgentProbe> {
+    this.probes++;
+    const pid = this.pids.get(instance.name) ?? 100;
+    return Promise.resolve({ pid, metadata: { environment: { server_pid: pid } } });
+  }
+}
+
+function setup(instances: Instance[], extra: Partial<CoordinatorOptions> = {}) {
+  const store = new FakeStore(instances);
+  const api = new FakeApi();
+  const changes = new Queue<{ name: string; state: string; error?: string }>();
+  let port = 40001;
+  const coordinator = new Coordinator({
+    store,
+    hostPort: () => port,
+    serverCert: SERVER_CERT,
+    agentApi: api,
+    intervals: INTERVALS,
+    backoff: { min: 20, max: 40 },
+    onChange: (name, runtime) =>
+      changes.push({ name, state: runtime.agentState, error: runtime.lastError }),
+    ...extra,
+  });
+  api.coordinator = coordinator;
+  return { store, api, changes, coordinator, setPort: (p: number) => port = p };
+}
+
+function event(value: string): DevlxdEvent {
+  return {
+    timestamp: "2026-11-24T00:00:00Z",
+    type: "config",
+    metadata: { key: "user.k", old_value: "", value },
+  };
+}
+
+Deno.test("Coordinator announces when the agent shows STARTED and is CONNECTED once it reaches the host", async () => {
+  await using dir = await tempDir();
+  const ring = new FakeRingBuffer();
+  await using _qemu = new FakeQmpServer(`${dir.path}/qmp`, { rings: { vserial: ring } });
+  const vm = makeInstance("vm1", 10, {
+    kind: "qmp",
+    path: `${dir.path}/qmp`,
+    chardev: "vserial",
+    size: 16,
+  });
+  const { api, changes, coordinator, store } = setup([vm]);
+  await using _c = coordinator;
+  coordinator.start();
+  ring.write("STARTED\n");
+  const { name, info } = await api.announces.next();
+  assert.equal(name, "vm1");
+  assert.deepEqual(info, { cid: 2, port: 40001, certificate: SERVER_CERT, devlxd: true });
+  await changes.until((c) => c.state === "CONNECTED");
+  assert.deepEqual(changes.all.map((c) => c.state), ["STARTED", "CONNECTED"]);
+  assert.equal(store.get("vm1")!.runtime.agentState, "CONNECTED");
+  const status = coordinator.status("vm1")!;
+  assert.equal(status.pollInterval, INTERVALS.connected);
+  assert.equal(status.announcedPort, 40001);
+  assert.equal(status.observed, "STARTED");
+});
+
+Deno.test("Coordinator does not re-announce on the periodic STARTED of a connected agent that is alive", async () => {
+  await using dir = await tempDir();
+  const ring = new FakeRingBuffer();
+  await using qemu = new FakeQmpServer(`${dir.path}/qmp`, { rings: { vserial: ring } });
+  const vm = makeInstance("vm1", 10, {
+    kind: "qmp",
+    path: `${dir.path}/qmp`,
+    chardev: "vserial",
+    size: 16,
+  });
+  const { api, changes, coordinator } = setup([vm]);
+  await using _c = coordinator;
+  coordinator.start();
+  ring.write("STARTED\n");
+  await changes.until((c) => c.state === "CONNECTED");
+  const conn = await qemu.waitConnections(1);
+  // A stock lxd-agent keeps writing STARTED; the same process (same pid) answers the checks.
+  // Read until the agent API was checked at least once more than the probe after the announce.
+  let rounds = 0;
+  for (; rounds < 500 && (api.probes < 2 || rounds < 6); rounds++) {
+    const reads = qemu.commands.filter((c) => c === "ringbuf-read").length;
+    ring.write("STARTED\n");
+    await conn.event("VSERPORT_CHANGE");
+    await qemu.waitCommands("ringbuf-read", reads + 1);
+  }
+  assert.ok(api.probes >= 2, `${api.probes} probes: the agent API was checked`);
+  assert.equal(api.announces.all.length, 1);
+  assert.equal(coordinator.status("vm1")!.agentState, "CONNECTED");
+});
+
+Deno.test("Coordinator re-announces an agent that restarted without STOPPED at the next slow poll", async () => {
+  await using dir = await tempDir();
+  const ring = new FakeRingBuffer();
+  await using qemu = new FakeQmpServer(`${dir.path}/qmp`, { rings: { vserial: ring } });
+  const vm = makeInstance("vm1", 10, {
+    kind: "qmp",
+    path: `${dir.path}/qmp`,
+    chardev: "vserial",
+    size: 16,
+  });
+  const { api, changes, coordinator } = setup([vm]);
+  await using _c = coordinator;
+  coordinator.start();
+  ring.write("STARTED\n");
+  await changes.until((c) => c.state === "CONNECTED");
+  await api.announces.next();
+  // kill -9: no STOPPED; a new agent process comes back with stale info and
+  // only writes STARTED (every 5 s for a stock agent: here before each poll).
+  api.pids.set("vm1", 200);
+  api.validates = true;
+  const readsAtCrash = qemu.commands.filter((c) => c === "ringbuf-read").length;
+  const rewrite = setInterval(() => ring.write("STARTED\n"), 5);
+  try {
+    await api.announces.next();
+  } finally {
+    clearInterval(rewrite);
+  }
+  const readsToNotice = qemu.commands.filter((c) => c === "ringbuf-read").length - readsAtCrash;
+  assert.ok(readsToNotice <= 2, `noticed after ${readsToNotice} slow polls`);
+  assert.equal(coordinator.status("vm1")!.agentState, "CONNECTED");
+});
+
+Deno.test("Coordinator marks STOPPED on a STOPPED line, polls slower, and announces at the next STARTED", async () => {
+  await using dir = await tempDir();
+  const ring = new FakeRingBuffer();
+  await using _qemu = new FakeQmpServer(`${dir.path}/qmp`, { rings: { vserial: ring } });
+  const vm = makeInstance("vm1", 10, {
+    kind: "qmp",
+    path: `${dir.path}/qmp`,
+    chardev: "vserial",
+    size: 16,
+  });
+  const { api, changes, coordinator } = setup([vm]);
+  await using _c = coordinator;
+  coordinator.start();
+  ring.write("STARTED\n");
+  await changes.until((c) => c.state === "CONNECTED");
+  ring.write("STOPPED\n");
+  await changes.until((c) => c.state === "STOPPED");
+  assert.equal(coordinator.status("vm1")!.pollInterval, INTERVALS.stopped);
+  ring.write("STARTED\n");
+  await changes.until((c) => c.state === "CONNECTED");
+  assert.equal(api.announces.all.length, 2);
+});
+
+Deno.test("Coordinator records a refused announce as lastError and retries at a later STARTED", async () => {
+  await using dir = await tempDir();
+  const ring = new FakeRingBuffer();
+  await using _qemu = new FakeQmpServer(`${dir.path}/qmp`, { rings: { vserial: ring } });
+  const vm = makeInstance("vm1", 10, {
+    kind: "qmp",
+    path: `${dir.path}/qmp`,
+    chardev: "vserial",
+    size: 16,
+  });
+  const { api, changes, coordinator } = setup([vm]);
+  await using _c = coordinator;
+  api.announceError = new AgentCallError("refused", "Agent refused the connection");
+  coordinator.start();
+  ring.write("STARTED\n");
+  const failed = await changes.until((c) => c.error !== undefined);
+  assert.equal(failed.state, "STARTED");
+  assert.match(failed.error!, /announce failed: Agent refused/);
+  api.announceError = undefined;
+  const rewrite = setInterval(() => ring.write("STARTED\n"), 10);
+  try {
+    await changes.until((c) => c.state === "CONNECTED");
+  } finally {
+    clearInterval(rewrite);
+  }
+  assert.equal(coordinator.status("vm1")!.lastError, undefined);
+});
+
+Deno.test("Coordinator.start() announces to every agent last known up, with bounded concurrency", async () => {
+  const vms = Array.from(
+    { length: 6 },
+    (_, i) => makeInstance(`vm${i}`, 10 + i, { kind: "none" }, { agentState: "CONNECTED" }),
+  );
+  vms.push(makeInstance("off", 99, { kind: "none" }, { agentState: "STOPPED" }));
+  const { api, coordinator, setPort } = setup(vms, { announceConcurrency: 2 });
+  await using _c = coordinator;
+  setPort(45678);
+  const { promise: gate, resolve: open } = Promise.withResolvers<void>();
+  api.gate = gate;
+  coordinator.start();
+  await new Promise((r) => setTimeout(r, 0)); // let every announce reach the gate
+  assert.equal(api.inFlight, 2);
+  open();
+  for (let i = 0; i < 6; i++) await api.announces.next();
+  assert.equal(api.maxInFlight, 2);
+  assert.deepEqual(
+    api.announces.all.map((a) => a.name).sort(),
+    ["vm0", "vm1", "vm2", "vm3", "vm4", "vm5"],
+  );
+  assert.ok(api.announces.all.every((a) => a.info.port === 45678));
+  assert.equal(coordinator.status("off")!.agentState, "STOPPED");
+});
+
+Deno.test("Coordinator marks only the instance whose QEMU went away STOPPED", async () => {
+  await using dir = await tempDir();
+  const ringA = new FakeRingBuffer();
+  const ringB = new FakeRingBuffer();
+  const qemuA = new FakeQmpServer(`${dir.path}/a`, { rings: { vserial: ringA } });
+  await using _qemuB = new FakeQmpServer(`${dir.path}/b`, { rings: { vserial: ringB } });
+  const a = makeInstance("a", 10, {
+    kind: "qmp",
+    path: `${dir.path}/a`,
+    chardev: "vserial",
+    size: 16,
+  });
+  const b = makeInstance("b", 11, {
+    kind: "qmp",
+    path: `${dir.path}/b`,
+    chardev: "vserial",
+    size: 16,
+  });
+  const { changes, coordinator } = setup([a, b]);
+  await using _c = coordinator;
+  coordinator.start();
+  ringA.write("STARTED\n");
+  ringB.write("STARTED\n");
+  await changes.until((c) => c.name === "a" && c.state === "CONNECTED");
+  await changes.until((c) => c.name === "b" && c.state === "CONNECTED");
+  await qemuA.close();
+  await changes.until((c) => c.name === "a" && c.state === "STOPPED");
+  assert.equal(coordinator.status("a")!.channelUp, false);
+  assert.equal(coordinator.status("b")!.agentState, "CONNECTED");
+  assert.equal(coordinator.status("b")!.channelUp, true);
+  assert.equal(coordinator.status("a")!.lastError, undefined);
+});
+
+Deno.test("Coordinator queues events while the agent is offline and delivers them in order on reconnect", async () => {
+  const vm = makeInstance("vm1", 10, { kind: "none" });
+  const { api, coordinator } = setup([vm], { eventQueueLimit: 3 });
+  await using _c = coordinator;
+  coordinator.start();
+  const results = await Promise.all(
+    ["a", "b", "c", "d"].map((v) => coordinator.pushEvent("vm1", event(v))),
+  );
+  assert.deepEqual(results, ["queued", "queued", "queued", "queued"]);
+  assert.equal(coordinator.status("vm1")!.queuedEvents, 3);
+  assert.equal(api.pushes.length, 0);
+  coordinator.agentSeen("vm1");
+  assert.equal(await coordinator.pushEvent("vm1", event("e")), "pushed");
+  assert.deepEqual(api.pushes.map((p) => p.event), ["b", "c", "d", "e"].map(event));
+  assert.equal(coordinator.status("vm1")!.droppedEvents, 1);
+});
+
+Deno.test("Coordinator keeps an event queued when the push fails and retries it", async () => {
+  const vm = makeInstance("vm1", 10, { kind: "none" });
+  const { api, coordinator } = setup([vm]);
+  await using _c = coordinator;
+  coordinator.start();
+  coordinator.agentSeen("vm1");
+  api.pushError = new AgentCallError("timeout", "Agent connect timed out");
+  assert.equal(await coordinator.pushEvent("vm1", event("x")), "queued");
+  api.pushError = undefined;
+  coordinator.agentSeen("vm1"); // the agent shows up again
+  await coordinator.pushEvent("vm1", event("y"));
+  assert.deepEqual(api.pushes.map((p) => p.event), [event("x"), event("y")]);
+});
+
+Deno.test("Coordinator hands events to an open pull stream instead of pushing them", async () => {
+  const vm = makeInstance("vm1", 10, { kind: "none" });
+  const streamed: DevlxdEvent[] = [];
+  let streamOpen = true;
+  const { api, coordinator } = setup([vm], {
+    deliverViaStream: (_name, e) => streamOpen && (streamed.push(e), true),
+  });
+  await using _c = coordinator;
+  coordinator.start();
+  coordinator.agentSeen("vm1");
+  assert.equal(await coordinator.pushEvent("vm1", event("s")), "stream");
+  streamOpen = false;
+  assert.equal(await coordinator.pushEvent("vm1", event("p")), "pushed");
+  assert.deepEqual(streamed, [event("s")]);
+  assert.deepEqual(api.pushes.map((p) => p.event), [event("p")]);
+});
+
+Deno.test("Coordinator.portChanged() re-announces the new port to agents that are up", async () => {
+  const up = makeInstance("up", 10, { kind: "none" });
+  const down = makeInstance("down", 11, { kind: "none" });
+  const { api, coordinator, setPort } = setup([up, down]);
+  await using _c = coordinator;
+  coordinator.start();
+  coordinator.agentSeen("up");
+  setPort(50000);
+  coordinator.portChanged();
+  const { name, info } = await api.announces.next();
+  assert.deepEqual([name, info.port], ["up", 50000]);
+  assert.equal(coordinator.status("down")!.agentState, "STOPPED");
+  assert.equal(api.announces.all.length, 1);
+});
+
+Deno.test("Coordinator writes CONNECT 2:<port> on a bidirectional serial channel", async () => {
+  await using dir = await tempDir();
+  const path = `${dir.path}/serial`;
+  using listener = Deno.listen({ transport: "unix", path });
+  const vm = makeInstance("vm1", 10, { kind: "socket", path });
+  const { api, coordinator } = setup([vm]);
+  await using _c = coordinator;
+  api.announceError = new AgentCallError("refused", "Agent refused the connection");
+  coordinator.start();
+  using guest = await listener.accept();
+  await guest.write(new TextEncoder().encode("STARTED\n"));
+  const buf = new Uint8Array(64);
+  const n = await guest.read(buf);
+  assert.equal(new TextDecoder().decode(buf.subarray(0, n!)), "CONNECT 2:40001\n");
+  // The line went out though PUT /1.0 was refused: waiting for the agent.
+  while (coordinator.status("vm1")!.agentState !== "CONNECT sent") {
+    await new Promise((r) => setTimeout(r, 5));
+  }
+  assert.match(coordinator.status("vm1")!.lastError!, /CONNECT line sent/);
+  coordinator.agentSeen("vm1");
+  assert.equal(coordinator.status("vm1")!.agentState, "CONNECTED");
+});
+
+Deno.test("Coordinator.remove() stops watching and drops queued events", async () => {
+  const vm = makeInstance("vm1", 10, { kind: "none" });
+  const { coordinator } = setup([vm]);
+  await using _c = coordinator;
+  coordinator.start();
+  assert.equal(await coordinator.pushEvent("vm1", event("q")), "queued");
+  coordinator.remove("vm1");
+  assert.equal(coordinator.status("vm1"), undefined);
+  assert.equal(await coordinator.pushEvent("vm1", event("r")), "dropped");
+  assert.deepEqual(coordinator.snapshot(), []);
+});
+
+Deno.test("Coordinator announces over mutual TLS to an agent API and delivers events by POST", async () => {
+  await using dir = await tempDir();
+  const { target, agent } = await makeTarget("vm1");
+  const host = await makeIdentity("host-server");
+  const vm: Instance = {
+    ...makeInstance("vm1", 10, { kind: "none" }, { agentState: "STARTED" }),
+    ...target,
+  };
+  const ref: { coordinator?: Coordinator } = {};
+  await using fake = new FakeAgent(`${dir.path}/agent`, {
+    agent,
+    clientCert: target.clientCert,
+    afterPut: () => ref.coordinator!.agentSeen("vm1"), // the agent's validation request
+  });
+  await fake.ready;
+  const store = new FakeStore([vm]);
+  const coordinator = ref.coordinator = new Coordinator({
+    store,
+    hostPort: () => 41000,
+    serverCert: host.cert,
+    connectAgent: (_instance, { signal }) => unixConnect(fake.path)(signal),
+    intervals: INTERVALS,
+  });
+  await using _c = coordinator;
+  coordinator.start();
+  await fake.waitFor(() => fake.puts.length === 1);
+  assert.deepEqual(fake.puts[0], { cid: 2, port: 41000, certificate: host.cert, devlxd: true });
+  assert.equal(await coordinator.pushEvent("vm1", event("tls")), "pushed");
+  assert.deepEqual(fake.events, [event("tls")]);
+  assert.equal(coordinator.status("vm1")!.agentState, "CONNECTED");
+});
