@@ -1,87 +1,18 @@
 /**
- * Mutual TLS (pinning the agent's exact certificate) and one HTTP/1.1 request
- * over an already-connected socket, for the announcer. A stand-in with the
- * shapes of `shared/tls` `connectTls` and `shared/http` `httpRequest`, built
- * on `node:tls` and `node:http`; swap its body for those once they land.
+ * Mutual TLS (`shared/tls` `connectTls`, pinning the agent's exact
+ * certificate) and one HTTP/1.1 request over an already-connected socket, for
+ * the announcer. `httpRequest` is a stand-in with the shape of `shared/http`
+ * `httpRequest`, built on `node:http`; swap it for that once it lands.
  *
  * Owns nothing beyond the sockets handed to it; needs no permissions.
  * @module
  */
 
 import { Buffer } from "node:buffer";
-import { timingSafeEqual } from "node:crypto";
 import http from "node:http";
 import type { Duplex } from "node:stream";
-import tls from "node:tls";
 
-/** The peer presented another certificate than the pinned one. */
-export class PinnedCertificateError extends Error {
-  constructor(message: string, options?: ErrorOptions) {
-    super(message, options);
-    this.name = "PinnedCertificateError";
-  }
-}
-
-/** DER bytes of the first certificate in a PEM text. */
-export function pemToDer(pem: string): Uint8Array {
-  const m = /-----BEGIN CERTIFICATE-----([\s\S]+?)-----END CERTIFICATE-----/.exec(pem);
-  if (m === null) throw new TypeError("Not a PEM certificate");
-  return Uint8Array.from(atob(m[1].replace(/\s+/g, "")), (c) => c.charCodeAt(0));
-}
-
-export interface SecureOptions {
-  cert: string;
-  key: string;
-  /** PEM of the only certificate the peer may present. */
-  pinned: string;
-  /** @default 10000 */
-  handshakeTimeout?: number;
-  signal?: AbortSignal;
-}
-
-/** TLS 1.3 client over `socket`, presenting `cert`, accepting only `pinned`. */
-export function connectTls(socket: Duplex, options: SecureOptions): Promise<tls.TLSSocket> {
-  const pinned = Buffer.from(pemToDer(options.pinned));
-  return new Promise((resolve, reject) => {
-    const s = tls.connect({
-      socket,
-      cert: options.cert,
-      key: options.key,
-      rejectUnauthorized: false,
-      minVersion: "TLSv1.3",
-      servername: "agent",
-    });
-    const fail = (error: Error) => {
-      clearTimeout(timer);
-      options.signal?.removeEventListener("abort", onAbort);
-      s.destroy();
-      reject(error);
-    };
-    const onAbort = () => fail(options.signal!.reason);
-    const timeout = options.handshakeTimeout ?? 10_000;
-    const timer = setTimeout(
-      () => fail(new Deno.errors.TimedOut(`TLS handshake timed out after ${timeout} ms`)),
-      timeout,
-    );
-    options.signal?.addEventListener("abort", onAbort, { once: true });
-    s.once("error", fail);
-    s.once("secureConnect", () => {
-      const peer = s.getPeerCertificate(true);
-      const raw = peer?.raw;
-      if (!raw || raw.length !== pinned.length || !timingSafeEqual(raw, pinned)) {
-        return fail(new PinnedCertificateError("Agent presented an unexpected certificate"));
-      }
-      const now = Date.now();
-      if (now < Date.parse(peer.valid_from) || now > Date.parse(peer.valid_to)) {
-        return fail(new PinnedCertificateError("Agent certificate is outside its validity dates"));
-      }
-      clearTimeout(timer);
-      options.signal?.removeEventListener("abort", onAbort);
-      s.removeListener("error", fail);
-      resolve(s);
-    });
-  });
-}
+export { connectTls } from "../../shared/tls/mod.ts";
 
 export interface RequestOptions {
   /** Bound on the whole exchange (headers and body), in ms. @default 10000 */

@@ -7,13 +7,11 @@
  * @module
  */
 
-import "reflect-metadata";
-import * as x509 from "@peculiar/x509";
 import { Buffer } from "node:buffer";
 import http from "node:http";
 import net from "node:net";
 import type { Duplex } from "node:stream";
-import tls from "node:tls";
+import { acceptTls, generateKeyPair } from "../../shared/tls/mod.ts";
 import type { ConnectionInfo, DevlxdEvent } from "../../shared/api.ts";
 import type { AgentTarget } from "./announcer.ts";
 
@@ -23,27 +21,9 @@ export interface Identity {
   key: string;
 }
 
-function pem(label: string, der: ArrayBuffer): string {
-  const b64 = btoa(String.fromCharCode(...new Uint8Array(der)));
-  return `-----BEGIN ${label}-----\n${b64.match(/.{1,64}/g)!.join("\n")}\n-----END ${label}-----\n`;
-}
-
-/** A self-signed ECDSA P-256 certificate valid from a minute ago for a day. */
-export async function makeIdentity(cn: string): Promise<Identity> {
-  const alg = { name: "ECDSA", namedCurve: "P-256", hash: "SHA-256" };
-  const keys = await crypto.subtle.generateKey(alg, true, ["sign", "verify"]) as CryptoKeyPair;
-  const cert = await x509.X509CertificateGenerator.createSelfSigned({
-    serialNumber: "01",
-    name: `CN=${cn}`,
-    notBefore: new Date(Date.now() - 60_000),
-    notAfter: new Date(Date.now() + 86_400_000),
-    keys,
-    signingAlgorithm: alg,
-  });
-  return {
-    cert: cert.toString("pem") + "\n",
-    key: pem("PRIVATE KEY", await crypto.subtle.exportKey("pkcs8", keys.privateKey)),
-  };
+/** A self-signed ECDSA P-256 certificate (fast to make) valid for a day. */
+export function makeIdentity(cn: string): Promise<Identity> {
+  return generateKeyPair({ commonName: cn, curve: "P-256", days: 1 });
 }
 
 /** An agent identity and the host's client identity for it, as an AgentTarget. */
@@ -109,33 +89,18 @@ export class FakeAgent implements AsyncDisposable {
 
   constructor(readonly path: string, readonly options: FakeAgentOptions) {
     this.pid = options.pid ?? 1234;
-    const clientDer = Buffer.from(
-      atob(options.clientCert.replace(/-----[A-Z ]+-----|\s+/g, "")),
-      "binary",
-    );
     this.#http = http.createServer((req, res) => this.#handle(req, res));
     this.#server = net.createServer((raw) => {
       this.#sockets.add(raw);
       raw.on("close", () => this.#sockets.delete(raw));
       raw.on("error", () => {});
-      const secure = new tls.TLSSocket(raw, {
-        isServer: true,
+      acceptTls(raw, {
         cert: options.agent.cert,
         key: options.agent.key,
-        requestCert: true,
-        rejectUnauthorized: false,
-        minVersion: "TLSv1.3",
-      });
-      secure.on("error", () => raw.destroy());
-      secure.once("secure", () => {
-        const peer = secure.getPeerCertificate(true);
-        if (!peer?.raw || !Buffer.from(peer.raw).equals(clientDer)) {
-          this.rejectedClients++;
-          secure.destroy();
-          return;
-        }
-        this.#http.emit("connection", secure);
-      });
+        pinned: options.clientCert,
+      })
+        .then(({ socket }) => this.#http.emit("connection", socket))
+        .catch(() => this.rejectedClients++);
     });
     this.ready = new Promise((resolve) => this.#server.listen(path, resolve));
   }

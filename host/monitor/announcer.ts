@@ -104,7 +104,7 @@ export function classifyAgentError(
     return new AgentCallError("timeout", `Agent ${step} timed out: ${reason}`, { cause: error });
   }
   if (
-    step === "tls" || TLS_CODES.test(code) || (error as Error)?.name === "PinnedCertificateError"
+    step === "tls" || TLS_CODES.test(code) || (error as Error)?.name === "CertificateError"
   ) {
     return new AgentCallError("tls", `TLS with the agent failed: ${reason}`, { cause: error });
   }
