@@ -239,6 +239,8 @@ export class SerialChannel {
   #missingLogged = false;
   #lines = new LineBuffer(MAX_CONNECT_LINE);
   #encoder = new TextEncoder();
+  /** Settles once the watcher's first open attempt is done (a second open could hit EBUSY). */
+  #firstOpen: Promise<void> | undefined;
 
   constructor(options: SerialChannelOptions) {
     this.#options = {
@@ -248,7 +250,11 @@ export class SerialChannel {
       logger: silentLogger,
       ...options,
     };
-    if (this.#options.watch) this.#loop = this.#watch();
+    if (this.#options.watch) {
+      const first = Promise.withResolvers<void>();
+      this.#firstOpen = first.promise;
+      this.#loop = this.#watch(first.resolve);
+    }
   }
 
   /** The port currently held open, if any. */
@@ -262,6 +268,13 @@ export class SerialChannel {
    * write is synchronous: it is done when this returns.
    */
   write(state: AgentState): Promise<boolean> {
+    if (this.#firstOpen !== undefined) {
+      const first = this.#firstOpen;
+      return first.then(() => {
+        if (this.#firstOpen === first) this.#firstOpen = undefined;
+        return this.write(state);
+      });
+    }
     const bytes = this.#encoder.encode(`${state}\n`);
     const port = this.#port;
     if (port !== undefined) {
@@ -311,20 +324,23 @@ export class SerialChannel {
     if (this.#port === port) this.#port = undefined;
   }
 
-  async #watch(): Promise<void> {
+  async #watch(opened: () => void): Promise<void> {
     const signal = this.#abort.signal;
     const buf = new Uint8Array(256);
     while (!signal.aborted) {
       const port = await this.#openFirst();
       if (port === undefined) {
+        opened();
         await delay(this.#options.retryInterval, signal);
         continue;
       }
       if (signal.aborted) {
         port.close();
+        opened();
         break;
       }
       this.#port = port;
+      opened();
       this.#lines.reset();
       this.#options.logger.debug("serial port open", { port: port.path });
       const state = this.#options.currentState?.();
@@ -381,6 +397,7 @@ export class SerialChannel {
   /** Stops watching and closes the port. Idempotent. */
   async close(): Promise<void> {
     this.#abort.abort();
+    this.#firstOpen = undefined;
     const port = this.#port;
     if (port !== undefined) this.#drop(port);
     await this.#loop;

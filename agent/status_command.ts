@@ -4,30 +4,25 @@
  * last wrote, the host it uses, when it last connected or failed and why,
  * whether devlxd is served and whether the guest is Ready — or that no agent
  * is running. Exit code 0 only when CONNECTED.
- * Needs read permission on the state file and /proc.
+ * Needs read permission on the state file, net on the liveness socket.
  * @module
  */
 
 import type { StatusSnapshot } from "./agent_state.ts";
+import { isAgentAlive, livenessPath } from "./liveness.ts";
 
 export type StatusReport =
   | { running: true; status: StatusSnapshot }
   | { running: false; reason: string; status?: StatusSnapshot };
 
-function alive(pid: number): boolean {
-  try {
-    Deno.statSync(`/proc/${pid}`);
-    return true;
-  } catch {
-    return false;
-  }
-}
-
-/** Reads the state file and tells whether its agent is still running. */
-export function readStatus(
+/**
+ * Reads the state file and tells whether its agent is still running
+ * (`isAlive`: by default, whether it answers on its liveness socket).
+ */
+export async function readStatus(
   stateFile: string,
-  isAlive: (pid: number) => boolean = alive,
-): StatusReport {
+  isAlive: () => Promise<boolean> = () => isAgentAlive(livenessPath(stateFile)),
+): Promise<StatusReport> {
   let text: string;
   try {
     text = Deno.readTextFileSync(stateFile);
@@ -53,7 +48,7 @@ export function readStatus(
       status,
     };
   }
-  if (!isAlive(status.pid)) {
+  if (!(await isAlive())) {
     return {
       running: false,
       reason: `No agent is running (pid ${status.pid}, last seen ${status.updatedAt}, is gone).`,

@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import type { StatusSnapshot } from "./agent_state.ts";
 import { formatStatus, readStatus, statusExitCode } from "./status_command.ts";
+import { isAgentAlive, livenessPath, LivenessSocket } from "./liveness.ts";
 
 const SNAPSHOT: StatusSnapshot = {
   pid: 4242,
@@ -19,20 +20,20 @@ const SNAPSHOT: StatusSnapshot = {
 
 async function withStateFile(
   content: string | undefined,
-  f: (path: string) => void,
+  f: (path: string) => Promise<void>,
 ): Promise<void> {
   const dir = await Deno.makeTempDir();
   try {
     if (content !== undefined) await Deno.writeTextFile(`${dir}/state.json`, content);
-    f(`${dir}/state.json`);
+    await f(`${dir}/state.json`);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
 }
 
 Deno.test("--status of a connected agent prints its state, host, times, devlxd and ready; exit 0", async () => {
-  await withStateFile(JSON.stringify(SNAPSHOT), (path) => {
-    const report = readStatus(path, () => true);
+  await withStateFile(JSON.stringify(SNAPSHOT), async (path) => {
+    const report = await readStatus(path, () => Promise.resolve(true));
     assert.equal(statusExitCode(report), 0);
     const text = formatStatus(report, "text");
     assert.match(text, /State: +CONNECTED \(pid 4242/);
@@ -49,29 +50,48 @@ Deno.test("--status of a connected agent prints its state, host, times, devlxd a
 });
 
 Deno.test("--status of a STARTED agent exits 1", async () => {
-  await withStateFile(JSON.stringify({ ...SNAPSHOT, state: "STARTED" }), (path) => {
-    const report = readStatus(path, () => true);
+  await withStateFile(JSON.stringify({ ...SNAPSHOT, state: "STARTED" }), async (path) => {
+    const report = await readStatus(path, () => Promise.resolve(true));
     assert.equal(statusExitCode(report), 1);
     assert.match(formatStatus(report, "text"), /State: +STARTED/);
   });
 });
 
 Deno.test("--status says clearly when no agent is running", async () => {
-  await withStateFile(undefined, (path) => {
-    const report = readStatus(path);
+  await withStateFile(undefined, async (path) => {
+    const report = await readStatus(path);
     assert.equal(statusExitCode(report), 1);
     assert.match(formatStatus(report, "text"), /^No agent is running \(no state file at /);
     assert.equal(JSON.parse(formatStatus(report, "json")).running, false);
   });
-  await withStateFile(JSON.stringify(SNAPSHOT), (path) => {
-    const report = readStatus(path, () => false);
+  await withStateFile(JSON.stringify(SNAPSHOT), async (path) => {
+    const report = await readStatus(path, () => Promise.resolve(false));
     assert.equal(statusExitCode(report), 1);
     assert.match(formatStatus(report, "text"), /No agent is running \(pid 4242.*is gone\)/);
   });
-  await withStateFile(JSON.stringify({ ...SNAPSHOT, state: "STOPPED" }), (path) => {
-    assert.match(formatStatus(readStatus(path, () => true), "text"), /pid 4242 stopped/);
+  await withStateFile(JSON.stringify({ ...SNAPSHOT, state: "STOPPED" }), async (path) => {
+    assert.match(
+      formatStatus(await readStatus(path, () => Promise.resolve(true)), "text"),
+      /pid 4242 stopped/,
+    );
   });
-  await withStateFile("{garbage", (path) => {
-    assert.match(formatStatus(readStatus(path), "text"), /not a state file/);
+  await withStateFile("{garbage", async (path) => {
+    assert.match(formatStatus(await readStatus(path), "text"), /not a state file/);
   });
+});
+
+Deno.test("--status sees a running agent through its liveness socket, and a dead one's leftover file as gone", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const stateFile = `${dir}/state.json`;
+    await Deno.writeTextFile(stateFile, JSON.stringify(SNAPSHOT));
+    assert.equal(livenessPath(stateFile), `${dir}/agent.sock`);
+    const socket = new LivenessSocket(livenessPath(stateFile));
+    assert.equal((await readStatus(stateFile)).running, true);
+    await socket.close();
+    assert.equal(await isAgentAlive(livenessPath(stateFile)), false);
+    assert.equal((await readStatus(stateFile)).running, false);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });
