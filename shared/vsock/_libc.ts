@@ -7,7 +7,8 @@
  * `-errno` when the call failed: errno is read synchronously, on the calling
  * thread, right after the failing call. The only `nonblocking` symbol is
  * `epoll_wait`, used by the single waiter in `_reactor.ts`; it reports failure
- * as `-1` only, since its errno belongs to another thread.
+ * as `-1` only, since its errno belongs to another thread. (`epoll_poll` is
+ * the same function called synchronously with a zero timeout.)
  *
  * Owns: the `libc.so.6` handle, opened on first use (never at import time) and
  * kept for the life of the process.
@@ -120,6 +121,11 @@ const SYMBOLS = {
     result: "i32",
     nonblocking: true,
   },
+  /**
+   * int epoll_wait(int epfd, struct epoll_event *events, int maxevents, int timeout);
+   * The same function called synchronously, with timeout 0 only (a poll).
+   */
+  epoll_poll: { name: "epoll_wait", parameters: ["i32", "buffer", "i32", "i32"], result: "i32" },
   /** int eventfd(unsigned int initval, int flags); */
   eventfd: { parameters: ["u32", "i32"], result: "i32" },
   /** int *__errno_location(void); */
@@ -276,6 +282,13 @@ export function epollWait(epfd: number, events: Uint8Array, timeoutMs: number): 
     events,
     Math.floor(events.byteLength / EPOLL_EVENT_SIZE),
     timeoutMs,
+  );
+}
+
+/** epoll_wait(2) with timeout 0, synchronously: the number of ready events or -errno. */
+export function epollPoll(epfd: number, events: Uint8Array): number {
+  return check(
+    sym().epoll_poll(epfd, events, Math.floor(events.byteLength / EPOLL_EVENT_SIZE), 0),
   );
 }
 

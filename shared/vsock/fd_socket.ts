@@ -41,9 +41,33 @@ export interface FdSocketOptions {
   allowHalfOpen?: boolean;
 }
 
+/** The most one `recv` asks for. */
 const READ_CHUNK = 64 * 1024;
-/** One read buffer for every socket: reads are synchronous and copied out at once. */
-let scratch: Uint8Array | undefined;
+/**
+ * Reads land in a shared slab and are pushed as views of it, so a read costs
+ * no allocation or copy; a new slab is taken when less than `SLAB_MIN_READ`
+ * is left. (A chunk kept by a consumer keeps its slab alive, as with Node's
+ * buffer pool.)
+ */
+const SLAB_SIZE = 256 * 1024;
+const SLAB_MIN_READ = 16 * 1024;
+let slab = new Uint8Array(0);
+let slabOffset = 0;
+
+function readBuffer(): Uint8Array {
+  if (slab.byteLength - slabOffset < SLAB_MIN_READ) {
+    slab = new Uint8Array(SLAB_SIZE);
+    slabOffset = 0;
+  }
+  return slab.subarray(slabOffset, slabOffset + Math.min(READ_CHUNK, slab.byteLength - slabOffset));
+}
+
+/** Takes the first `n` bytes of the last `readBuffer()` as a Buffer view. */
+function takeRead(n: number): Buffer {
+  const chunk = Buffer.from(slab.buffer, slabOffset, n);
+  slabOffset += (n + 7) & ~7;
+  return chunk;
+}
 /** Full reads in a row before the read loop yields to the event loop. */
 const READS_BEFORE_YIELD = 16;
 /** `_writev` joins chunks up to this many bytes into one `send`. */
@@ -214,15 +238,14 @@ export class FdSocket extends Duplex {
     let fullReads = 0;
     try {
       while (this.#fd >= 0) {
-        const buf = scratch ??= new Uint8Array(READ_CHUNK);
+        const buf = readBuffer();
         const n = libc.recv(this.#fd, buf);
         if (n > 0) {
-          const chunk = Buffer.allocUnsafe(n);
-          chunk.set(buf.subarray(0, n));
+          const chunk = takeRead(n);
           this.#bytesRead += n;
           this.#touch();
           if (!this.push(chunk)) return;
-          if (n === READ_CHUNK && ++fullReads >= READS_BEFORE_YIELD) {
+          if (n === buf.byteLength && ++fullReads >= READS_BEFORE_YIELD) {
             fullReads = 0;
             await yieldToEventLoop();
           }

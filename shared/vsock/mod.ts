@@ -17,6 +17,7 @@
  * @module
  */
 
+export { type ReactorStats, reactorStats } from "./_reactor.ts";
 export { FdSocket, type FdSocketOptions } from "./fd_socket.ts";
 export {
   connectHybrid,
