@@ -20,6 +20,7 @@
 
 import { Buffer } from "node:buffer";
 import { Duplex } from "node:stream";
+import { setImmediate } from "node:timers";
 import * as libc from "./_libc.ts";
 import { closedError, closeFd } from "./_fd.ts";
 import { waitReadable, waitWritable } from "./_reactor.ts";
@@ -73,8 +74,9 @@ const READS_BEFORE_YIELD = 16;
 /** `_writev` joins chunks up to this many bytes into one `send`. */
 const WRITEV_JOIN_LIMIT = 256 * 1024;
 
+/** A macrotask turn (`setTimeout(0)` is clamped to milliseconds when nested). */
 function yieldToEventLoop(): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, 0));
+  return new Promise((resolve) => setImmediate(resolve));
 }
 
 /** A connected socket fd as a `Duplex` stream. */

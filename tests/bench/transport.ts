@@ -225,6 +225,46 @@ async function throughputNative(path: string, settings: Settings): Promise<numbe
   }
 }
 
+/** MB/s of `bytes` sent through an echoing peer and read back, over an FdSocket. */
+async function bulkEchoFfi(client: FdSocket, bytes: number, settings: Settings): Promise<number> {
+  let received = 0;
+  const done = new Promise<void>((resolve) => {
+    client.on("data", (chunk: Buffer) => {
+      received += chunk.byteLength;
+      if (received >= bytes) resolve();
+    });
+  });
+  const chunk = new Uint8Array(settings.chunkSize).fill(0x63);
+  const t0 = performance.now();
+  for (let sent = 0; sent < bytes; sent += chunk.byteLength) {
+    if (!client.write(chunk)) await new Promise<void>((resolve) => client.once("drain", resolve));
+  }
+  await done;
+  return round(bytes / 1e6 / ((performance.now() - t0) / 1000));
+}
+
+/** MB/s of `bytes` sent through an echoing peer and read back, over a Deno.Conn. */
+async function bulkEchoNative(
+  client: Deno.Conn,
+  bytes: number,
+  settings: Settings,
+): Promise<number> {
+  const reading = (async () => {
+    const buf = new Uint8Array(64 * 1024);
+    let received = 0;
+    while (received < bytes) {
+      const n = await client.read(buf);
+      if (n === null) throw new Error("unexpected EOF");
+      received += n;
+    }
+  })();
+  const chunk = new Uint8Array(settings.chunkSize).fill(0x63);
+  const t0 = performance.now();
+  for (let sent = 0; sent < bytes; sent += chunk.byteLength) await writeFully(client, chunk);
+  await reading;
+  return round(bytes / 1e6 / ((performance.now() - t0) / 1000));
+}
+
 /** Echo figures with both ends in this process. */
 async function inProcess(dir: string, settings: Settings): Promise<{ ffi: Echo; deno: Echo }> {
   let ffi: Echo;
@@ -255,7 +295,10 @@ async function inProcess(dir: string, settings: Settings): Promise<{ ffi: Echo; 
 }
 
 /** Echo figures against a native echo server in a child Deno process. */
-async function crossProcess(dir: string, settings: Settings): Promise<{ ffi: Echo; deno: Echo }> {
+async function crossProcess(
+  dir: string,
+  settings: Settings,
+): Promise<{ ffi: Echo; deno: Echo; ffiBulk: number; denoBulk: number }> {
   const path = `${dir}/child-echo.sock`;
   const child = new Deno.Command(Deno.execPath(), {
     args: [
@@ -277,16 +320,21 @@ async function crossProcess(dir: string, settings: Settings): Promise<{ ffi: Ech
     const first = await reader.read();
     reader.releaseLock();
     if (first.done) throw new Error("the echo server child exited before listening");
+    const bulk = Math.floor(settings.bytes / 4);
     const ffiClient = await connectUnix(path);
     let ffi: Echo;
+    let ffiBulk: number;
     try {
       ffi = await echoFfi(ffiClient, settings);
+      ffiBulk = await bulkEchoFfi(ffiClient, bulk, settings);
     } finally {
       ffiClient.destroy();
     }
     const nativeClient = await Deno.connect({ transport: "unix", path });
     try {
-      return { ffi, deno: await echoNative(nativeClient, settings) };
+      const deno = await echoNative(nativeClient, settings);
+      const denoBulk = await bulkEchoNative(nativeClient, bulk, settings);
+      return { ffi, deno, ffiBulk, denoBulk };
     } finally {
       nativeClient.close();
     }
@@ -301,7 +349,8 @@ async function crossProcess(dir: string, settings: Settings): Promise<{ ffi: Ech
  * Runs the unix-transport benchmark and returns its figures, keyed
  * `<ffi|deno>_unix_<figure>` (both ends in this process: `echo_p50_us`,
  * `echo_p99_us`, `echo_per_s`, `throughput_mb_s`), `<ffi|deno>_unix_xproc_*`
- * (echo against a child process) and `ffi_unix_*epoll_waits_per_round_trip`
+ * (echo against a child process; `bulk_echo_mb_s`: a quarter of `bytes` sent
+ * and echoed back) and `ffi_unix_*epoll_waits_per_round_trip`
  * (blocking `epoll_wait` calls, i.e. hops to Deno's blocking pool, per round trip).
  */
 export async function benchTransport(
@@ -335,9 +384,11 @@ export async function benchTransport(
         ffi_unix_xproc_echo_p99_us: remote.ffi.p99,
         ffi_unix_xproc_echo_per_s: remote.ffi.perSecond,
         ffi_unix_xproc_echo_epoll_waits_per_round_trip: remote.ffi.waitsPerRoundTrip,
+        ffi_unix_xproc_bulk_echo_mb_s: remote.ffiBulk,
         deno_unix_xproc_echo_p50_us: remote.deno.p50,
         deno_unix_xproc_echo_p99_us: remote.deno.p99,
         deno_unix_xproc_echo_per_s: remote.deno.perSecond,
+        deno_unix_xproc_bulk_echo_mb_s: remote.denoBulk,
       });
     }
     return figures;
@@ -369,12 +420,15 @@ if (import.meta.main) {
       "epoll_wait hops/rt": f[`${prefix}_echo_epoll_waits_per_round_trip`] ?? "-",
       "throughput (MB/s)": throughput === null ? "-" : f[throughput],
     });
-    console.log("unix transport: 64 B echo round trips; 256 MiB one way for throughput");
+    console.log(
+      "unix transport: 64 B echo round trips; throughput: 256 MiB one way in-process, " +
+        "64 MiB sent and echoed back by the child",
+    );
     console.table([
       row("FFI FdSocket, same process", "ffi_unix", "ffi_unix_throughput_mb_s"),
       row("Deno native, same process", "deno_unix", "deno_unix_throughput_mb_s"),
-      row("FFI FdSocket → child process", "ffi_unix_xproc", null),
-      row("Deno native → child process", "deno_unix_xproc", null),
+      row("FFI FdSocket → child process", "ffi_unix_xproc", "ffi_unix_xproc_bulk_echo_mb_s"),
+      row("Deno native → child process", "deno_unix_xproc", "deno_unix_xproc_bulk_echo_mb_s"),
     ]);
   }
 }
