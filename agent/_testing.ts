@@ -1,8 +1,10 @@
 /**
- * Helpers for the agent's tests (not shipped behaviour): bounded waits.
- * Needs no permissions.
+ * Helpers for the agent's tests (not shipped behaviour): bounded waits and
+ * test certificates. Needs no permissions.
  * @module
  */
+
+import { generateKeyPair, type KeyPair } from "../shared/tls/mod.ts";
 
 /** Resolves with `promise`, or rejects after `ms` naming `what`. */
 export async function within<T>(promise: Promise<T>, what: string, ms = 5000): Promise<T> {
@@ -34,36 +36,19 @@ export async function until<T>(
   }
 }
 
-/** A PEM certificate and its PKCS#8 PEM key. */
-export interface TestPair {
-  cert: string;
-  key: string;
-}
-
-function pem(label: string, der: ArrayBuffer): string {
-  const b64 = btoa(String.fromCharCode(...new Uint8Array(der)));
-  return `-----BEGIN ${label}-----\n${b64.match(/.{1,64}/g)!.join("\n")}\n-----END ${label}-----\n`;
-}
+/** A PEM certificate and its PEM key. */
+export type TestPair = KeyPair;
 
 /** A self-signed ECDSA P-256 certificate, valid from a minute ago for a day unless told. */
-export async function makeTestPair(
+export function makeTestPair(
   commonName: string,
   validity: { notBefore?: Date; notAfter?: Date } = {},
 ): Promise<TestPair> {
-  await import("reflect-metadata");
-  const x509 = await import("@peculiar/x509");
-  const alg = { name: "ECDSA", namedCurve: "P-256", hash: "SHA-256" };
-  const keys = await crypto.subtle.generateKey(alg, true, ["sign", "verify"]) as CryptoKeyPair;
-  const cert = await x509.X509CertificateGenerator.createSelfSigned({
-    serialNumber: "01",
-    name: `CN=${commonName}`,
-    notBefore: validity.notBefore ?? new Date(Date.now() - 60_000),
-    notAfter: validity.notAfter ?? new Date(Date.now() + 86_400_000),
-    keys,
-    signingAlgorithm: alg,
+  return generateKeyPair({
+    commonName,
+    curve: "P-256",
+    days: 1,
+    notBefore: validity.notBefore,
+    notAfter: validity.notAfter,
   });
-  return {
-    cert: cert.toString("pem") + "\n",
-    key: pem("PRIVATE KEY", await crypto.subtle.exportKey("pkcs8", keys.privateKey)),
-  };
 }
