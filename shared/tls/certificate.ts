@@ -23,7 +23,7 @@ export interface CertificateValidity {
  *
  * @throws {SyntaxError} when `pem` holds no PEM certificate block.
  */
-export function certificateDer(pem: string): Uint8Array {
+export function certificateDer(pem: string): Uint8Array<ArrayBuffer> {
   if (typeof pem !== "string") {
     throw new TypeError("Cannot decode certificate: PEM must be a string");
   }
@@ -35,7 +35,7 @@ export function certificateDer(pem: string): Uint8Array {
   if (der.length < 2 || der[0] !== 0x30) {
     throw new SyntaxError("Cannot decode certificate: PEM block is not a DER certificate");
   }
-  return new Uint8Array(der.buffer, der.byteOffset, der.byteLength);
+  return new Uint8Array(der.buffer as ArrayBuffer, der.byteOffset, der.byteLength);
 }
 
 function toDer(pemOrDer: string | Uint8Array): Uint8Array {
