@@ -128,15 +128,13 @@ export async function connectFd(
         if (closed) return;
         continue;
       }
-      if (r !== -libc.EINPROGRESS) {
-        throw socketError("connect", -r, what, { vsock: options.vsock });
-      }
+      if (r !== -libc.EINPROGRESS) throw connectError(-r, what, options.vsock);
       await waitWritable(fd);
       if (closed) return;
       const error = libc.getsockoptInt(fd, libc.SOL_SOCKET, libc.SO_ERROR);
       if (error < 0) throw socketError("getsockopt", -error, what, { vsock: options.vsock });
       if (error === 0) return;
-      throw socketError("connect", error, what, { vsock: options.vsock });
+      throw connectError(error, what, options.vsock);
     }
   };
   try {
@@ -196,4 +194,20 @@ export function closedError(what: string): SocketError {
     syscall: "close",
     errno: ERRNO.ECANCELED,
   });
+}
+
+/**
+ * The error of a failed connect. A vsock peer answers a connect to a port
+ * nobody listens on with a reset: that is reported as ECONNREFUSED (the
+ * kernel's ECONNRESET kept as the cause).
+ */
+export function connectError(errno: number, what: string, vsock = false): SocketError {
+  if (vsock && errno === ERRNO.ECONNRESET) {
+    return new SocketError(
+      `${what}: connection refused (reset by the peer: nothing listens on that port)`,
+      { code: "ECONNREFUSED", syscall: "connect", errno: ERRNO.ECONNREFUSED },
+      { cause: socketError("connect", errno, what) },
+    );
+  }
+  return socketError("connect", errno, what, { vsock });
 }

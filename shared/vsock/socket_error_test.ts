@@ -9,6 +9,7 @@ import {
   socketError,
   VSOCK_UNAVAILABLE,
 } from "./socket_error.ts";
+import { connectError } from "./_fd.ts";
 
 Deno.test("errnoName() maps the Linux socket errnos to their names", () => {
   assert.equal(errnoName(111), "ECONNREFUSED");
@@ -75,4 +76,16 @@ Deno.test("socketError() keeps the plain reason for EAFNOSUPPORT outside vsock",
 Deno.test("socketError() carries a cause", () => {
   const cause = new Error("inner");
   assert.equal(socketError("recv", 71, "x", { cause }).cause, cause);
+});
+
+Deno.test("connectError() reports a vsock reset on connect as ECONNREFUSED, keeping the cause", () => {
+  const error = connectError(104, "Cannot connect to vsock 1:5000", true);
+  assert.equal(error.code, "ECONNREFUSED");
+  assert.equal(error.errno, 111);
+  assert.match(error.message, /^Cannot connect to vsock 1:5000: connection refused/);
+  assert.ok(error.cause instanceof SocketError);
+  assert.equal((error.cause as SocketError).code, "ECONNRESET");
+  // Elsewhere a reset stays a reset, and vsock's "unavailable" errnos get their message.
+  assert.equal(connectError(104, "Cannot connect to unix socket /s").code, "ECONNRESET");
+  assert.equal(connectError(19, "Cannot connect to vsock 5:1", true).message, VSOCK_UNAVAILABLE);
 });

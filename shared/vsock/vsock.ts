@@ -138,9 +138,11 @@ export async function connectVsock(
 }
 
 /**
- * This machine's vsock CID (`IOCTL_VM_SOCKETS_GET_LOCAL_CID` on `/dev/vsock`).
- * Throws a `SocketError` with the "AF_VSOCK is not available" message when
- * there is no `/dev/vsock`.
+ * This machine's vsock CID (`IOCTL_VM_SOCKETS_GET_LOCAL_CID` on `/dev/vsock`):
+ * the guest CID inside a VM, 2 (VMADDR_CID_HOST) on a host with only
+ * vhost_vsock, 1 with only vsock_loopback. Throws a `SocketError` with the
+ * "AF_VSOCK is not available" message when there is no `/dev/vsock` or no
+ * vsock transport.
  */
 export function localCid(): number {
   const fd = libc.openPath("/dev/vsock", libc.O_RDONLY | libc.O_CLOEXEC);
@@ -155,6 +157,14 @@ export function localCid(): number {
     const cid = new Uint32Array(1);
     const r = libc.ioctl(fd, libc.IOCTL_VM_SOCKETS_GET_LOCAL_CID, new Uint8Array(cid.buffer));
     if (r < 0) throw socketError("ioctl", -r, "Cannot read the local vsock CID", { vsock: true });
+    if (cid[0] === VMADDR_CID_ANY) {
+      // No transport registered (neither guest, host nor loopback).
+      throw new SocketError(VSOCK_UNAVAILABLE, {
+        code: "ENODEV",
+        syscall: "ioctl",
+        errno: ERRNO.ENODEV,
+      });
+    }
     return cid[0];
   } finally {
     libc.close(fd);
