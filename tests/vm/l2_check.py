@@ -2,9 +2,11 @@
 """l2_check.py: run inside L1. Checks the L1 <-> L2 plumbing the host and agent rely on.
 
 Boots L2 (tests/vm/l2 --detach) whose command writes STARTED to its
-org.linuxcontainers.lxd port and then connects to L1 over vsock CID 2 (an echo on
-port 5002); L1 reads STARTED with QMP ringbuf-read (and checks the read consumed it)
-and serves the echo. Prints timings from QEMU start; exit 0 when all of it worked.
+org.linuxcontainers.lxd port (ringbuf), reads "CONNECT <cid>:<port>" from a second,
+socket-backed port (org.linuxcontainers.lxd.socket), answers "ACK ..." on it, and then
+connects to that vsock address (CID 2 = L1, an echo on port 5002). L1 reads STARTED
+with QMP ringbuf-read (and checks the read consumed it), sends the CONNECT line and
+serves the echo. Prints timings from QEMU start; exit 0 when all of it worked.
 """
 import os
 import socket
@@ -40,10 +42,14 @@ def main() -> int:
 
     threading.Thread(target=serve, daemon=True).start()
     cmd = ("printf 'STARTED\\n' > /dev/virtio-ports/org.linuxcontainers.lxd && "
-           f"exec /usr/bin/python3 tests/vm/vsock_echo.py connect 2 {PORT} hello-from-l2")
+           "exec 3<>/dev/virtio-ports/org.linuxcontainers.lxd.socket && "
+           "until read -r verb addr <&3; do sleep 0.2; done && echo \"ACK $verb $addr\" >&3 && exec 3>&- && "
+           "exec /usr/bin/python3 tests/vm/vsock_echo.py connect ${addr%%:*} ${addr#*:} hello-from-l2")
+    sock_path = f"{ctl}.sock"
     t0 = time.monotonic()
     pid = int(subprocess.run(
         [f"{HERE}/l2", "--detach", "--ctl", ctl, "--qmp", qmp_path, "--timeout", "200",
+         "--socket-port", f"org.linuxcontainers.lxd.socket={sock_path}",
          "--", "sh", "-c", cmd],
         check=True, capture_output=True, text=True).stdout.strip())
     ok = True
@@ -68,6 +74,20 @@ def main() -> int:
         again = q.execute("ringbuf-read", device="vserial", size=16, format="utf8")
         print(f"l2 check: a second ringbuf-read returned {again!r} (consumed: {again == ''})")
         ok &= again == ""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(DEADLINE)
+        sock.connect(sock_path)
+        sock.sendall(f"CONNECT 2:{PORT}\n".encode())
+        reply = b""
+        while not reply.endswith(b"\n"):
+            data = sock.recv(100)
+            if not data:
+                break
+            reply += data
+        sock.close()
+        print(f"l2 check: socket port answered {reply.decode()!r} after {time.monotonic() - t0:.1f}s",
+              flush=True)
+        ok &= reply == f"ACK CONNECT 2:{PORT}\n".encode()
         while "t" not in accepted and time.monotonic() - t0 < DEADLINE:
             time.sleep(0.1)
         if "t" not in accepted:
@@ -85,6 +105,12 @@ def main() -> int:
         ok &= rc == "0"
         q.close()
     finally:
+        if not ok or not os.path.exists(f"{ctl}/rc"):
+            try:
+                with open(f"{ctl}/console.log") as f:
+                    sys.stdout.write("".join(f"  l2 console: {l}" for l in f.readlines()))
+            except OSError:
+                pass
         try:
             os.kill(pid, 15)
         except ProcessLookupError:
