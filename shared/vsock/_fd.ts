@@ -99,8 +99,10 @@ export async function withDeadline<T>(
 
 /**
  * Non-blocking connect of `fd` to `addr`: EINPROGRESS → wait writable →
- * SO_ERROR. A unix socket whose listener's backlog is full answers EAGAIN: the
- * connect is retried after a short, growing pause. Closes `fd` on any failure.
+ * SO_ERROR → connect() again (0 or EISCONN: connected; EALREADY: a wake-up
+ * too early, wait again). A unix socket whose listener's backlog is full
+ * answers EAGAIN: the connect is retried after a short, growing pause.
+ * Closes `fd` on any failure.
  */
 export async function connectFd(
   fd: number,
@@ -109,32 +111,39 @@ export async function connectFd(
   options: DeadlineOptions & { vsock?: boolean } = {},
 ): Promise<void> {
   let closed = false;
+  let pauseTimer: ReturnType<typeof setTimeout> | undefined;
+  let endPause: (() => void) | undefined;
   const close = () => {
-    if (!closed) {
-      closed = true;
-      closeFd(fd);
-    }
+    if (closed) return;
+    closed = true;
+    clearTimeout(pauseTimer);
+    endPause?.();
+    closeFd(fd);
   };
   const attempt = async (): Promise<void> => {
     let pause = 1;
-    for (;;) {
+    let started = false;
+    while (!closed) {
       const r = libc.connect(fd, addr);
-      if (r === 0) return;
-      if (r === -libc.EINTR) continue;
+      if (r === 0 || (started && r === -ERRNO.EISCONN)) return;
       if (r === -libc.EAGAIN) {
         // AF_UNIX, listener backlog full: nothing to wait on but time.
-        await new Promise((resolve) => setTimeout(resolve, pause));
+        await new Promise<void>((resolve) => {
+          endPause = resolve;
+          pauseTimer = setTimeout(resolve, pause);
+        });
         pause = Math.min(pause * 2, 50);
-        if (closed) return;
         continue;
       }
-      if (r !== -libc.EINPROGRESS) throw connectError(-r, what, options.vsock);
+      if (r !== -libc.EINPROGRESS && r !== -ERRNO.EALREADY && r !== -libc.EINTR) {
+        throw connectError(-r, what, options.vsock);
+      }
+      started = true;
       await waitWritable(fd);
       if (closed) return;
       const error = libc.getsockoptInt(fd, libc.SOL_SOCKET, libc.SO_ERROR);
       if (error < 0) throw socketError("getsockopt", -error, what, { vsock: options.vsock });
-      if (error === 0) return;
-      throw connectError(error, what, options.vsock);
+      if (error !== 0) throw connectError(error, what, options.vsock);
     }
   };
   try {
