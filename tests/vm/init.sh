@@ -10,6 +10,8 @@
 #   vmtest.shares=tag:/path,...  read-write 9p shares to mount (root mode)
 #   vmtest.ctl=/path    the share holding run.sh, rc and the console log (root mode)
 #   vmtest.run=/path    the executable to run in the chroot (default <ctl>/run.sh)
+#   vmtest.repo=/path   a directory that must stay visible in the chroot: when it lies
+#                       under /tmp or /run (hidden by their tmpfs), it gets its own overlay
 #   vmtest.hostname=NAME, vmtest.verbose=1, vmtest.tmpfs=SIZE (overlay upper, default 75%)
 /bin/busybox mkdir -p /usr/bin /sbin /usr/sbin
 /bin/busybox --install -s
@@ -19,7 +21,7 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 
-mode=root modules= shares= ctl= run= verbose=0 port= lines= echo= tmpfs=75% name=vm
+mode=root modules= shares= ctl= run= repo= verbose=0 port= lines= echo= tmpfs=75% name=vm
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     vmtest.mode=*) mode=${arg#*=} ;;
@@ -27,6 +29,7 @@ for arg in $(cat /proc/cmdline); do
     vmtest.shares=*) shares=${arg#*=} ;;
     vmtest.ctl=*) ctl=${arg#*=} ;;
     vmtest.run=*) run=${arg#*=} ;;
+    vmtest.repo=*) repo=${arg#*=} ;;
     vmtest.verbose=*) verbose=${arg#*=} ;;
     vmtest.port=*) port=${arg#*=} ;;
     vmtest.lines=*) lines=${arg#*=} ;;
@@ -115,6 +118,11 @@ mount -t devpts -o newinstance,ptmxmode=0666 devpts $r/dev/pts
 mount -t tmpfs -o mode=1777 shm $r/dev/shm
 mount -t tmpfs -o mode=1777 tmp $r/tmp
 mount -t tmpfs -o mode=0755 run $r/run
+if [ -n "$repo" ] && [ ! -d "$r$repo" ] && [ -d "/mnt/lower$repo" ]; then
+  mkdir -p /mnt/rw/repo-upper /mnt/rw/repo-work "$r$repo"
+  mount -t overlay -o "lowerdir=/mnt/lower$repo,upperdir=/mnt/rw/repo-upper,workdir=/mnt/rw/repo-work" \
+    repo "$r$repo" || die "cannot mount the overlay for $repo"
+fi
 for s in $(echo "$shares" | tr , ' '); do
   mkdir -p "$r${s#*:}"
   mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=none "${s%%:*}" "$r${s#*:}" ||
