@@ -179,8 +179,11 @@ export async function connectHybrid(
  * partial-then-EOF lines and slow clients are closed), answers `OK <n>\n` for
  * a port in `ports` (else closes), and yields the socket with `localAddress`
  * `{ family: "vsock", cid: 0xFFFFFFFF, port }` and `remoteAddress`
- * `{ family: "vsock", cid: 2, port: n }`. Handshakes run concurrently.
- * Errors of the unix listen are thrown synchronously.
+ * `{ family: "vsock", cid: 2, port: n }`. Handshakes run concurrently, and
+ * (as a VMM does) whether or not `accept()` is pending: an open mux always
+ * has an accept outstanding, so it keeps the process alive until `close()`;
+ * at most `backlog` answered-but-unaccepted connections wait, newer ones are
+ * closed. Errors of the unix listen are thrown synchronously.
  */
 export function listenHybridMux(
   udsPath: string,
