@@ -70,6 +70,8 @@ export interface FakeAgentOptions {
   afterPut?: (info: ConnectionInfo) => void | Promise<void>;
   /** `environment.server_pid` reported by `GET /1.0`. @default 1234 */
   pid?: number;
+  /** `connection` reported by `GET /1.0` (as our agent does); absent when undefined. */
+  connection?: { cid: number; port: number } | null;
 }
 
 /** A fake agent API on a unix socket; `close()` stops it. */
@@ -128,7 +130,11 @@ export class FakeAgent implements AsyncDisposable {
       } else if (key === "POST /1.0/events") {
         this.events.push(JSON.parse(text));
       } else if (key === "GET /1.0") {
-        metadata = { environment: { server: "lxd-agent", server_pid: this.pid } };
+        const info: Record<string, unknown> = {
+          environment: { server: "lxd-agent", server_pid: this.pid },
+        };
+        if (this.options.connection !== undefined) info.connection = this.options.connection;
+        metadata = info;
       } else {
         status = 404;
       }

@@ -300,8 +300,11 @@ export async function pushEvent(
 export interface AgentProbe {
   /** `environment.server_pid` (a stock lxd-agent reports it): changes when the agent restarts. */
   pid?: number;
-  /** The connection info the agent holds, when it reports it (`connection` or `host`). */
-  connection?: { cid: number; port: number };
+  /**
+   * The host address the agent holds, when it reports it (`connection`, as
+   * our agent does, or `host`); `null` when it says it has none.
+   */
+  connection?: { cid: number; port: number } | null;
   /** The unwrapped metadata as received. */
   metadata: unknown;
 }
@@ -315,12 +318,15 @@ export async function probeAgent(
   const metadata = await expectOk(target, "GET /1.0", response);
   const m = (metadata ?? {}) as Record<string, unknown>;
   const env = (m.environment ?? {}) as Record<string, unknown>;
-  const conn = (m.connection ?? m.host) as Record<string, unknown> | undefined;
+  const conn = ("connection" in m ? m.connection : m.host) as Record<string, unknown> | null;
+  let connection: AgentProbe["connection"];
+  if (conn === null) connection = null;
+  else if (typeof conn?.cid === "number" && typeof conn.port === "number") {
+    connection = { cid: conn.cid, port: conn.port };
+  }
   return {
     pid: typeof env.server_pid === "number" ? env.server_pid : undefined,
-    connection: conn && typeof conn.cid === "number" && typeof conn.port === "number"
-      ? { cid: conn.cid, port: conn.port }
-      : undefined,
+    connection,
     metadata,
   };
 }

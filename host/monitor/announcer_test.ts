@@ -122,6 +122,26 @@ Deno.test("probeAgent() returns the agent's pid from GET /1.0", async () => {
   assert.equal(probe.connection, undefined);
 });
 
+Deno.test("probeAgent() returns the host address the agent reports, or null when it has none", async () => {
+  await using dir = await tempDir();
+  const { target, agent } = await makeTarget("vm1");
+  await using withInfo = new FakeAgent(`${dir.path}/a`, {
+    agent,
+    clientCert: target.clientCert,
+    connection: { cid: 2, port: 1234 },
+  });
+  await using without = new FakeAgent(`${dir.path}/b`, {
+    agent,
+    clientCert: target.clientCert,
+    connection: null,
+  });
+  await Promise.all([withInfo.ready, without.ready]);
+  const a = await probeAgent(target, { connect: unixConnect(withInfo.path) });
+  const b = await probeAgent(target, { connect: unixConnect(without.path) });
+  assert.deepEqual(a.connection, { cid: 2, port: 1234 });
+  assert.equal(b.connection, null);
+});
+
 Deno.test("classifyAgentError() maps errno codes to failure kinds", () => {
   const err = (code: string) => Object.assign(new Error(code), { code });
   assert.equal(classifyAgentError(err("ECONNREFUSED"), "connect").kind, "refused");

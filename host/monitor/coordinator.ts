@@ -593,7 +593,9 @@ export class Coordinator implements AsyncDisposable {
       try {
         const probe = await this.#api.probe(entry.instance, this.#abort.signal);
         const port = this.#options.hostPort();
-        if (probe.connection !== undefined) {
+        if (probe.connection === null) {
+          verdict = "agent has no host address";
+        } else if (probe.connection !== undefined) {
           if (probe.connection.cid !== HOST_CID || probe.connection.port !== port) {
             verdict = "agent holds another host address";
           }

@@ -61,6 +61,8 @@ class FakeApi implements AgentApi {
   readonly announces = new Queue<{ name: string; info: ConnectionInfo }>();
   readonly pushes: Array<{ name: string; event: DevlxdEvent }> = [];
   readonly pids = new Map<string, number>();
+  /** What `GET /1.0` reports as the agent's host address (our agent reports it). */
+  readonly connections = new Map<string, { cid: number; port: number } | null>();
   probes = 0;
   /** Whether the agent "validates" (reaches the host) when announced to. */
   validates = true;
@@ -90,7 +92,8 @@ class FakeApi implements AgentApi {
   probe(instance: Instance): Promise<AgentProbe> {
     this.probes++;
     const pid = this.pids.get(instance.name) ?? 100;
-    return Promise.resolve({ pid, metadata: { environment: { server_pid: pid } } });
+    const connection = this.connections.get(instance.name);
+    return Promise.resolve({ pid, connection, metadata: { environment: { server_pid: pid } } });
   }
 }
 
@@ -208,6 +211,35 @@ Deno.test("Coordinator re-announces an agent that restarted without STOPPED at t
   const readsToNotice = qemu.commands.filter((c) => c === "ringbuf-read").length - readsAtCrash;
   assert.ok(readsToNotice <= 2, `noticed after ${readsToNotice} slow polls`);
   assert.equal(coordinator.status("vm1")!.agentState, "CONNECTED");
+});
+
+Deno.test("Coordinator re-announces a connected agent whose GET /1.0 shows another host port", async () => {
+  await using dir = await tempDir();
+  const ring = new FakeRingBuffer();
+  await using _qemu = new FakeQmpServer(`${dir.path}/qmp`, { rings: { vserial: ring } });
+  const vm = makeInstance("vm1", 10, {
+    kind: "qmp",
+    path: `${dir.path}/qmp`,
+    chardev: "vserial",
+    size: 16,
+  });
+  const { api, changes, coordinator } = setup([vm]);
+  await using _c = coordinator;
+  api.connections.set("vm1", { cid: 2, port: 40001 });
+  coordinator.start();
+  ring.write("STARTED\n");
+  await changes.until((c) => c.state === "CONNECTED");
+  await api.announces.next();
+  // Same process (same pid), but it now holds an old port and says STARTED.
+  api.connections.set("vm1", { cid: 2, port: 39999 });
+  const rewrite = setInterval(() => ring.write("STARTED\n"), 5);
+  try {
+    const again = await api.announces.next();
+    assert.equal(again.info.port, 40001);
+  } finally {
+    clearInterval(rewrite);
+  }
+  assert.equal(api.pids.size, 0);
 });
 
 Deno.test("Coordinator marks STOPPED on a STOPPED line, polls slower, and announces at the next STARTED", async () => {
