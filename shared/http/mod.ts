@@ -1,0 +1,13 @@
+/**
+ * HTTP/1.1 over one already-open connection, and LXD's response envelope.
+ *
+ * - {@linkcode serveHttp}: serve requests on a connection with a `Request` → `Response` handler.
+ * - {@linkcode httpRequest}: send one request on a connection, stream the response.
+ * - {@linkcode syncResponse}, {@linkcode errorResponse}, {@linkcode unwrapEnvelope}: LXD's JSON envelope.
+ *
+ * @module
+ */
+
+export * from "./serve_http.ts";
+export * from "./http_request.ts";
+export * from "./envelope.ts";
