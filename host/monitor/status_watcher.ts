@@ -24,7 +24,7 @@
 import { type AgentState, parseStatusLine } from "../../shared/api.ts";
 import { type Logger, silentLogger } from "../../shared/log.ts";
 import type { StatusChannel } from "../instance.ts";
-import { QmpClient, QmpError, ringbufReadArgs } from "./qmp_client.ts";
+import { QmpClient, QmpError, readRingBuffer, ringbufReadArgs } from "./qmp_client.ts";
 
 /** One observation of the agent's state. */
 export interface StatusObservation {
@@ -409,5 +409,64 @@ export function createStatusWatcher(
       return new FileStatusWatcher(channel, options);
     case "none":
       return new NullStatusWatcher(options);
+  }
+}
+
+/** What a one-shot read of a status channel shows (`lxd-vsock-host --status NAME`). */
+export interface ChannelReading {
+  kind: StatusChannel["kind"];
+  /** The raw text read (consumed, for a ring buffer). */
+  text?: string;
+  /** The last complete state line, or STOPPED when the channel is gone. */
+  state?: AgentState;
+  /** A sentence for operators when there is no state to show, or why. */
+  note?: string;
+}
+
+/**
+ * Reads a status channel once, as `--status NAME` shows it: for QMP, one
+ * `ringbuf-read` (which consumes the bytes, as every read does: a running
+ * daemon's watcher will not see them). A missing QMP socket or file reads as
+ * STOPPED. A socket channel is not read: QEMU serves one client, the daemon.
+ */
+export async function readStatusChannel(
+  channel: StatusChannel,
+  options: { timeout?: number; signal?: AbortSignal } = {},
+): Promise<ChannelReading> {
+  const kind = channel.kind;
+  try {
+    switch (channel.kind) {
+      case "qmp": {
+        const { text, state } = await readRingBuffer(channel.path, channel.chardev, {
+          size: channel.size || 16,
+          timeout: options.timeout,
+          signal: options.signal,
+        });
+        if (state !== undefined) return { kind, text, state };
+        return {
+          kind,
+          text,
+          note: text === ""
+            ? "ring buffer empty (a read consumes it; an agent rewrites STARTED every 5 s until connected)"
+            : "no complete state line in the ring buffer",
+        };
+      }
+      case "file": {
+        const text = await Deno.readTextFile(channel.path);
+        const state = parseStatusLine(text);
+        return state === undefined
+          ? { kind, text, note: "no complete state line" }
+          : { kind, text, state };
+      }
+      case "socket":
+        return { kind, note: `socket channel ${channel.path} is read by the daemon only` };
+      case "none":
+        return { kind, note: "no status channel" };
+    }
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound || error instanceof Deno.errors.ConnectionRefused) {
+      return { kind, state: "STOPPED", note: `${(error as Error).message} (VM not running?)` };
+    }
+    throw error;
   }
 }

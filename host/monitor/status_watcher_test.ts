@@ -1,5 +1,9 @@
 import assert from "node:assert/strict";
-import { createStatusWatcher, type StatusObservation } from "./status_watcher.ts";
+import {
+  createStatusWatcher,
+  readStatusChannel,
+  type StatusObservation,
+} from "./status_watcher.ts";
 import { FakeQmpServer, FakeRingBuffer } from "./_fake_qmp.ts";
 import { Queue, tempDir } from "./_test_util.ts";
 
@@ -203,4 +207,32 @@ Deno.test("none watcher reports nothing and closes cleanly", async () => {
   await watcher.close();
   await watcher.close();
   assert.deepEqual(seen.all, []);
+});
+
+Deno.test("readStatusChannel() shows the ring buffer's last line, an empty ring, and a missing VM", async () => {
+  await using dir = await tempDir();
+  const ring = new FakeRingBuffer();
+  await using _server = new FakeQmpServer(`${dir.path}/qmp`, { rings: { vserial: ring } });
+  ring.write("STARTED\nCONNECTED\n");
+  const channel = qmpChannel(`${dir.path}/qmp`);
+  assert.deepEqual(await readStatusChannel(channel), {
+    kind: "qmp",
+    text: "ARTED\nCONNECTED\n",
+    state: "CONNECTED",
+  });
+  const empty = await readStatusChannel(channel);
+  assert.deepEqual([empty.text, empty.state], ["", undefined]);
+  assert.match(empty.note!, /ring buffer empty/);
+  const missing = await readStatusChannel(qmpChannel(`${dir.path}/nope`));
+  assert.equal(missing.state, "STOPPED");
+  assert.match(missing.note!, /VM not running/);
+  await Deno.writeTextFile(`${dir.path}/file`, "STOPPED\nSTARTED\n");
+  assert.equal(
+    (await readStatusChannel({ kind: "file", path: `${dir.path}/file` })).state,
+    "STARTED",
+  );
+  assert.deepEqual(await readStatusChannel({ kind: "none" }), {
+    kind: "none",
+    note: "no status channel",
+  });
 });
