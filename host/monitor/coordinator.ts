@@ -646,6 +646,10 @@ export class Coordinator implements AsyncDisposable {
       if (generation !== entry.generation || entry.removed || this.#closed) return;
       const instance = entry.instance;
       const port = this.#options.hostPort();
+      if (!Number.isInteger(port) || port < 1 || port > 65535) {
+        this.#setStatus(entry, entry.status, `cannot announce: host port ${port} is not known yet`);
+        return;
+      }
       const startedAt = this.#now();
       this.#logger.debug("announcing", { instance: instance.name, reason, port });
       let lineSent = false;

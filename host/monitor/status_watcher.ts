@@ -427,7 +427,9 @@ export interface ChannelReading {
  * Reads a status channel once, as `--status NAME` shows it: for QMP, one
  * `ringbuf-read` (which consumes the bytes, as every read does: a running
  * daemon's watcher will not see them). A missing QMP socket or file reads as
- * STOPPED. A socket channel is not read: QEMU serves one client, the daemon.
+ * STOPPED; a QMP socket that does not greet (QEMU serves one client per
+ * socket: the daemon or LXD may hold it) gives a note. A socket channel is
+ * not read: QEMU serves one client, the daemon.
  */
 export async function readStatusChannel(
   channel: StatusChannel,
@@ -466,6 +468,13 @@ export async function readStatusChannel(
   } catch (error) {
     if (error instanceof Deno.errors.NotFound || error instanceof Deno.errors.ConnectionRefused) {
       return { kind, state: "STOPPED", note: `${(error as Error).message} (VM not running?)` };
+    }
+    if (error instanceof Deno.errors.TimedOut && kind === "qmp") {
+      // QEMU serves one QMP client per socket: a second one waits unanswered.
+      return {
+        kind,
+        note: `${error.message}: another client (the daemon, LXD) may hold this QMP socket`,
+      };
     }
     throw error;
   }
