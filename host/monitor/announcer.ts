@@ -17,7 +17,8 @@
 import type { Duplex } from "node:stream";
 import type { ConnectionInfo, DevlxdEvent } from "../../shared/api.ts";
 import type { Instance } from "../instance.ts";
-import { connectTls, httpRequest } from "./_agent_transport.ts";
+import { httpRequest } from "../../shared/http/mod.ts";
+import { connectTls } from "../../shared/tls/mod.ts";
 
 /** What is needed to talk to one agent: its pinned cert and our client identity. */
 export type AgentTarget = Pick<Instance, "name" | "agentCert" | "clientCert" | "clientKey">;
@@ -174,34 +175,43 @@ export async function callAgent(
   } finally {
     bound.clear();
   }
-  let secure: Duplex;
+  // One bound for handshake, request and response body, each step failing as a timeout.
+  const exchange = deadline(
+    timeout,
+    `${request.method} ${request.path} to the agent of ${target.name}`,
+    options.signal,
+  );
+  let step: "tls" | "http" = "tls";
   try {
-    secure = await connectTls(socket, {
+    const secure = await connectTls(socket, {
       cert: target.clientCert,
       key: target.clientKey,
       pinned: target.agentCert,
       handshakeTimeout: timeout,
-      signal: options.signal,
+      signal: exchange.signal,
     });
-  } catch (error) {
-    socket.destroy();
-    if (options.signal?.aborted) throw options.signal.reason;
-    throw classifyAgentError(error, "tls");
-  }
-  try {
+    step = "http";
     const init: RequestInit = { method: request.method };
     if (request.body !== undefined) {
       init.body = JSON.stringify(request.body);
       init.headers = { "content-type": "application/json" };
     }
-    return await httpRequest(secure, new Request(`https://agent${request.path}`, init), {
+    const response = await httpRequest(secure, new Request(`https://agent${request.path}`, init), {
       timeout,
-      signal: options.signal,
+      signal: exchange.signal,
+    });
+    // Bodies here are small: read them within the bound and hand back a complete Response.
+    const body = await response.text();
+    return new Response(body === "" ? null : body, {
+      status: response.status,
+      headers: response.headers,
     });
   } catch (error) {
-    secure.destroy();
+    socket.destroy();
     if (options.signal?.aborted) throw options.signal.reason;
-    throw classifyAgentError(error, "http");
+    throw classifyAgentError(exchange.signal.aborted ? exchange.signal.reason : error, step);
+  } finally {
+    exchange.clear();
   }
 }
 

@@ -64,6 +64,33 @@ Deno.test("announce() retries a connect that times out, a bounded number of time
   assert.equal(calls, 3);
 });
 
+Deno.test("announce() retries an agent that accepts but never completes the handshake", async () => {
+  await using dir = await tempDir();
+  const { target } = await makeTarget("vm1");
+  const path = `${dir.path}/silent`;
+  using listener = Deno.listen({ transport: "unix", path });
+  const held: Deno.Conn[] = [];
+  const accepting = (async () => {
+    for await (const conn of listener) held.push(conn);
+  })();
+  try {
+    await assert.rejects(
+      announce(target, INFO, {
+        connect: unixConnect(path),
+        timeout: 100,
+        attempts: 2,
+        retryDelay: 1,
+      }),
+      (e: unknown) => e instanceof AgentCallError && e.kind === "timeout",
+    );
+    assert.equal(held.length, 2);
+  } finally {
+    listener.close();
+    await accepting.catch(() => {});
+    for (const conn of held) conn.close();
+  }
+});
+
 Deno.test("announce() reports a 500 as rejected: the agent could not reach the host", async () => {
   await using dir = await tempDir();
   const { target, agent } = await makeTarget("vm1");
