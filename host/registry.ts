@@ -304,6 +304,7 @@ export class Registry {
   static open(path: string, options: RegistryOptions = {}): Registry {
     const db = new DatabaseSync(path, { timeout: 0, enableForeignKeyConstraints: true });
     try {
+      Deno.chmodSync(path, 0o600);
       db.exec("PRAGMA locking_mode = EXCLUSIVE");
       db.exec("PRAGMA journal_mode = WAL");
       db.exec("PRAGMA synchronous = FULL");

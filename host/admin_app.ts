@@ -1,0 +1,159 @@
+/**
+ * The local admin API, as a Hono app over an {@linkcode InstanceService}:
+ * what the CLI uses while the daemon runs (served on `<state-dir>/admin.sock`,
+ * mode 0600) and, in-process, when it does not. Answers in the LXD envelope;
+ * `GET /1.0/events` is a newline-delimited JSON stream of lifecycle events.
+ *
+ * Routes: `GET /1.0` (status), `GET|POST /1.0/instances`,
+ * `GET|DELETE /1.0/instances/{name}`, `GET|PUT|DELETE /1.0/instances/{name}/config/{key}`
+ * (PUT body `{"value":"…"}`), `POST /1.0/instances/{name}/devices` (body
+ * `{"name":"…","config":{…}}`), `DELETE /1.0/instances/{name}/devices/{device}`,
+ * `GET /1.0/events[?instance=NAME]`. Needs no permissions of its own.
+ * @module
+ */
+
+import { Hono } from "hono";
+import { bodyLimit } from "hono/body-limit";
+import { errorResponse, syncResponse } from "../shared/http/envelope.ts";
+import { type Logger, silentLogger } from "../shared/log.ts";
+import { HttpError } from "./devlxd_app.ts";
+import { ALL_TOPICS } from "./event_hub.ts";
+import { type AddInstance, type InstanceService, publicInstance } from "./instance_service.ts";
+import { MAX_CONFIG_VALUE, RegistryError } from "./registry.ts";
+
+/** What `GET /1.0` reports. */
+export interface DaemonStatus {
+  running: boolean;
+  version: string;
+  stateDir: string;
+  pid?: number;
+  startedAt?: string;
+  /** vsock listener: CID of this host and the port agents dial. */
+  vsock?: { cid: number; port: number } | null;
+  /** The port agents are told to dial (vsock or hybrid). */
+  port?: number;
+  transport?: "vsock" | "unix";
+  /** Hybrid listeners, `<uds_path>_<port>` per instance. */
+  hybridListeners?: Record<string, string>;
+  instances?: number;
+  /** Open agent connections per instance. */
+  connections?: Record<string, number>;
+}
+
+export interface AdminAppOptions {
+  service: InstanceService;
+  status: () => DaemonStatus;
+  logger?: Logger;
+}
+
+async function jsonBody(
+  c: { req: { json(): Promise<unknown> } },
+): Promise<Record<string, unknown>> {
+  let body: unknown;
+  try {
+    body = await c.req.json();
+  } catch {
+    throw new HttpError(400, "Invalid request body: expected JSON");
+  }
+  if (typeof body !== "object" || body === null || Array.isArray(body)) {
+    throw new HttpError(400, "Invalid request body: expected a JSON object");
+  }
+  return body as Record<string, unknown>;
+}
+
+/** Creates the admin app. */
+export function createAdminApp(options: AdminAppOptions): Hono {
+  const { service } = options;
+  const logger = options.logger ?? silentLogger;
+  const app = new Hono();
+
+  app.onError((error) => {
+    if (error instanceof HttpError) return errorResponse(error.status, error.message);
+    if (error instanceof RegistryError) {
+      return errorResponse(
+        error.code === "NOT_FOUND" ? 404 : error.code === "ALREADY_EXISTS" ? 409 : 503,
+        error.message,
+      );
+    }
+    if (error instanceof TypeError || error instanceof RangeError) {
+      return errorResponse(400, error.message);
+    }
+    logger.error("admin request failed", { error });
+    return errorResponse(500, `Internal error: ${(error as Error)?.message ?? error}`);
+  });
+  app.notFound(() => errorResponse(404, "Not Found"));
+  app.use(bodyLimit({
+    maxSize: MAX_CONFIG_VALUE + 64 * 1024,
+    onError: () => errorResponse(413, "Request body too large"),
+  }));
+
+  app.get("/1.0", () => syncResponse(options.status()));
+
+  app.get("/1.0/instances", () => syncResponse(service.list().map(publicInstance)));
+
+  app.post("/1.0/instances", async (c) => {
+    const body = await jsonBody(c);
+    const { instance, configDrive } = await service.add(body as unknown as AddInstance);
+    return syncResponse({ instance: publicInstance(instance), configDrive }, 201);
+  });
+
+  app.get(
+    "/1.0/instances/:name",
+    (c) => syncResponse(publicInstance(service.get(c.req.param("name")))),
+  );
+
+  app.delete("/1.0/instances/:name", async (c) => {
+    await service.remove(c.req.param("name"));
+    return syncResponse(null);
+  });
+
+  app.get("/1.0/instances/:name/config/:key", (c) => {
+    const key = c.req.param("key");
+    const value = service.get(c.req.param("name")).config[key];
+    if (value === undefined) throw new HttpError(404, `Config key "${key}" is not set`);
+    return syncResponse(value);
+  });
+
+  app.put("/1.0/instances/:name/config/:key", async (c) => {
+    const body = await jsonBody(c);
+    if (typeof body.value !== "string") {
+      throw new HttpError(400, 'Invalid request body: "value" must be a string');
+    }
+    service.setConfig(c.req.param("name"), c.req.param("key"), body.value);
+    return syncResponse(null);
+  });
+
+  app.delete("/1.0/instances/:name/config/:key", (c) => {
+    service.get(c.req.param("name"));
+    service.unsetConfig(c.req.param("name"), c.req.param("key"));
+    return syncResponse(null);
+  });
+
+  app.post("/1.0/instances/:name/devices", async (c) => {
+    const body = await jsonBody(c);
+    if (typeof body.name !== "string") {
+      throw new HttpError(400, 'Invalid request body: "name" must be a string');
+    }
+    service.addDevice(c.req.param("name"), body.name, body.config as Record<string, string>);
+    return syncResponse(null, 201);
+  });
+
+  app.delete("/1.0/instances/:name/devices/:device", (c) => {
+    service.removeDevice(c.req.param("name"), c.req.param("device"));
+    return syncResponse(null);
+  });
+
+  app.get("/1.0/events", (c) => {
+    if (!service.lifecycle) throw new HttpError(503, "No event stream: the daemon is not running");
+    const instance = c.req.query("instance");
+    const stream = service.lifecycle.stream(ALL_TOPICS, {
+      filter: instance ? (e) => e.instance === instance : undefined,
+      signal: c.req.raw.signal,
+    });
+    return new Response(stream, {
+      headers: { "content-type": "application/x-ndjson", "cache-control": "no-store" },
+    });
+  });
+
+  return app;
+}

@@ -1,0 +1,279 @@
+/**
+ * Runs the registry commands of the CLI (`instance`, `config`, `device`,
+ * `status`, `events`): through the running daemon's admin socket when it
+ * answers, else directly on the store with the same admin app in-process.
+ * Output goes to the writers the caller passes (only `main.ts` owns the
+ * console). Needs read/write on the state directory and net (unix sockets).
+ * @module
+ */
+
+import { unwrapEnvelope } from "../shared/http/envelope.ts";
+import { createAdminApp, type DaemonStatus } from "./admin_app.ts";
+import { type Command, VERSION } from "./cli.ts";
+import { ensureServerCertificate, generateInstanceKeyPair } from "./daemon.ts";
+import { InstanceService, type PublicInstance } from "./instance_service.ts";
+import { Registry, RegistryError } from "./registry.ts";
+import { prepareStateDir, statePaths } from "./state_dir.ts";
+
+export interface CommandIO {
+  stdout: (text: string) => void;
+  stderr: (text: string) => void;
+  /** Ends `events`. */
+  signal?: AbortSignal;
+}
+
+/** A failed command: the message is printed, exit status 1. */
+export class CommandError extends Error {
+  override name = "CommandError";
+}
+
+/** Sends admin API requests somewhere: the daemon's socket or an in-process app. */
+interface AdminConnection extends AsyncDisposable {
+  daemon: boolean;
+  fetch(path: string, init?: RequestInit): Promise<Response>;
+}
+
+async function connectDaemon(socketPath: string): Promise<AdminConnection | undefined> {
+  try {
+    const info = await Deno.lstat(socketPath);
+    if (!info.isSocket) return undefined;
+  } catch {
+    return undefined;
+  }
+  const client = Deno.createHttpClient({ proxy: { transport: "unix", path: socketPath } });
+  const connection: AdminConnection = {
+    daemon: true,
+    fetch: (path, init) => fetch(`http://lxd-vsock-host${path}`, { ...init, client }),
+    [Symbol.asyncDispose]: () => Promise.resolve(client.close()),
+  };
+  try {
+    const response = await connection.fetch("/1.0");
+    await response.body?.cancel();
+    return connection;
+  } catch {
+    client.close();
+    return undefined;
+  }
+}
+
+async function openLocal(stateDir: string): Promise<AdminConnection> {
+  const paths = await prepareStateDir(stateDir);
+  let registry: Registry;
+  try {
+    registry = Registry.open(paths.registry);
+  } catch (error) {
+    if (error instanceof RegistryError && error.code === "LOCKED") {
+      throw new CommandError(
+        `The daemon holds ${paths.dir} but its admin socket ${paths.adminSocket} does not answer; ` +
+          "is it still starting or stuck?",
+      );
+    }
+    throw error;
+  }
+  try {
+    const { cert } = await ensureServerCertificate(paths);
+    const service = new InstanceService({
+      registry,
+      paths,
+      serverCert: cert,
+      generateKeyPair: generateInstanceKeyPair,
+    });
+    const app = createAdminApp({
+      service,
+      status: () => ({
+        running: false,
+        version: VERSION,
+        stateDir: paths.dir,
+        instances: registry.size,
+      }),
+    });
+    return {
+      daemon: false,
+      fetch: async (path, init) => await app.request(path, init),
+      [Symbol.asyncDispose]: () => Promise.resolve(registry.close()),
+    };
+  } catch (error) {
+    registry.close();
+    throw error;
+  }
+}
+
+async function call(
+  admin: AdminConnection,
+  method: string,
+  path: string,
+  body?: unknown,
+): Promise<unknown> {
+  const response = await admin.fetch(path, {
+    method,
+    body: body === undefined ? undefined : JSON.stringify(body),
+    headers: body === undefined ? undefined : { "content-type": "application/json" },
+  });
+  const text = await response.text();
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(text);
+  } catch {
+    throw new CommandError(`Unexpected answer from the admin API (HTTP ${response.status})`);
+  }
+  const result = unwrapEnvelope(parsed);
+  if (!result.ok) throw new CommandError(result.error);
+  return result.metadata;
+}
+
+function enc(s: string): string {
+  return encodeURIComponent(s);
+}
+
+/** Formats rows as aligned columns. */
+export function formatTable(header: string[], rows: string[][]): string {
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
+  const line = (cells: string[]) => cells.map((c, i) => c.padEnd(widths[i])).join("  ").trimEnd();
+  return [line(header), ...rows.map(line)].join("\n") + "\n";
+}
+
+function channel(instance: PublicInstance): string {
+  const s = instance.status;
+  switch (s.kind) {
+    case "qmp":
+      return `qmp:${s.path}#${s.chardev}`;
+    case "socket":
+    case "file":
+      return `${s.kind}:${s.path}`;
+    default:
+      return "none";
+  }
+}
+
+/** The `instance list` table. */
+export function formatInstances(instances: PublicInstance[]): string {
+  return formatTable(
+    ["NAME", "CID", "TRANSPORT", "AGENT", "READY", "LAST SEEN", "STATUS CHANNEL"],
+    instances.map((i) => [
+      i.name,
+      String(i.cid),
+      i.hybrid === undefined ? "vsock" : `hybrid:${i.hybrid}`,
+      i.runtime.agentState,
+      i.runtime.ready ? "yes" : "no",
+      i.runtime.lastSeen ?? "-",
+      channel(i),
+    ]),
+  );
+}
+
+/** The `status` text. */
+export function formatStatus(status: DaemonStatus): string {
+  if (!status.running) {
+    return `daemon: not running\nstate dir: ${status.stateDir}\ninstances: ${
+      status.instances ?? 0
+    }\n`;
+  }
+  let text =
+    `daemon: running (pid ${status.pid}, version ${status.version}, since ${status.startedAt})\n` +
+    `state dir: ${status.stateDir}\n` +
+    `transport: ${status.transport}\n`;
+  if (status.vsock) {
+    text += `vsock: listening on CID ${status.vsock.cid} port ${status.vsock.port}\n`;
+  }
+  text += `port: ${status.port}\ninstances: ${status.instances}\n`;
+  for (const [name, path] of Object.entries(status.hybridListeners ?? {})) {
+    text += `hybrid listener: ${name} ${path}\n`;
+  }
+  for (const [peer, n] of Object.entries(status.connections ?? {})) {
+    text += `connections: ${peer} ${n}\n`;
+  }
+  return text;
+}
+
+/** Runs a registry command. Throws CommandError (or a registry error) on failure. */
+export async function runCommand(command: Command, io: CommandIO): Promise<void> {
+  if (command.kind === "help" || command.kind === "version" || command.kind === "daemon") {
+    throw new TypeError(`runCommand() does not run "${command.kind}"`);
+  }
+  const paths = statePaths(command.stateDir);
+  await using admin = await connectDaemon(paths.adminSocket) ?? await openLocal(command.stateDir);
+  const inst = (name: string) => `/1.0/instances/${enc(name)}`;
+  switch (command.kind) {
+    case "instance-add": {
+      const body = {
+        name: command.name,
+        cid: command.cid,
+        status: command.status,
+        hybrid: command.hybrid,
+        config: command.config,
+        configDrive: command.configDrive,
+      };
+      const result = await call(admin, "POST", "/1.0/instances", body) as {
+        instance: PublicInstance;
+        configDrive: string;
+      };
+      if (command.format === "json") io.stdout(JSON.stringify(result, null, 2) + "\n");
+      else {
+        io.stdout(
+          `Instance ${result.instance.name} added (CID ${result.instance.cid}); config drive: ${result.configDrive}\n`,
+        );
+      }
+      return;
+    }
+    case "instance-list": {
+      const list = await call(admin, "GET", "/1.0/instances") as PublicInstance[];
+      io.stdout(
+        command.format === "json" ? JSON.stringify(list, null, 2) + "\n" : formatInstances(list),
+      );
+      return;
+    }
+    case "instance-show":
+      io.stdout(JSON.stringify(await call(admin, "GET", inst(command.name)), null, 2) + "\n");
+      return;
+    case "instance-remove":
+      await call(admin, "DELETE", inst(command.name));
+      io.stdout(`Instance ${command.name} removed\n`);
+      return;
+    case "config-set":
+      await call(admin, "PUT", `${inst(command.name)}/config/${enc(command.key)}`, {
+        value: command.value,
+      });
+      return;
+    case "config-unset":
+      await call(admin, "DELETE", `${inst(command.name)}/config/${enc(command.key)}`);
+      return;
+    case "config-get":
+      io.stdout(
+        String(await call(admin, "GET", `${inst(command.name)}/config/${enc(command.key)}`)) + "\n",
+      );
+      return;
+    case "device-add":
+      await call(admin, "POST", `${inst(command.name)}/devices`, {
+        name: command.device,
+        config: command.config,
+      });
+      io.stdout(`Device ${command.device} added to ${command.name}\n`);
+      return;
+    case "device-remove":
+      await call(admin, "DELETE", `${inst(command.name)}/devices/${enc(command.device)}`);
+      io.stdout(`Device ${command.device} removed from ${command.name}\n`);
+      return;
+    case "status": {
+      const status = await call(admin, "GET", "/1.0") as DaemonStatus;
+      io.stdout(
+        command.format === "json" ? JSON.stringify(status, null, 2) + "\n" : formatStatus(status),
+      );
+      return;
+    }
+    case "events": {
+      if (!admin.daemon) throw new CommandError("The daemon is not running: no events to follow");
+      const response = await admin.fetch("/1.0/events", { signal: io.signal });
+      if (!response.ok || !response.body) {
+        throw new CommandError(`Cannot follow events (HTTP ${response.status})`);
+      }
+      try {
+        for await (const chunk of response.body.pipeThrough(new TextDecoderStream())) {
+          io.stdout(chunk);
+        }
+      } catch (error) {
+        if (!io.signal?.aborted) throw error;
+      }
+      return;
+    }
+  }
+}

@@ -1,0 +1,385 @@
+/**
+ * The host daemon, composed: the registry (and its lock), the host server
+ * certificate, the event hubs, the instance service, the devlxd server on
+ * AF_VSOCK and on one `<uds_path>_<port>` listener per hybrid instance, and
+ * the admin API on `<state-dir>/admin.sock` (0600). The status monitor and
+ * coordinator hook in through `service` (agent state), `events`/`lifecycle`
+ * (subscriptions) and `onAgentRequest`.
+ *
+ * Owns every listener, connection and the registry; `close()` releases them.
+ * Needs read/write on the state directory, net (unix sockets) and ffi.
+ * @module
+ */
+
+import "reflect-metadata";
+import { join } from "node:path";
+import type { DevlxdEvent } from "../shared/api.ts";
+import { type Logger, silentLogger } from "../shared/log.ts";
+import { generateKeyPair, readKeyPair, writeKeyPair } from "../shared/tls/mod.ts";
+import {
+  type Listener,
+  listenUnix,
+  listenVsock,
+  localCid,
+  RANDOM_PORT_MAX,
+  RANDOM_PORT_MIN,
+} from "../shared/vsock/mod.ts";
+import { createAdminApp, type DaemonStatus } from "./admin_app.ts";
+import { VERSION } from "./cli.ts";
+import { agentConf, readConfigDrive, writeFileAtomic } from "./config_drive.ts";
+import { createDevlxdApp } from "./devlxd_app.ts";
+import { EventHub, type LifecycleEvent } from "./event_hub.ts";
+import type { Instance } from "./instance.ts";
+import { InstanceService, type KeyPairGenerator } from "./instance_service.ts";
+import { Registry } from "./registry.ts";
+import { defaultConfigDrive, prepareStateDir, type StatePaths } from "./state_dir.ts";
+import { DevlxdServer } from "./vsock_server.ts";
+
+/** The host's TLS identity: generated once, 0600 in the state directory. */
+export async function ensureServerCertificate(
+  paths: StatePaths,
+): Promise<{ cert: string; key: string }> {
+  try {
+    return await readKeyPair(paths.dir, "server");
+  } catch (error) {
+    const missing = error instanceof Deno.errors.NotFound ||
+      (error as Error)?.cause instanceof Deno.errors.NotFound;
+    if (!missing) throw error;
+  }
+  const pair = await generateKeyPair({ commonName: "lxd-vsock-host", curve: "P-384", days: 3650 });
+  await writeKeyPair(paths.dir, "server", pair);
+  return pair;
+}
+
+/** Agent and per-instance client pairs: ECDSA P-384, 10 years, as LXD makes them. */
+export const generateInstanceKeyPair: KeyPairGenerator = ({ commonName }) =>
+  generateKeyPair({ commonName, curve: "P-384", days: 3650 });
+
+export interface DaemonOptions {
+  stateDir: string;
+  /** vsock (or hybrid) port; 0 = the last one used if free, else random. @default 0 */
+  port?: number;
+  /** `vsock`: AF_VSOCK plus hybrid listeners; `unix`: hybrid listeners only. @default "vsock" */
+  transport?: "vsock" | "unix";
+  /** @default <state-dir>/images */
+  imagesDir?: string;
+  /** @default 32 */
+  maxConnectionsPerInstance?: number;
+  /** Bound for in-flight requests at close, ms. @default 5000 */
+  shutdownTimeout?: number;
+  /** TLS and HTTP bounds (tests shorten them). */
+  handshakeTimeout?: number;
+  headersTimeout?: number;
+  idleTimeout?: number;
+  maxHeaderSize?: number;
+  maxBodySize?: number;
+  /** `location` in devlxd `GET /1.0`. @default Deno.hostname() */
+  location?: string;
+  logger?: Logger;
+}
+
+function randomPort(): number {
+  return RANDOM_PORT_MIN + Math.floor(Math.random() * (RANDOM_PORT_MAX - RANDOM_PORT_MIN + 1));
+}
+
+export class Daemon {
+  readonly paths: StatePaths;
+  readonly registry: Registry;
+  readonly service: InstanceService;
+  /** devlxd events by instance name (any number of subscribers). */
+  readonly events: EventHub<DevlxdEvent>;
+  /** Lifecycle events by instance name. */
+  readonly lifecycle: EventHub<LifecycleEvent>;
+  /** The port agents dial (vsock, or the `_<port>` suffix of hybrid paths). */
+  readonly port: number;
+  /** This host's vsock CID when listening on AF_VSOCK, else null. */
+  readonly cid: number | null;
+  readonly transport: "vsock" | "unix";
+  /** The host server certificate (PEM), what agents pin. */
+  readonly serverCert: string;
+  readonly startedAt = new Date();
+  #server: DevlxdServer;
+  #hybrid = new Map<string, { path: string; listener: Listener }>();
+  #admin: Deno.HttpServer<Deno.UnixAddr> | undefined;
+  #hooks: Set<(name: string) => void>;
+  #logger: Logger;
+  #unsubscribe: () => void = () => {};
+  #closing: Promise<void> | undefined;
+  #shutdownTimeout: number;
+
+  private constructor(init: {
+    hooks: Set<(name: string) => void>;
+    paths: StatePaths;
+    registry: Registry;
+    service: InstanceService;
+    events: EventHub<DevlxdEvent>;
+    lifecycle: EventHub<LifecycleEvent>;
+    server: DevlxdServer;
+    port: number;
+    cid: number | null;
+    transport: "vsock" | "unix";
+    serverCert: string;
+    logger: Logger;
+    shutdownTimeout: number;
+  }) {
+    this.#hooks = init.hooks;
+    this.paths = init.paths;
+    this.registry = init.registry;
+    this.service = init.service;
+    this.events = init.events;
+    this.lifecycle = init.lifecycle;
+    this.#server = init.server;
+    this.port = init.port;
+    this.cid = init.cid;
+    this.transport = init.transport;
+    this.serverCert = init.serverCert;
+    this.#logger = init.logger;
+    this.#shutdownTimeout = init.shutdownTimeout;
+  }
+
+  /**
+   * Starts the daemon. Fails with RegistryError `LOCKED` when another process
+   * holds the state directory, before touching anything else in it.
+   */
+  static async start(options: DaemonOptions): Promise<Daemon> {
+    const logger = options.logger ?? silentLogger;
+    const paths = await prepareStateDir(options.stateDir);
+    const registry = Registry.open(paths.registry);
+    let server: DevlxdServer | undefined;
+    let vsock: Listener | undefined;
+    try {
+      const { cert, key } = await ensureServerCertificate(paths);
+      const events = new EventHub<DevlxdEvent>();
+      const lifecycle = new EventHub<LifecycleEvent>();
+      const transport = options.transport ?? "vsock";
+
+      // Port: as asked; else the last one used (agents that kept it reconnect
+      // without a new announce), else random.
+      const last = Number(registry.getMeta("port") ?? 0);
+      let port = options.port ?? 0;
+      let cid: number | null = null;
+      if (transport === "vsock") {
+        if (port === 0 && last > 0) {
+          try {
+            vsock = listenVsock({ port: last });
+          } catch {
+            vsock = undefined;
+          }
+        }
+        vsock ??= listenVsock({ port });
+        port = vsock.address.family === "vsock" ? vsock.address.port : port;
+        try {
+          cid = localCid();
+        } catch {
+          cid = null;
+        }
+      } else if (port === 0) {
+        port = last > 0 ? last : randomPort();
+      }
+      registry.setMeta("port", String(port));
+
+      const service = new InstanceService({
+        registry,
+        paths,
+        events,
+        lifecycle,
+        serverCert: cert,
+        port: () => port,
+        generateKeyPair: generateInstanceKeyPair,
+        logger,
+      });
+      const app = createDevlxdApp({
+        setReady: (name, ready) => service.setReady(name, ready),
+        events,
+        location: options.location ?? Deno.hostname(),
+        imagesDir: options.imagesDir ?? paths.images,
+        logger,
+      });
+      const hooks = new Set<(name: string) => void>();
+      const agentRequest = (name: string) => {
+        service.recordSeen(name);
+        for (const hook of hooks) {
+          try {
+            hook(name);
+          } catch (error) {
+            logger.error("agent request hook failed", { instance: name, error });
+          }
+        }
+      };
+      server = new DevlxdServer({
+        cert,
+        key,
+        byCid: (c) => registry.byCid(c),
+        byName: (n) => registry.get(n),
+        handler: (request, instance) => app.fetch(request, { instance }),
+        onAgentRequest: agentRequest,
+        maxConnectionsPerInstance: options.maxConnectionsPerInstance,
+        handshakeTimeout: options.handshakeTimeout,
+        headersTimeout: options.headersTimeout,
+        idleTimeout: options.idleTimeout,
+        maxHeaderSize: options.maxHeaderSize,
+        maxBodySize: options.maxBodySize,
+        logger,
+      });
+      const daemon = new Daemon({
+        hooks,
+        paths,
+        registry,
+        service,
+        events,
+        lifecycle,
+        server,
+        port,
+        cid,
+        transport,
+        serverCert: cert,
+        logger,
+        shutdownTimeout: options.shutdownTimeout ?? 5000,
+      });
+      if (vsock) server.serve(vsock, { kind: "vsock" });
+      vsock = undefined;
+      for (const instance of registry.list()) daemon.#openHybrid(instance);
+      daemon.#unsubscribe = lifecycle.subscribe("*", (event) => {
+        if (event.action === "instance-added") {
+          const instance = registry.get(event.instance);
+          if (instance) daemon.#openHybrid(instance);
+        } else if (event.action === "instance-removed") {
+          daemon.#closeHybrid(event.instance);
+        }
+      });
+      await daemon.#refreshConfigDrives();
+      await daemon.#serveAdmin();
+      logger.info("listening", {
+        transport,
+        cid: cid ?? undefined,
+        port,
+        instances: registry.size,
+        stateDir: paths.dir,
+        admin: paths.adminSocket,
+      });
+      return daemon;
+    } catch (error) {
+      vsock?.close();
+      await server?.close(0);
+      registry.close();
+      throw error;
+    }
+  }
+
+  /** Calls `hook(name)` on every authenticated agent request; returns the unsubscribe. */
+  onAgentRequest(hook: (name: string) => void): () => void {
+    this.#hooks.add(hook);
+    return () => this.#hooks.delete(hook);
+  }
+
+  #openHybrid(instance: Instance): void {
+    if (instance.hybrid === undefined || this.#hybrid.has(instance.name)) return;
+    const path = `${instance.hybrid}_${this.port}`;
+    try {
+      const listener = listenUnix(path, { replace: true });
+      this.#hybrid.set(instance.name, { path, listener });
+      this.#server.serve(listener, { kind: "hybrid", instance: instance.name });
+      this.#logger.info("hybrid listener", { instance: instance.name, path });
+    } catch (error) {
+      this.#logger.error("cannot listen for hybrid instance", {
+        instance: instance.name,
+        path,
+        error,
+      });
+      this.service.setAgentState(
+        instance.name,
+        instance.runtime.agentState,
+        `cannot listen on ${path}`,
+      );
+    }
+  }
+
+  #closeHybrid(name: string): void {
+    const entry = this.#hybrid.get(name);
+    if (!entry) return;
+    this.#hybrid.delete(name);
+    this.#server.unserve(entry.listener).catch(() => {});
+  }
+
+  /** Rewrites `agent.conf` in default-location config drives whose port or certificate is stale. */
+  async #refreshConfigDrives(): Promise<void> {
+    const wanted = agentConf(this.serverCert, this.port);
+    for (const instance of this.registry.list()) {
+      const dir = defaultConfigDrive(this.paths, instance.name);
+      try {
+        const drive = await readConfigDrive(dir);
+        if (drive.info.port === wanted.port && drive.info.certificate === wanted.certificate) {
+          continue;
+        }
+        await writeFileAtomic(join(dir, "agent.conf"), JSON.stringify(wanted) + "\n");
+      } catch {
+        // Not there (custom location) or unreadable: the announce covers it.
+      }
+    }
+  }
+
+  async #serveAdmin(): Promise<void> {
+    const path = this.paths.adminSocket;
+    // We hold the registry lock, so any socket file left here is stale.
+    await Deno.remove(path).catch(() => {});
+    const app = createAdminApp({
+      service: this.service,
+      status: () => this.status(),
+      logger: this.#logger,
+    });
+    const ready = Promise.withResolvers<void>();
+    this.#admin = Deno.serve({
+      path,
+      transport: "unix",
+      onListen: () => ready.resolve(),
+      onError: (error) => {
+        this.#logger.error("admin request failed", { error });
+        return new Response("Internal Server Error", { status: 500 });
+      },
+    }, app.fetch);
+    await ready.promise;
+    await Deno.chmod(path, 0o600);
+  }
+
+  /** What `status` shows. */
+  status(): DaemonStatus {
+    return {
+      running: true,
+      version: VERSION,
+      stateDir: this.paths.dir,
+      pid: Deno.pid,
+      startedAt: this.startedAt.toISOString(),
+      transport: this.transport,
+      vsock: this.transport === "vsock" ? { cid: this.cid ?? -1, port: this.port } : null,
+      port: this.port,
+      hybridListeners: Object.fromEntries(
+        [...this.#hybrid].map(([name, { path }]) => [name, path]),
+      ),
+      instances: this.registry.size,
+      connections: this.#server.connections,
+    };
+  }
+
+  /**
+   * Stops listening, ends event streams, lets in-flight requests finish
+   * within the shutdown bound, then closes the admin socket and the registry.
+   */
+  close(): Promise<void> {
+    this.#closing ??= (async () => {
+      this.#logger.info("shutting down", { open: Object.values(this.#server.connections).length });
+      this.#unsubscribe();
+      this.#hybrid.clear();
+      this.events.close();
+      this.lifecycle.close();
+      await this.#server.close(this.#shutdownTimeout);
+      await this.#admin?.shutdown();
+      this.registry.close();
+      this.#logger.info("stopped");
+    })();
+    return this.#closing;
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close();
+  }
+}

@@ -1,0 +1,108 @@
+/**
+ * `lxd-vsock-host`: entry point. Parses the command line, creates the logger,
+ * wires SIGTERM/SIGINT to one AbortController, runs the daemon or a registry
+ * command, and is the only module that writes to the console.
+ * Exit status: 0 ok, 1 failure, 2 usage error.
+ * Permissions: the `host` set in deno.json.
+ * @module
+ */
+
+import "reflect-metadata";
+import { createLogger } from "../shared/log.ts";
+import { type Command, parseConfig, PROGRAM, UsageError, VERSION } from "./cli.ts";
+import { CommandError, runCommand } from "./commands.ts";
+import { Daemon } from "./daemon.ts";
+import { RegistryError } from "./registry.ts";
+
+const encoder = new TextEncoder();
+const stdout = (text: string) => Deno.stdout.writeSync(encoder.encode(text));
+const stderr = (text: string) => Deno.stderr.writeSync(encoder.encode(text));
+
+/**
+ * The effective uid, from /proc (Deno.uid() needs `--allow-sys=uid`, which the
+ * `host` permission set does not grant); -1 when unknown (treated as non-root).
+ */
+function effectiveUid(): number {
+  try {
+    const m = /^Uid:\s+\d+\s+(\d+)/m.exec(Deno.readTextFileSync("/proc/self/status"));
+    return m ? Number(m[1]) : -1;
+  } catch {
+    return -1;
+  }
+}
+
+function onSignals(controller: AbortController): () => void {
+  const abort = () => controller.abort();
+  const signals: Deno.Signal[] = ["SIGTERM", "SIGINT"];
+  for (const s of signals) Deno.addSignalListener(s, abort);
+  return () => {
+    for (const s of signals) Deno.removeSignalListener(s, abort);
+  };
+}
+
+async function runDaemon(command: Extract<Command, { kind: "daemon" }>): Promise<number> {
+  const logger = createLogger({ level: command.logLevel });
+  const controller = new AbortController();
+  const removeSignals = onSignals(controller);
+  try {
+    const daemon = await Daemon.start({ ...command, logger });
+    if (!controller.signal.aborted) {
+      await new Promise((resolve) =>
+        controller.signal.addEventListener("abort", resolve, { once: true })
+      );
+    }
+    await daemon.close();
+    return 0;
+  } catch (error) {
+    if (error instanceof RegistryError && error.code === "LOCKED") {
+      stderr(`${PROGRAM}: cannot start: ${error.message}\n`);
+    } else {
+      logger.error("daemon failed", { error });
+    }
+    return 1;
+  } finally {
+    removeSignals();
+  }
+}
+
+async function main(args: string[]): Promise<number> {
+  let command: Command;
+  try {
+    command = parseConfig(args, { uid: effectiveUid(), vars: Deno.env.toObject() });
+  } catch (error) {
+    if (error instanceof UsageError) {
+      stderr(`${PROGRAM}: ${error.message}\nRun "${PROGRAM} --help" for usage.\n`);
+      return 2;
+    }
+    throw error;
+  }
+  switch (command.kind) {
+    case "help":
+      stdout(command.text + "\n");
+      return 0;
+    case "version":
+      stdout(`${PROGRAM} ${VERSION}\n`);
+      return 0;
+    case "daemon":
+      return await runDaemon(command);
+    default: {
+      const controller = new AbortController();
+      const removeSignals = onSignals(controller);
+      try {
+        await runCommand(command, { stdout, stderr, signal: controller.signal });
+        return 0;
+      } catch (error) {
+        const known = error instanceof CommandError || error instanceof RegistryError ||
+          error instanceof TypeError || error instanceof RangeError;
+        stderr(
+          `Error: ${known ? (error as Error).message : String((error as Error)?.stack ?? error)}\n`,
+        );
+        return 1;
+      } finally {
+        removeSignals();
+      }
+    }
+  }
+}
+
+if (import.meta.main) Deno.exit(await main(Deno.args));

@@ -1,0 +1,387 @@
+/**
+ * The devlxd server: accepts agent connections on vsock or hybrid-vsock
+ * listeners, runs a mutual TLS 1.3 handshake, maps the peer to exactly one
+ * instance by its certificate **and** its vsock CID (or, for hybrid vsock, the
+ * listener's instance), then serves HTTP/1.1 with the given handler. Peers
+ * that match no instance get one 401 in the LXD envelope and the connection
+ * closes; nothing tells them which part failed or what else is registered.
+ *
+ * Hardening: handshake, header and idle timeouts, header and body bounds
+ * (enforced by `serveHttp`), a cap on concurrent connections per CID (or per
+ * hybrid instance) and overall, so one VM cannot starve the others.
+ *
+ * Owns the listeners it serves and the connections it accepted. Needs
+ * `--allow-ffi` (sockets) and nothing else.
+ * @module
+ */
+
+import type { Duplex } from "node:stream";
+import { errorResponse } from "../shared/http/envelope.ts";
+import { serveHttp } from "../shared/http/mod.ts";
+import { type Logger, silentLogger } from "../shared/log.ts";
+import {
+  acceptTls,
+  certificateDer,
+  type PeerCertificate,
+  sameCertificate,
+} from "../shared/tls/mod.ts";
+import type { FdSocket, Listener, SocketAddress } from "../shared/vsock/mod.ts";
+import type { Instance } from "./instance.ts";
+
+/** Where a listener's connections come from. */
+export type ListenerSource =
+  /** AF_VSOCK: the peer CID names the instance. */
+  | { kind: "vsock" }
+  /** `<uds_path>_<port>` of one hybrid-vsock instance. */
+  | { kind: "hybrid"; instance: string };
+
+export interface DevlxdServerOptions {
+  /** The host's server certificate and key (PEM). */
+  cert: string;
+  key: string;
+  /** Looks up the instance with this vsock CID. */
+  byCid: (cid: number) => Instance | undefined;
+  /** Looks up the instance with this name. */
+  byName: (name: string) => Instance | undefined;
+  /** Serves one authenticated request. */
+  handler: (request: Request, instance: Instance) => Response | Promise<Response>;
+  /** Called for every authenticated request (before the handler). */
+  onAgentRequest?: (name: string) => void;
+  /** Concurrent connections per CID (or hybrid instance). @default 32 */
+  maxConnectionsPerInstance?: number;
+  /** Concurrent connections overall. @default 1024 */
+  maxConnections?: number;
+  /** TLS handshake bound, ms. @default 5000 */
+  handshakeTimeout?: number;
+  /** Request line and headers bound, ms. @default 3000 (LXD's) */
+  headersTimeout?: number;
+  /** Idle keep-alive bound, ms. @default 30000 (LXD's) */
+  idleTimeout?: number;
+  /** Request line + headers, bytes. @default 16384 */
+  maxHeaderSize?: number;
+  /** Request body, bytes. @default 1048576 */
+  maxBodySize?: number;
+  logger?: Logger;
+}
+
+interface Connection {
+  /** The raw socket, then the TLS socket once the handshake is done. */
+  socket: Duplex;
+  key: string;
+  done: Promise<void>;
+  /** Closes the connection at once (serveHttp's signal). */
+  abort: AbortController;
+  /** Requests whose response body has not been fully written. */
+  inFlight: number;
+  /** End the connection once nothing is in flight (401 sent, shutdown). */
+  ending: boolean;
+}
+
+/**
+ * Reads the connection's first bytes (bounded by `timeout`) and leaves the
+ * socket paused. Resolves undefined when it ends or errors first.
+ */
+function firstChunk(
+  socket: Duplex,
+  timeout: number,
+  signal: AbortSignal,
+): Promise<Uint8Array | undefined> {
+  return new Promise((resolve) => {
+    const done = (chunk?: Uint8Array) => {
+      clearTimeout(timer);
+      socket.off("data", onData);
+      socket.off("end", onEnd);
+      socket.off("error", onEnd);
+      signal.removeEventListener("abort", onEnd);
+      socket.pause();
+      resolve(chunk);
+    };
+    const onData = (chunk: Uint8Array) => done(chunk);
+    const onEnd = () => done();
+    const timer = setTimeout(onEnd, timeout);
+    socket.on("data", onData);
+    socket.once("end", onEnd);
+    socket.once("error", onEnd);
+    signal.addEventListener("abort", onEnd, { once: true });
+  });
+}
+
+/** TLS record type 22 (handshake), version major 3: what a ClientHello starts with. */
+function looksLikeTlsHandshake(chunk: Uint8Array): boolean {
+  return chunk[0] === 0x16 && (chunk.length < 2 || chunk[1] === 0x03);
+}
+
+function unauthorized(): Response {
+  return errorResponse(401, "Unauthorized");
+}
+
+function peerKey(source: ListenerSource, remote: SocketAddress): string | undefined {
+  if (source.kind === "hybrid") return `hybrid:${source.instance}`;
+  return remote.family === "vsock" ? `cid:${remote.cid}` : undefined;
+}
+
+/** Serves the devlxd API on any number of listeners. */
+export class DevlxdServer {
+  #options: DevlxdServerOptions;
+  #logger: Logger;
+  #listeners = new Map<Listener, Promise<void>>();
+  #connections = new Set<Connection>();
+  #perKey = new Map<string, number>();
+  #shutdown = new AbortController();
+  #closed = false;
+
+  constructor(options: DevlxdServerOptions) {
+    this.#options = options;
+    this.#logger = options.logger ?? silentLogger;
+  }
+
+  /** Open connections by CID (`cid:N`) or hybrid instance (`hybrid:NAME`). */
+  get connections(): Record<string, number> {
+    return Object.fromEntries(this.#perKey);
+  }
+
+  /** Accepts on `listener` until it or the server closes; the server now owns it. */
+  serve(listener: Listener, source: ListenerSource): void {
+    if (this.#closed) {
+      listener.close();
+      throw new Error("DevlxdServer is closed");
+    }
+    const loop = (async () => {
+      while (true) {
+        let socket: FdSocket;
+        try {
+          socket = await listener.accept();
+        } catch (error) {
+          if (!this.#closed && this.#listeners.has(listener)) {
+            this.#logger.error("accept failed; listener stopped", { error });
+          }
+          return;
+        }
+        this.#accept(socket, source);
+      }
+    })();
+    this.#listeners.set(listener, loop);
+  }
+
+  /** Stops serving `listener` (connections already accepted continue). */
+  async unserve(listener: Listener): Promise<void> {
+    const loop = this.#listeners.get(listener);
+    this.#listeners.delete(listener);
+    listener.close();
+    await loop;
+  }
+
+  #accept(socket: FdSocket, source: ListenerSource): void {
+    const remote = socket.remoteAddress;
+    const key = peerKey(source, remote);
+    const max = this.#options.maxConnectionsPerInstance ?? 32;
+    const count = key === undefined ? 0 : this.#perKey.get(key) ?? 0;
+    if (
+      key === undefined || count >= max ||
+      this.#connections.size >= (this.#options.maxConnections ?? 1024)
+    ) {
+      this.#logger.warn("connection refused: too many connections", {
+        peer: key ?? "unknown",
+        open: count,
+      });
+      socket.destroy();
+      return;
+    }
+    this.#perKey.set(key, count + 1);
+    const connection: Connection = {
+      socket,
+      key,
+      done: Promise.resolve(),
+      abort: new AbortController(),
+      inFlight: 0,
+      ending: false,
+    };
+    this.#connections.add(connection);
+    connection.done = this.#handle(connection, source, remote).catch((error) => {
+      this.#logger.debug("connection ended with an error", { peer: key, error });
+    }).finally(() => {
+      socket.destroy();
+      this.#connections.delete(connection);
+      const left = (this.#perKey.get(key) ?? 1) - 1;
+      if (left === 0) this.#perKey.delete(key);
+      else this.#perKey.set(key, left);
+    });
+  }
+
+  #match(
+    source: ListenerSource,
+    remote: SocketAddress,
+    peer: PeerCertificate,
+  ): Instance | undefined {
+    const instance = source.kind === "hybrid"
+      ? this.#options.byName(source.instance)
+      : remote.family === "vsock"
+      ? this.#options.byCid(remote.cid)
+      : undefined;
+    if (!instance) return undefined;
+    if (source.kind === "vsock" && instance.hybrid !== undefined) return undefined;
+    let pinned: Uint8Array;
+    try {
+      pinned = certificateDer(instance.agentCert);
+    } catch {
+      return undefined;
+    }
+    return sameCertificate(peer.der, pinned) ? instance : undefined;
+  }
+
+  async #handle(
+    connection: Connection,
+    source: ListenerSource,
+    remote: SocketAddress,
+  ): Promise<void> {
+    const o = this.#options;
+    const raw = connection.socket;
+    const handshakeTimeout = o.handshakeTimeout ?? 5000;
+    // Read the first bytes ourselves: anything but a TLS handshake record is
+    // dropped here, and the bytes are replayed only after the TLS socket has
+    // started. (Deno's node:tls throws an uncaught TypeError from
+    // TLSSocket._start when a handshake fails on data already buffered at
+    // construction, which would crash the daemon.)
+    const hello = await firstChunk(raw, handshakeTimeout, this.#shutdown.signal);
+    if (hello === undefined || !looksLikeTlsHandshake(hello)) {
+      this.#logger.debug("connection dropped: no TLS handshake", { peer: connection.key });
+      return;
+    }
+    const accepting = acceptTls(raw, {
+      cert: o.cert,
+      key: o.key,
+      handshakeTimeout,
+      signal: this.#shutdown.signal,
+    });
+    setTimeout(() => {
+      if (!raw.destroyed) raw.unshift(hello);
+    }, 0);
+    const { socket: tls, peer } = await accepting;
+    connection.socket = tls;
+    if (this.#closed) return;
+    const httpOptions = {
+      headersTimeout: o.headersTimeout ?? 3000,
+      idleTimeout: o.idleTimeout ?? 30000,
+      maxHeaderSize: o.maxHeaderSize ?? 16384,
+      maxBodySize: o.maxBodySize ?? 1 << 20,
+      signal: connection.abort.signal,
+    };
+    const first = this.#match(source, remote, peer);
+    if (!first) {
+      this.#logger.warn("unauthorized agent connection", {
+        peer: connection.key,
+        fingerprint: peer.fingerprint,
+      });
+      connection.ending = true;
+      await serveHttp(tls, () => this.#track(connection, unauthorized()), httpOptions);
+      return;
+    }
+    this.#logger.debug("agent connected", { instance: first.name, peer: connection.key });
+    await serveHttp(tls, async (request) => {
+      // Re-check on every request: the instance may have been removed or re-keyed.
+      const instance = this.#match(source, remote, peer);
+      if (!instance || instance.name !== first.name) {
+        connection.ending = true;
+        return this.#track(connection, unauthorized());
+      }
+      o.onAgentRequest?.(instance.name);
+      connection.inFlight++;
+      let response: Response;
+      try {
+        response = await o.handler(request, instance);
+      } finally {
+        connection.inFlight--;
+      }
+      return this.#track(connection, response);
+    }, httpOptions);
+  }
+
+  /**
+   * Wraps `response` so the connection knows when its body has been handed to
+   * the socket; then, if the connection is ending (401, shutdown), its TLS side
+   * is ended gracefully after the write.
+   */
+  #track(connection: Connection, response: Response): Response {
+    connection.inFlight++;
+    let finished = false;
+    const done = () => {
+      if (finished) return;
+      finished = true;
+      connection.inFlight--;
+      if (connection.ending && connection.inFlight === 0) {
+        // After serveHttp's synchronous write of the last bytes.
+        setTimeout(() => connection.socket.end(), 0);
+      }
+    };
+    const source = response.body;
+    if (source === null) {
+      done();
+      if (connection.ending) {
+        return new Response("", { status: response.status, headers: response.headers });
+      }
+      return response;
+    }
+    const reader = source.getReader();
+    const body = new ReadableStream<Uint8Array>({
+      async pull(controller) {
+        try {
+          const { value, done: end } = await reader.read();
+          if (end) {
+            controller.close();
+            done();
+          } else controller.enqueue(value);
+        } catch (error) {
+          controller.error(error);
+          done();
+        }
+      },
+      cancel(reason) {
+        done();
+        return reader.cancel(reason);
+      },
+    }, { highWaterMark: 0 });
+    return new Response(body, {
+      status: response.status,
+      statusText: response.statusText,
+      headers: response.headers,
+    });
+  }
+
+  /**
+   * Stops accepting, ends idle connections, lets in-flight requests finish
+   * for up to `timeout` ms, then closes what is left. Idempotent.
+   */
+  async close(timeout = 5000): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    const loops = [...this.#listeners.entries()];
+    this.#listeners.clear();
+    for (const [listener] of loops) listener.close();
+    await Promise.all(loops.map(([, loop]) => loop));
+    // Handshakes in progress are abandoned; established connections end when idle.
+    this.#shutdown.abort();
+    for (const connection of this.#connections) {
+      connection.ending = true;
+      if (connection.inFlight === 0) connection.socket.end();
+    }
+    const all = Promise.all([...this.#connections].map((c) => c.done));
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const expired = await Promise.race([
+      all.then(() => false),
+      new Promise<boolean>((resolve) => timer = setTimeout(() => resolve(true), timeout)),
+    ]);
+    clearTimeout(timer);
+    if (expired) {
+      this.#logger.warn("shutdown timeout: closing remaining connections", {
+        open: this.#connections.size,
+      });
+      for (const c of this.#connections) c.abort.abort();
+      for (const c of this.#connections) c.socket.destroy();
+      await all;
+    }
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close();
+  }
+}
