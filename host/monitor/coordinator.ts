@@ -15,7 +15,7 @@
  *   ("CONNECT sent" and STARTED again), with backoff,
  * - the host's port changed (`portChanged()`),
  * - while CONNECTED, a STARTED line comes from an agent that has not reached
- *   us since the previous state line, and a check of its API (`GET /1.0`)
+ *   us since the channel's previous read, and a check of its API (`GET /1.0`)
  *   shows it restarted (another `server_pid` than after our announce) or
  *   holds another host address — or tells nothing either way. This finds an
  *   agent that was killed without writing STOPPED and came back with stale
@@ -188,8 +188,6 @@ interface Entry {
   pushFailures: number;
   /** Announces in a row that the agent did not answer by reaching us. */
   unanswered: number;
-  /** When the previous state line was read. */
-  lastObservedAt: number;
   announceTimer?: ReturnType<typeof setTimeout>;
   flushTimer?: ReturnType<typeof setTimeout>;
   removed: boolean;
@@ -448,7 +446,6 @@ export class Coordinator implements AsyncDisposable {
       flushing: false,
       pushFailures: 0,
       unanswered: 0,
-      lastObservedAt: -Infinity,
       removed: false,
     };
     entry.watcher = this.#createWatcher(entry);
@@ -529,9 +526,11 @@ export class Coordinator implements AsyncDisposable {
 
   #observe(entry: Entry, observation: StatusObservation): void {
     const { state } = observation;
-    const previousObservedAt = entry.lastObservedAt;
+    // When the channel was read before this line: it was written since.
+    const previousReadAt = observation.elapsed === undefined
+      ? undefined
+      : this.#now() - observation.elapsed;
     entry.observed = state;
-    entry.lastObservedAt = this.#now();
     if (state === "STOPPED") {
       entry.generation++;
       entry.announcedAt = undefined;
@@ -552,7 +551,7 @@ export class Coordinator implements AsyncDisposable {
       // The agent is up and we have not told it where we are since it (or we) started.
       if (entry.status === "STOPPED") this.#setStatus(entry, "STARTED", undefined);
       if (entry.status !== "CONNECTED") this.#announce(entry, "agent started", false);
-      else if (state === "STARTED") this.#checkStale(entry, previousObservedAt);
+      else if (state === "STARTED") this.#checkStale(entry, previousReadAt);
       return;
     }
     switch (entry.status) {
@@ -569,7 +568,7 @@ export class Coordinator implements AsyncDisposable {
         else this.#announce(entry, "agent did not reach the host since the announce", false);
         break;
       case "CONNECTED":
-        if (state === "STARTED") this.#checkStale(entry, previousObservedAt);
+        if (state === "STARTED") this.#checkStale(entry, previousReadAt);
         break;
     }
   }
@@ -577,13 +576,17 @@ export class Coordinator implements AsyncDisposable {
   /**
    * STARTED while CONNECTED: a stock agent's periodic rewrite, or an agent
    * that restarted with stale info. Skipped when the agent reached us since
-   * the previous state line (it is alive and knows us) or was checked less
-   * than half a slow-poll period ago; otherwise `GET /1.0` tells.
+   * the channel's previous read, before this line was written (it is alive
+   * and knows us), or was checked less than half a slow-poll period ago;
+   * otherwise `GET /1.0` tells.
    */
-  #checkStale(entry: Entry, previousObservedAt: number): void {
+  #checkStale(entry: Entry, previousReadAt: number | undefined): void {
     const now = this.#now();
     if (entry.checking || entry.announcing) return;
-    if (entry.lastSeen !== undefined && entry.lastSeen >= previousObservedAt) return;
+    if (
+      entry.lastSeen !== undefined && previousReadAt !== undefined &&
+      entry.lastSeen >= previousReadAt
+    ) return;
     if (now - entry.lastCheckAt < this.#intervals.connected / 2) return;
     entry.lastCheckAt = now;
     entry.checking = true;

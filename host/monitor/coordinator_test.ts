@@ -242,6 +242,34 @@ Deno.test("Coordinator re-announces a connected agent whose GET /1.0 shows anoth
   assert.equal(api.pids.size, 0);
 });
 
+Deno.test("Coordinator checks an agent that went silent after its last request, then wrote STARTED once", async () => {
+  await using dir = await tempDir();
+  const ring = new FakeRingBuffer();
+  await using qemu = new FakeQmpServer(`${dir.path}/qmp`, { rings: { vserial: ring } });
+  const vm = makeInstance("vm1", 10, {
+    kind: "qmp",
+    path: `${dir.path}/qmp`,
+    chardev: "vserial",
+    size: 16,
+  });
+  const { api, changes, coordinator } = setup([vm]);
+  await using _c = coordinator;
+  api.connections.set("vm1", { cid: 2, port: 40001 });
+  coordinator.start();
+  ring.write("STARTED\n");
+  await changes.until((c) => c.state === "CONNECTED");
+  await api.announces.next();
+  // Our agent writes nothing while connected; it makes a request now and then.
+  coordinator.agentSeen("vm1");
+  const reads = qemu.commands.filter((c) => c === "ringbuf-read").length;
+  await qemu.waitCommands("ringbuf-read", reads + 2); // empty reads
+  // It restarts holding no host address and writes one STARTED.
+  api.connections.set("vm1", null);
+  ring.write("STARTED\n");
+  const again = await api.announces.next();
+  assert.equal(again.info.port, 40001);
+});
+
 Deno.test("Coordinator marks STOPPED on a STOPPED line, polls slower, and announces at the next STARTED", async () => {
   await using dir = await tempDir();
   const ring = new FakeRingBuffer();

@@ -35,6 +35,12 @@ export interface StatusObservation {
   text?: string;
   /** Why the channel is down (channel source). */
   error?: Error;
+  /**
+   * Ms between this read and the previous one on the same connection: the
+   * window in which the line was written. Undefined for the first read
+   * after (re)connecting, and for channel observations.
+   */
+  elapsed?: number;
 }
 
 /** Options of {@linkcode createStatusWatcher}. */
@@ -68,6 +74,8 @@ export abstract class StatusWatcher implements AsyncDisposable {
   #abort = new AbortController();
   #pollRequested = false;
   #lastPoll = -Infinity;
+  #readAt = -Infinity;
+  #previousReadAt = -Infinity;
   #kick: (() => void) | undefined;
   #lastError = "";
   #loop: Promise<void> | undefined;
@@ -136,7 +144,16 @@ export abstract class StatusWatcher implements AsyncDisposable {
     return this.#closed;
   }
 
+  /** Notes that the channel was read now (polled backends: each poll; push backends: each line). */
+  protected markRead(): void {
+    this.#previousReadAt = this.#readAt;
+    this.#readAt = performance.now();
+  }
+
   protected emit(observation: StatusObservation): void {
+    if (observation.source === "line" && Number.isFinite(this.#previousReadAt)) {
+      observation.elapsed = this.#readAt - this.#previousReadAt;
+    }
     try {
       this.options.onState(observation);
     } catch (error) {
@@ -164,6 +181,7 @@ export abstract class StatusWatcher implements AsyncDisposable {
       if (wait <= 0) {
         this.#pollRequested = false;
         this.#lastPoll = performance.now();
+        this.markRead();
         return true;
       }
       await this.#wait(wait);
@@ -215,6 +233,7 @@ export abstract class StatusWatcher implements AsyncDisposable {
           reportedDown = false;
           this.#lastError = "";
           this.#pollRequested = true; // read once at (re)connect, as LXD does
+          this.#readAt = this.#previousReadAt = -Infinity;
         });
       } catch (error) {
         failure = error instanceof Error ? error : new Error(String(error));
@@ -332,6 +351,7 @@ class SocketStatusWatcher extends StatusWatcher {
           const line = partial.slice(0, newline + 1);
           partial = partial.slice(newline + 1);
           const state = parseStatusLine(line);
+          this.markRead();
           if (state !== undefined) this.emit({ state, source: "line", text: line });
         }
         if (partial.length > maxLine) partial = ""; // garbage without newline: drop it

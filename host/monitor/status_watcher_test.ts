@@ -28,6 +28,24 @@ Deno.test("qmp watcher reads the ring buffer once at connect", async () => {
   assert.equal(first.source, "line");
 });
 
+Deno.test("qmp watcher tells how long before a line the channel was last read", async () => {
+  await using dir = await tempDir();
+  const ring = new FakeRingBuffer();
+  ring.write("STARTED\n");
+  await using server = new FakeQmpServer(`${dir.path}/qmp`, { rings: { vserial: ring } });
+  const seen = new Queue<StatusObservation>();
+  await using _watcher = createStatusWatcher(qmpChannel(`${dir.path}/qmp`), {
+    onState: seen.push,
+    interval: 20,
+  }).start();
+  assert.equal((await seen.next()).elapsed, undefined); // first read after connecting
+  await server.waitCommands("ringbuf-read", 3);
+  ring.write("CONNECTED\n");
+  const second = await seen.next();
+  assert.equal(second.state, "CONNECTED");
+  assert.ok(second.elapsed !== undefined && second.elapsed > 0 && second.elapsed < 5000);
+});
+
 Deno.test("qmp watcher reads again after every QMP event", async () => {
   await using dir = await tempDir();
   const ring = new FakeRingBuffer();
