@@ -1,0 +1,389 @@
+/**
+ * `Agent`: wires the in-VM agent together — the status channel, the agent API
+ * on vsock (mutual TLS pinning `server.crt`), `/dev/lxd/sock`, the event
+ * relay and the loops that keep the host informed:
+ *
+ * - every state transition is written to the serial port at once, and the
+ *   current state is rewritten every `rewriteInterval` (5 s);
+ * - new connection info (agent.conf at start, `PUT /1.0`, a serial
+ *   `CONNECT <cid>:<port>` line) is stored, validated by one request to the
+ *   host, and the guest's Ready flag is re-sent after it;
+ * - while CONNECTED, a plain transport connect to the host port every
+ *   `probeInterval` (3 s) notices a host that went away (back to STARTED, so a
+ *   restarted host on a new port re-announces itself);
+ * - any request that reaches the host makes the agent CONNECTED, any that
+ *   cannot makes it STARTED.
+ *
+ * Owns: the agent API listener and its connections, the devlxd server, the
+ * serial channel, the relay and the timers; `close()` releases all of them.
+ * Permissions: the "agent" set (ffi, net, read, write).
+ * @module
+ */
+
+import type { Duplex } from "node:stream";
+import type { ConnectionInfo } from "../shared/api.ts";
+import { serveHttp } from "../shared/http/mod.ts";
+import { type Logger, silentLogger } from "../shared/log.ts";
+import { acceptTls, certificateFingerprint } from "../shared/tls/mod.ts";
+import type { Listener, Transport } from "../shared/vsock/mod.ts";
+import { createAgentApi } from "./agent_api.ts";
+import type { AgentStatus } from "./agent_state.ts";
+import { createDevlxdApp, DevlxdServer } from "./devlxd_server.ts";
+import { EventRelay } from "./event_relay.ts";
+import { hostRequest, probeHost } from "./host_client.ts";
+import { type HostFetchOptions, HostUnreachableError } from "./host_fetch.ts";
+import type { Identity } from "./identity.ts";
+import { SerialChannel } from "./serial_channel.ts";
+
+export interface AgentOptions {
+  identity: Identity;
+  transport: Transport;
+  status: AgentStatus;
+  /** Candidate serial ports, first existing wins. */
+  serialPorts: string[];
+  /** Port of the agent API. */
+  agentPort: number;
+  devlxdSocket: string;
+  /** @default {0o600} */
+  devlxdMode?: number;
+  /** @default {5000} */
+  rewriteInterval?: number;
+  /** @default {3000} */
+  probeInterval?: number;
+  /**
+   * Bound on each dial to the host, in ms.
+   * @default {3000}
+   */
+  connectTimeout?: number;
+  /**
+   * Bound on waiting for the host's answer head, in ms.
+   * @default {10000}
+   */
+  responseTimeout?: number;
+  /** Serial port polling/retry periods, in ms (tests shorten them). */
+  serialPollInterval?: number;
+  serialRetryInterval?: number;
+  version?: string;
+  logger?: Logger;
+}
+
+/** SHA-256 of the certificate's DER, hex: what `--status` shows of the pinned host cert. */
+function fingerprint(pem: string): string | undefined {
+  try {
+    return certificateFingerprint(pem);
+  } catch {
+    return undefined;
+  }
+}
+
+export class Agent {
+  #options: AgentOptions;
+  #logger: Logger;
+  #status: AgentStatus;
+  #info: ConnectionInfo | undefined;
+  #generation = 0;
+  #serial: SerialChannel | undefined;
+  #relay: EventRelay;
+  #devlxd: DevlxdServer;
+  #devlxdChange: Promise<void> = Promise.resolve();
+  #listener: Listener | undefined;
+  #acceptLoop: Promise<void> | undefined;
+  #connections = new Set<Duplex>();
+  #abort = new AbortController();
+  #timers: ReturnType<typeof setInterval>[] = [];
+  #probing = false;
+  #closed = false;
+  #api: ReturnType<typeof createAgentApi>;
+
+  constructor(options: AgentOptions) {
+    this.#options = options;
+    this.#logger = options.logger ?? silentLogger;
+    this.#status = options.status;
+    this.#relay = new EventRelay({
+      fetchHost: (request, opts) => this.fetchHost(request, opts),
+      canPull: () => this.#info !== undefined,
+      logger: this.#logger.with({ part: "events" }),
+    });
+    this.#api = createAgentApi({
+      status: () => this.#status.snapshot(),
+      applyConnection: (info) => this.applyConnection(info, "PUT /1.0"),
+      publish: (event) => this.#relay.publish(event),
+      version: options.version ?? "",
+      logger: this.#logger.with({ part: "api" }),
+    });
+    this.#devlxd = new DevlxdServer(options.devlxdSocket, {
+      mode: options.devlxdMode ?? 0o600,
+      logger: this.#logger,
+    });
+  }
+
+  /** The connection info in use. */
+  get connection(): ConnectionInfo | undefined {
+    return this.#info;
+  }
+
+  /** The event relay (pushed events go in here). */
+  get events(): EventRelay {
+    return this.#relay;
+  }
+
+  /** The agent API's listening address (port 0 in tests picks one). */
+  get apiAddress(): Listener["address"] | undefined {
+    return this.#listener?.address;
+  }
+
+  /**
+   * Starts everything. Resolves once the agent API listens and, when
+   * agent.conf asks for devlxd, `/dev/lxd/sock` exists (systemd readiness).
+   */
+  async start(): Promise<void> {
+    const options = this.#options;
+    this.#status.onTransition((state) => {
+      // STOPPED is written by stopped() itself, which the caller awaits.
+      if (state !== "STOPPED") this.#serial?.write(state);
+    });
+    this.#serial = new SerialChannel({
+      paths: options.serialPorts,
+      onConnect: (target) => this.#onSerialConnect(target),
+      currentState: () => this.#status.state,
+      pollInterval: options.serialPollInterval,
+      retryInterval: options.serialRetryInterval,
+      logger: this.#logger.with({ part: "serial" }),
+    });
+    await this.#serial.write(this.#status.state);
+    this.#status.setSerialPort(this.#serial.path ?? null);
+
+    this.#listener = options.transport.listen(options.agentPort);
+    this.#logger.info("agent API listening", { port: options.agentPort });
+    this.#acceptLoop = this.#accept(this.#listener);
+
+    this.#timers.push(setInterval(() => this.#rewrite(), options.rewriteInterval ?? 5000));
+    this.#timers.push(setInterval(() => this.#probe(), options.probeInterval ?? 3000));
+
+    const conf = options.identity.connection;
+    if (conf !== undefined) {
+      this.#logger.info("connection info from agent.conf", { cid: conf.cid, port: conf.port });
+      const applying = this.applyConnection(conf, "agent.conf");
+      applying.catch((error) =>
+        this.#logger.warn("host not reachable with agent.conf's connection info", {
+          error: error.message,
+        })
+      );
+      await this.#devlxdChange;
+    }
+  }
+
+  /** One request to the host; the agent's state follows the outcome. */
+  async fetchHost(request: Request, options: HostFetchOptions = {}): Promise<Response> {
+    const info = this.#info;
+    if (info === undefined) {
+      throw new HostUnreachableError(
+        "The host's address is not known yet: no connection info has been received.",
+        "no-host",
+      );
+    }
+    try {
+      const response = await hostRequest(info, request, {
+        transport: this.#options.transport,
+        cert: this.#options.identity.cert,
+        key: this.#options.identity.key,
+        connectTimeout: this.#options.connectTimeout,
+        responseTimeout: this.#options.responseTimeout,
+        signal: options.signal,
+      });
+      if (this.#info === info) {
+        if (response.status === 401) {
+          this.#status.failed("The host does not recognise this agent (401).");
+        } else this.#status.connected();
+      }
+      return response;
+    } catch (error) {
+      if (
+        error instanceof HostUnreachableError && this.#info === info && error.reason !== "error"
+      ) {
+        this.#status.failed(error.message);
+      }
+      throw error;
+    }
+  }
+
+  /**
+   * Stores `info`, starts or stops devlxd accordingly, and validates it by one
+   * `GET /1.0` to the host (a 403 counts as reachable). Rejects with a
+   * sentence when the host cannot be reached; the agent is then STARTED.
+   */
+  async applyConnection(
+    info: ConnectionInfo,
+    source: "agent.conf" | "PUT /1.0" | "serial",
+  ): Promise<void> {
+    const generation = ++this.#generation;
+    this.#info = info;
+    this.#status.setHost(
+      { cid: info.cid, port: info.port, fingerprint: fingerprint(info.certificate) },
+      source,
+    );
+    this.#relay.reconnect();
+    this.#setDevlxd(info.devlxd);
+    const devlxd = this.#devlxdChange;
+    try {
+      const response = await this.fetchHost(new Request("http://lxd/1.0"));
+      await response.body?.cancel();
+      if (!response.ok && response.status !== 403) {
+        if (generation === this.#generation) {
+          this.#status.failed(`The host answered ${response.status} to GET /1.0.`);
+        }
+        throw new Error(`the host answered ${response.status} to GET /1.0`);
+      }
+      this.#logger.info("connected to the host", { cid: info.cid, port: info.port, source });
+      if (this.#status.ready) await this.#sendReady();
+    } finally {
+      await devlxd;
+    }
+  }
+
+  async #sendReady(): Promise<void> {
+    try {
+      const response = await this.fetchHost(
+        new Request("http://lxd/1.0", {
+          method: "PATCH",
+          body: JSON.stringify({ state: "Ready" }),
+          headers: { "Content-Type": "application/json" },
+        }),
+      );
+      await response.body?.cancel();
+      if (response.ok) this.#logger.info("re-sent the guest's Ready state to the host");
+      else this.#logger.warn("the host refused the Ready state", { status: response.status });
+    } catch (error) {
+      this.#logger.warn("cannot re-send the Ready state", { error: (error as Error).message });
+    }
+  }
+
+  #onSerialConnect(target: { cid: number; port: number }): void {
+    const info = this.#info ?? this.#options.identity.connection;
+    if (info === undefined) {
+      this.#logger.warn(
+        "CONNECT line from the host, but no host certificate is known yet (no agent.conf, no PUT /1.0)",
+        target,
+      );
+      return;
+    }
+    this.applyConnection({ ...info, cid: target.cid, port: target.port }, "serial").catch(
+      (error) =>
+        this.#logger.warn("host not reachable at the serial CONNECT address", {
+          ...target,
+          error: error.message,
+        }),
+    );
+  }
+
+  #setDevlxd(enabled: boolean): void {
+    this.#devlxdChange = this.#devlxdChange.then(async () => {
+      if (this.#closed) return;
+      try {
+        if (enabled) {
+          await this.#devlxd.start((signal) =>
+            createDevlxdApp({
+              fetchHost: (request, opts) => this.fetchHost(request, opts),
+              events: this.#relay,
+              onReady: (state) => this.#status.setReady(state === "Ready"),
+              signal,
+              logger: this.#logger.with({ part: "devlxd" }),
+            }).fetch
+          );
+        } else await this.#devlxd.stop();
+      } catch (error) {
+        this.#logger.error("cannot change the devlxd socket", {
+          socket: this.#devlxd.path,
+          error,
+        });
+      }
+      this.#status.setDevlxd(enabled, this.#devlxd.serving);
+    });
+  }
+
+  async #accept(listener: Listener): Promise<void> {
+    try {
+      for await (const socket of listener) this.#serve(socket);
+    } catch (error) {
+      if (!this.#closed) this.#logger.error("agent API listener failed", { error });
+    }
+  }
+
+  async #serve(socket: Duplex): Promise<void> {
+    this.#connections.add(socket);
+    const signal = this.#abort.signal;
+    let tlsSocket: Duplex | undefined;
+    try {
+      const accepted = await acceptTls(socket, {
+        cert: this.#options.identity.cert,
+        key: this.#options.identity.key,
+        pinned: this.#options.identity.serverCert,
+        handshakeTimeout: 5000,
+        signal,
+      });
+      const secure: Duplex = accepted.socket;
+      tlsSocket = secure;
+      this.#connections.add(secure);
+      await serveHttp(secure, this.#api.fetch, { signal, idleTimeout: 30_000 });
+    } catch (error) {
+      this.#logger.debug("agent API connection refused or failed", { error });
+    } finally {
+      tlsSocket?.destroy();
+      socket.destroy();
+      if (tlsSocket !== undefined) this.#connections.delete(tlsSocket);
+      this.#connections.delete(socket);
+    }
+  }
+
+  #rewrite(): void {
+    const serial = this.#serial;
+    if (serial === undefined) return;
+    serial.write(this.#status.state).then(() => this.#status.setSerialPort(serial.path ?? null));
+  }
+
+  async #probe(): Promise<void> {
+    const info = this.#info;
+    if (this.#probing || info === undefined || this.#status.state !== "CONNECTED") return;
+    this.#probing = true;
+    try {
+      await probeHost(info, this.#options.transport, {
+        timeout: 2000,
+        signal: this.#abort.signal,
+      });
+    } catch (error) {
+      if (this.#info === info && !this.#closed) {
+        this.#status.failed(`The host stopped listening: ${(error as Error).message}`);
+      }
+    } finally {
+      this.#probing = false;
+    }
+  }
+
+  /**
+   * Records STOPPED and writes it to the serial port at once (synchronously
+   * on a device port), before anything is closed. Call on SIGTERM/SIGINT.
+   */
+  stopped(): Promise<boolean> {
+    this.#status.stopped();
+    return this.#serial?.write("STOPPED") ?? Promise.resolve(false);
+  }
+
+  /** Closes sockets, servers, loops and timers. Idempotent. */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#abort.abort();
+    for (const timer of this.#timers) clearInterval(timer);
+    this.#listener?.close();
+    for (const socket of this.#connections) socket.destroy();
+    await this.#acceptLoop;
+    await this.#relay.close();
+    await this.#devlxdChange;
+    await this.#devlxd.stop();
+    await this.#serial?.close();
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.close();
+  }
+}

@@ -1,0 +1,423 @@
+import assert from "node:assert/strict";
+import { Hono } from "hono";
+import { createDevlxdApp, DevlxdServer, textError } from "./devlxd_server.ts";
+import { EventRelay } from "./event_relay.ts";
+import { type HostFetch, HostUnreachableError } from "./host_fetch.ts";
+import { within } from "./_testing.ts";
+
+/** LXD's envelope, as the host answers over vsock. */
+function sync(metadata: unknown): Response {
+  return Response.json({
+    type: "sync",
+    status: "Success",
+    status_code: 200,
+    operation: "",
+    error_code: 0,
+    error: "",
+    metadata,
+  });
+}
+
+function error(status: number, message: string): Response {
+  return Response.json({ type: "error", error: message, error_code: status, metadata: null }, {
+    status,
+  });
+}
+
+/** A fake host devlxd API that records what it was asked. */
+function fakeHost() {
+  const asked: { method: string; path: string; body: string }[] = [];
+  const host = new Hono();
+  host.use(async (c, next) => {
+    asked.push({
+      method: c.req.method,
+      path: new URL(c.req.url).pathname,
+      body: await c.req.raw.clone().text(),
+    });
+    await next();
+  });
+  host.get(
+    "/1.0",
+    () =>
+      sync({
+        api_version: "1.0",
+        location: "h1",
+        instance_type: "virtual-machine",
+        state: "Started",
+      }),
+  );
+  host.patch("/1.0", () => sync({}));
+  host.get(
+    "/1.0/config",
+    () =>
+      sync(["/1.0/config/user.foo", "/1.0/config/cloud-init.user-data", "/1.0/config/security.x"]),
+  );
+  host.get(
+    "/1.0/config/:key",
+    (c) => c.req.param("key") === "user.foo" ? sync("bar") : error(404, "not found"),
+  );
+  host.get("/1.0/meta-data", () => sync("instance-id: v1\nlocal-hostname: v1\n"));
+  host.get("/1.0/devices", () => sync({ eth0: { name: "eth0", type: "nic" } }));
+  host.get("/1.0/images/:fp/export", () => error(403, "Forbidden"));
+  const fetchHost: HostFetch = (request) => Promise.resolve(host.fetch(request));
+  return { asked, fetchHost };
+}
+
+function app(fetchHost: HostFetch, extra: Partial<Parameters<typeof createDevlxdApp>[0]> = {}) {
+  const events = new EventRelay();
+  return { app: createDevlxdApp({ fetchHost, events, ...extra }), events };
+}
+
+Deno.test("devlxd GET / answers locally", async () => {
+  const host = fakeHost();
+  const res = await app(host.fetchHost).app.request("/");
+  assert.equal(res.status, 200);
+  assert.deepEqual(await res.json(), ["/1.0"]);
+  assert.equal(host.asked.length, 0);
+});
+
+Deno.test("devlxd GET /1.0 unwraps the host's envelope with one request", async () => {
+  const host = fakeHost();
+  const res = await app(host.fetchHost).app.request("/1.0");
+  assert.equal(res.status, 200);
+  assert.match(res.headers.get("content-type") ?? "", /application\/json/);
+  assert.deepEqual(await res.json(), {
+    api_version: "1.0",
+    location: "h1",
+    instance_type: "virtual-machine",
+    state: "Started",
+  });
+  assert.equal(host.asked.length, 1);
+});
+
+Deno.test("devlxd config: keys filtered to user.* and cloud-init.*, values raw", async () => {
+  const host = fakeHost();
+  const { app: a } = app(host.fetchHost);
+  const list = await a.request("/1.0/config");
+  assert.deepEqual(await list.json(), ["/1.0/config/user.foo", "/1.0/config/cloud-init.user-data"]);
+  const value = await a.request("/1.0/config/user.foo");
+  assert.equal(value.status, 200);
+  assert.equal(value.headers.get("content-type"), "application/octet-stream");
+  assert.equal(await value.text(), "bar");
+  const missing = await a.request("/1.0/config/user.nope");
+  assert.equal(missing.status, 404);
+  assert.equal(missing.headers.get("content-type"), "text/plain; charset=utf-8");
+  assert.equal(await missing.text(), "not found\n");
+});
+
+Deno.test("devlxd refuses keys outside user.*/cloud-init.* without asking the host", async () => {
+  const host = fakeHost();
+  const { app: a } = app(host.fetchHost);
+  for (const path of ["/1.0/config/security.x", "/1.0/config/..%2Fmeta-data"]) {
+    const res = await a.request(path);
+    assert.equal(res.status, 403, path);
+    assert.equal(await res.text(), "not authorized\n");
+  }
+  assert.equal(host.asked.length, 0);
+});
+
+Deno.test("devlxd keeps an encoded path-traversal key inside /1.0/config on the host", async () => {
+  const host = fakeHost();
+  const { app: a } = app(host.fetchHost);
+  const res = await a.request("/1.0/config/user.a%2F..%2F..%2Fmeta-data");
+  assert.equal(res.status, 404);
+  await res.body?.cancel();
+  assert.deepEqual(host.asked.map((r) => r.path), ["/1.0/config/user.a%2F..%2F..%2Fmeta-data"]);
+  const dotted = await a.request("http://localhost/1.0/../../etc/passwd");
+  assert.equal(dotted.status, 404);
+  assert.equal(await dotted.text(), "not found\n");
+  assert.equal(host.asked.length, 1);
+});
+
+Deno.test("devlxd meta-data is raw text, devices JSON", async () => {
+  const host = fakeHost();
+  const { app: a } = app(host.fetchHost);
+  assert.equal(
+    await (await a.request("/1.0/meta-data")).text(),
+    "instance-id: v1\nlocal-hostname: v1\n",
+  );
+  assert.deepEqual(await (await a.request("/1.0/devices")).json(), {
+    eth0: { name: "eth0", type: "nic" },
+  });
+});
+
+Deno.test("devlxd PATCH /1.0 records Ready and forwards it; other states are 400", async () => {
+  const host = fakeHost();
+  const states: string[] = [];
+  const { app: a } = app(host.fetchHost, { onReady: (s) => states.push(s) });
+  const ok = await a.request("/1.0", { method: "PATCH", body: '{"state":"Ready"}' });
+  assert.equal(ok.status, 200);
+  assert.equal(await ok.text(), "");
+  assert.deepEqual(states, ["Ready"]);
+  assert.deepEqual(host.asked.map((r) => [r.method, r.body]), [["PATCH", '{"state":"Ready"}']]);
+  for (const body of ['{"state":"Stopped"}', "{}", "not json", "[]"]) {
+    const bad = await a.request("/1.0", { method: "PATCH", body });
+    assert.equal(bad.status, 400, body);
+    assert.match(await bad.text(), /^Invalid /);
+  }
+  assert.deepEqual(states, ["Ready"]);
+  assert.equal(host.asked.length, 1);
+});
+
+Deno.test("devlxd refuses a huge body, declared or streamed, with 413", async () => {
+  const host = fakeHost();
+  const { app: a } = app(host.fetchHost, { maxBodySize: 1024 });
+  const declared = await a.request("/1.0", {
+    method: "PATCH",
+    body: "x".repeat(2048),
+  });
+  assert.equal(declared.status, 413);
+  assert.equal(await declared.text(), "Request body too large\n");
+  const chunks = new ReadableStream<Uint8Array>({
+    pull(controller) {
+      controller.enqueue(new Uint8Array(512).fill(32));
+    },
+  });
+  const streamed = await a.request("/1.0", { method: "PATCH", body: chunks });
+  assert.equal(streamed.status, 413);
+  await streamed.body?.cancel();
+  assert.equal(host.asked.length, 0);
+});
+
+Deno.test("devlxd answers a bad method with 405 and an unknown path with 404", async () => {
+  const host = fakeHost();
+  const { app: a } = app(host.fetchHost);
+  for (const [method, path] of [["DELETE", "/1.0"], ["POST", "/1.0/config"], ["PUT", "/"]]) {
+    const res = await a.request(path, { method });
+    assert.equal(res.status, 405, `${method} ${path}`);
+    assert.match(await res.text(), /not allowed\n$/);
+  }
+  const unknown = await a.request("/2.0");
+  assert.equal(unknown.status, 404);
+  assert.equal(await unknown.text(), "not found\n");
+  assert.equal(host.asked.length, 0);
+});
+
+Deno.test("devlxd answers 503 with one sentence when the host is unreachable", async () => {
+  const fetchHost: HostFetch = () =>
+    Promise.reject(
+      new HostUnreachableError("The host at vsock 2:1234 refused the connection.", "refused"),
+    );
+  const res = await app(fetchHost).app.request("/1.0/config/user.foo");
+  assert.equal(res.status, 503);
+  assert.equal(await res.text(), "The host at vsock 2:1234 refused the connection.\n");
+});
+
+Deno.test("devlxd answers 503 when the host closes in the middle of its answer", async () => {
+  const fetchHost: HostFetch = () => {
+    const body = new ReadableStream<Uint8Array>({
+      start(controller) {
+        controller.enqueue(new TextEncoder().encode('{"type":"sync","metad'));
+        controller.error(new Error("connection reset"));
+      },
+    });
+    return Promise.resolve(new Response(body));
+  };
+  const res = await app(fetchHost).app.request("/1.0/devices");
+  assert.equal(res.status, 503);
+  assert.match(await res.text(), /^The host closed the connection in the middle of its answer/);
+});
+
+Deno.test("devlxd answers 502 to a host answer that is not an LXD response", async () => {
+  const fetchHost: HostFetch = () => Promise.resolve(new Response("<html>"));
+  const res = await app(fetchHost).app.request("/1.0");
+  assert.equal(res.status, 502);
+  assert.match(await res.text(), /not JSON/);
+});
+
+Deno.test("devlxd image export: host errors as text, bodies streamed through", async () => {
+  const host = fakeHost();
+  const refused = await app(host.fetchHost).app.request("/1.0/images/abc123/export");
+  assert.equal(refused.status, 403);
+  assert.equal(await refused.text(), "Forbidden\n");
+  assert.equal((await app(host.fetchHost).app.request("/1.0/images/..%2F/export")).status, 400);
+
+  let hostBody: ReadableStreamDefaultController<Uint8Array> | undefined;
+  const fetchHost: HostFetch = () =>
+    Promise.resolve(
+      new Response(
+        new ReadableStream<Uint8Array>({ start: (c) => void (hostBody = c) }),
+        { headers: { "content-type": "application/octet-stream", "content-disposition": "x" } },
+      ),
+    );
+  const res = await app(fetchHost).app.request("/1.0/images/abc123/export");
+  assert.equal(res.status, 200);
+  assert.equal(res.headers.get("content-disposition"), "x");
+  const reader = res.body!.getReader();
+  hostBody!.enqueue(new Uint8Array([1, 2, 3]));
+  assert.deepEqual(
+    (await within(reader.read(), "the first chunk")).value,
+    new Uint8Array([1, 2, 3]),
+  );
+  hostBody!.enqueue(new Uint8Array([4]));
+  hostBody!.close();
+  assert.deepEqual((await reader.read()).value, new Uint8Array([4]));
+  assert.equal((await reader.read()).done, true);
+});
+
+Deno.test("devlxd /1.0/events streams published events as JSON lines, filtered by type", async () => {
+  const host = fakeHost();
+  const { app: a, events } = app(host.fetchHost);
+  const res = await a.request("/1.0/events?type=device");
+  assert.equal(res.status, 200);
+  const reader = res.body!.pipeThrough(new TextDecoderStream()).getReader();
+  events.publish({ type: "config", timestamp: "t", metadata: { key: "user.a" } });
+  events.publish({ type: "device", timestamp: "t", metadata: { name: "eth0" } });
+  const { value } = await within(reader.read(), "an event");
+  assert.equal(value, '{"type":"device","timestamp":"t","metadata":{"name":"eth0"}}\n');
+  await reader.cancel();
+  assert.equal(events.subscribers, 0);
+  await events.close();
+});
+
+/** A raw HTTP/1.1 exchange over a unix socket (no client-side path normalisation). */
+async function rawRequest(path: string, head: string): Promise<string> {
+  const conn = await Deno.connect({ transport: "unix", path });
+  try {
+    await conn.write(new TextEncoder().encode(head));
+    let out = "";
+    const buf = new Uint8Array(4096);
+    for (;;) {
+      const n = await within(conn.read(buf), "the answer");
+      if (n === null) break;
+      out += new TextDecoder().decode(buf.subarray(0, n));
+    }
+    return out;
+  } finally {
+    conn.close();
+  }
+}
+
+Deno.test("DevlxdServer replaces a stale socket, sets its mode and serves the app", async () => {
+  const dir = await Deno.makeTempDir();
+  const path = `${dir}/lxd/sock`;
+  await Deno.mkdir(`${dir}/lxd`);
+  // A stale socket left by a killed process.
+  const child = new Deno.Command(Deno.execPath(), {
+    args: [
+      "eval",
+      `const l = Deno.listen({transport:"unix",path:${JSON.stringify(path)}});` +
+      `console.log("up"); await l.accept();`,
+    ],
+    stdout: "piped",
+  }).spawn();
+  const reader = child.stdout.getReader();
+  await within(reader.read(), "the stale listener");
+  child.kill("SIGKILL");
+  await child.status;
+  reader.releaseLock();
+  await child.stdout.cancel();
+  assert.ok((await Deno.lstat(path)).isSocket, "a stale socket file is there");
+
+  const host = fakeHost();
+  const server = new DevlxdServer(path, { mode: 0o600 });
+  try {
+    await server.start((signal) =>
+      createDevlxdApp({ fetchHost: host.fetchHost, events: new EventRelay(), signal }).fetch
+    );
+    assert.equal(server.serving, true);
+    assert.equal((await Deno.stat(path)).mode! & 0o777, 0o600);
+    const answer = await rawRequest(
+      path,
+      "GET /1.0/config/user.foo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert.match(answer, /^HTTP\/1\.1 200 /);
+    assert.match(answer, /\r\n\r\nbar$/);
+    const traversal = await rawRequest(
+      path,
+      "GET /1.0/../../etc/passwd HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert.match(traversal, /^HTTP\/1\.1 404 /);
+  } finally {
+    await server.stop();
+    await Deno.remove(dir, { recursive: true });
+  }
+  assert.equal(server.serving, false);
+});
+
+Deno.test("DevlxdServer.stop() ends open event streams and removes the socket", async () => {
+  const dir = await Deno.makeTempDir();
+  const path = `${dir}/sock`;
+  const events = new EventRelay();
+  const server = new DevlxdServer(path);
+  const client = Deno.createHttpClient({ proxy: { transport: "unix", path } });
+  try {
+    await server.start((signal) =>
+      createDevlxdApp({ fetchHost: fakeHost().fetchHost, events, signal }).fetch
+    );
+    const res = await fetch("http://lxd/1.0/events", { client });
+    const reader = res.body!.getReader();
+    events.publish({ type: "config", timestamp: "t", metadata: {} });
+    assert.equal((await within(reader.read(), "an event")).done, false);
+    const stopping = server.stop();
+    assert.equal((await within(reader.read(), "the stream to end")).done, true);
+    await within(stopping, "the server to stop");
+    await assert.rejects(Deno.lstat(path), Deno.errors.NotFound);
+  } finally {
+    client.close();
+    await server.stop();
+    await events.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("textError() matches Go's http.Error", async () => {
+  const res = textError(403, "Forbidden");
+  assert.equal(res.status, 403);
+  assert.equal(res.headers.get("content-type"), "text/plain; charset=utf-8");
+  assert.equal(res.headers.get("x-content-type-options"), "nosniff");
+  assert.equal(await res.text(), "Forbidden\n");
+});
+
+Deno.test("devlxd /1.0/events upgrades to a WebSocket when asked, one text message per event", async () => {
+  const dir = await Deno.makeTempDir();
+  const path = `${dir}/sock`;
+  const events = new EventRelay();
+  const server = new DevlxdServer(path);
+  const conn = { current: undefined as Deno.UnixConn | undefined };
+  try {
+    await server.start((signal) =>
+      createDevlxdApp({ fetchHost: fakeHost().fetchHost, events, signal }).fetch
+    );
+    conn.current = await Deno.connect({ transport: "unix", path });
+    await conn.current.write(
+      new TextEncoder().encode(
+        "GET /1.0/events?type=config HTTP/1.1\r\nHost: lxd\r\nUpgrade: websocket\r\n" +
+          "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n" +
+          "Sec-WebSocket-Version: 13\r\n\r\n",
+      ),
+    );
+    const buf = new Uint8Array(4096);
+    let got = new Uint8Array();
+    const readMore = async () => {
+      const n = await within(conn.current!.read(buf), "bytes from the server");
+      if (n === null) throw new Error("closed");
+      got = new Uint8Array([...got, ...buf.subarray(0, n)]);
+    };
+    const headEnd = () => new TextDecoder().decode(got).indexOf("\r\n\r\n");
+    while (headEnd() === -1) await readMore();
+    assert.match(new TextDecoder().decode(got), /^HTTP\/1\.1 101 /);
+    got = got.subarray(headEnd() + 4);
+    await within(
+      (async () => {
+        while (events.subscribers === 0) await new Promise((r) => setTimeout(r, 5));
+      })(),
+      "the subscription",
+    );
+    events.publish({ type: "device", timestamp: "t", metadata: {} });
+    events.publish({ type: "config", timestamp: "t", metadata: { key: "user.a" } });
+    while (got.length < 2 || got.length < 2 + (got[1] & 0x7f)) await readMore();
+    assert.equal(got[0], 0x81, "one final text frame");
+    const text = new TextDecoder().decode(got.subarray(2, 2 + (got[1] & 0x7f)));
+    assert.deepEqual(JSON.parse(text), {
+      type: "config",
+      timestamp: "t",
+      metadata: { key: "user.a" },
+    });
+  } finally {
+    conn.current?.close();
+    await server.stop();
+    await events.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});

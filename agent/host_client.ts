@@ -1,0 +1,156 @@
+/**
+ * `hostRequest()`: one request to the host's devlxd API over one new
+ * connection — transport connect to the host's (CID, port), TLS 1.3
+ * presenting the agent's certificate and pinning the host's exact
+ * certificate from the connection info, one HTTP/1.1 request, close (the
+ * socket closes once the response body is read or cancelled, so streams pass
+ * through). Every failure to get an answer becomes a `HostUnreachableError`
+ * with one clear sentence; every phase is bounded.
+ * `probeHost()` is the cheap liveness check: a plain transport connect.
+ * Permissions: `--allow-ffi` (vsock), read/write on unix paths (hybrid).
+ * @module
+ */
+
+import type { Duplex } from "node:stream";
+import type { ConnectionInfo } from "../shared/api.ts";
+import { httpRequest } from "../shared/http/mod.ts";
+import { CertificateError, connectTls } from "../shared/tls/mod.ts";
+import { SocketError, type Transport } from "../shared/vsock/mod.ts";
+import { HostUnreachableError, type UnreachableReason } from "./host_fetch.ts";
+
+export interface HostRequestOptions {
+  transport: Transport;
+  /** The agent's certificate (PEM). */
+  cert: string;
+  /** The agent's key (PEM). */
+  key: string;
+  /**
+   * Bound on the transport connect, in ms.
+   * @default {3000}
+   */
+  connectTimeout?: number;
+  /**
+   * Bound on the TLS handshake, in ms.
+   * @default {3000}
+   */
+  handshakeTimeout?: number;
+  /**
+   * Bound on waiting for the response head, in ms.
+   * @default {10000}
+   */
+  responseTimeout?: number;
+  signal?: AbortSignal;
+}
+
+function where(info: Pick<ConnectionInfo, "cid" | "port">): string {
+  return `${info.cid}:${info.port}`;
+}
+
+/** Turns a dial, handshake or request failure into one sentence and a reason. */
+export function classifyFailure(
+  error: unknown,
+  phase: "connect" | "tls" | "request",
+  info: Pick<ConnectionInfo, "cid" | "port">,
+): HostUnreachableError {
+  if (error instanceof HostUnreachableError) return error;
+  const at = where(info);
+  let reason: UnreachableReason = "error";
+  let message: string;
+  const code = (error as { code?: unknown })?.code;
+  if (error instanceof SocketError || (phase === "connect" && typeof code === "string")) {
+    if (code === "ECONNREFUSED" || code === "ENOENT" || code === "ECONNRESET") {
+      reason = "refused";
+      message = `The host at vsock ${at} refused the connection (${code}).`;
+    } else if (code === "ETIMEDOUT") {
+      reason = "timeout";
+      message = `The host at vsock ${at} did not accept the connection in time.`;
+    } else {
+      message = `Cannot connect to the host at vsock ${at}: ${(error as Error).message}.`;
+    }
+  } else if (error instanceof CertificateError) {
+    reason = "tls";
+    message = `The host at vsock ${at} presented a certificate other than the pinned one (${
+      (error as Error).message
+    }).`;
+  } else if (phase === "tls") {
+    reason = /time/i.test(String((error as Error)?.message)) ? "timeout" : "tls";
+    message = `The TLS handshake with the host at vsock ${at} failed: ${
+      (error as Error)?.message ?? String(error)
+    }.`;
+  } else if ((error as Error)?.name === "AbortError") {
+    reason = "error";
+    message = `The request to the host at vsock ${at} was cancelled.`;
+  } else if (/time/i.test(String((error as Error)?.message))) {
+    reason = "timeout";
+    message = `The host at vsock ${at} did not answer in time.`;
+  } else {
+    reason = "closed";
+    message = `The host at vsock ${at} closed the connection before answering: ${
+      (error as Error)?.message ?? String(error)
+    }.`;
+  }
+  return new HostUnreachableError(message.replace(/\.\.$/, "."), reason, { cause: error });
+}
+
+/** Sends `request` to the host of `info` over a new connection. */
+export async function hostRequest(
+  info: ConnectionInfo,
+  request: Request,
+  options: HostRequestOptions,
+): Promise<Response> {
+  let socket: Duplex;
+  try {
+    socket = await options.transport.connect(info.cid, info.port, {
+      timeout: options.connectTimeout ?? 3000,
+      signal: options.signal,
+    });
+  } catch (error) {
+    throw classifyFailure(error, "connect", info);
+  }
+  // Late errors (a reset after the answer) must not become uncaught exceptions.
+  socket.on("error", () => {});
+  let tlsSocket: Duplex;
+  try {
+    tlsSocket = await connectTls(socket, {
+      cert: options.cert,
+      key: options.key,
+      pinned: info.certificate,
+      handshakeTimeout: options.handshakeTimeout ?? 3000,
+      signal: options.signal,
+    });
+  } catch (error) {
+    socket.destroy();
+    throw classifyFailure(error, "tls", info);
+  }
+  tlsSocket.on("error", () => {});
+  // Closing the TLS layer (the body was read or cancelled) closes the connection.
+  tlsSocket.once("close", () => socket.destroy());
+  try {
+    return await httpRequest(tlsSocket, request, {
+      timeout: options.responseTimeout ?? 10_000,
+      signal: options.signal,
+    });
+  } catch (error) {
+    tlsSocket.destroy();
+    socket.destroy();
+    throw classifyFailure(error, "request", info);
+  }
+}
+
+/** Plain transport connect to the host (no TLS): resolves if something listens. */
+export async function probeHost(
+  info: Pick<ConnectionInfo, "cid" | "port">,
+  transport: Transport,
+  options: { timeout?: number; signal?: AbortSignal } = {},
+): Promise<void> {
+  let socket: Duplex;
+  try {
+    socket = await transport.connect(info.cid, info.port, {
+      timeout: options.timeout ?? 2000,
+      signal: options.signal,
+    });
+  } catch (error) {
+    throw classifyFailure(error, "connect", info);
+  }
+  socket.destroy();
+}

@@ -1,0 +1,175 @@
+import assert from "node:assert/strict";
+import type { Duplex } from "node:stream";
+import { serveHttp } from "../shared/http/mod.ts";
+import { acceptTls } from "../shared/tls/mod.ts";
+import { hybridGuestTransport, type Listener, listenUnix } from "../shared/vsock/mod.ts";
+import { classifyFailure, hostRequest, probeHost } from "./host_client.ts";
+import { HostUnreachableError } from "./host_fetch.ts";
+import { makeTestPair, within } from "./_testing.ts";
+
+const agent = await makeTestPair("agent");
+const host = await makeTestPair("host");
+const other = await makeTestPair("impostor");
+
+/** A unix "host" at `${uds}_${port}` running `serve` on each connection. */
+async function withHost(
+  serve: ((socket: Duplex) => Promise<void>) | undefined,
+  f: (uds: string, port: number) => Promise<void>,
+): Promise<void> {
+  const dir = await Deno.makeTempDir();
+  const uds = `${dir}/v.sock`;
+  const port = 5000;
+  let listener: Listener | undefined;
+  const sockets: Duplex[] = [];
+  let loop: Promise<void> | undefined;
+  if (serve !== undefined) {
+    listener = listenUnix(`${uds}_${port}`);
+    loop = (async () => {
+      try {
+        for await (const socket of listener!) {
+          sockets.push(socket);
+          serve(socket).catch(() => {}).finally(() => socket.destroy());
+        }
+      } catch {
+        // closed
+      }
+    })();
+  }
+  try {
+    await f(uds, port);
+  } finally {
+    listener?.close();
+    sockets.forEach((s) => s.destroy());
+    await loop;
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+function info(port: number) {
+  return { cid: 2, port, certificate: host.cert, devlxd: true };
+}
+
+async function expectUnreachable(
+  promise: Promise<unknown>,
+  reason: string,
+  message: RegExp,
+): Promise<void> {
+  await assert.rejects(within(promise, "the failure"), (error: unknown) => {
+    assert.ok(error instanceof HostUnreachableError, String(error));
+    assert.equal(error.reason, reason, error.message);
+    assert.match(error.message, message);
+    assert.match(error.message, /\.$/, "one sentence");
+    return true;
+  });
+}
+
+function serveTls(cert = host) {
+  return async (socket: Duplex) => {
+    const { socket: tlsSocket } = await acceptTls(socket, {
+      cert: cert.cert,
+      key: cert.key,
+      pinned: agent.cert,
+    });
+    await serveHttp(
+      tlsSocket,
+      (request) => Response.json({ type: "sync", metadata: new URL(request.url).pathname }),
+    );
+  };
+}
+
+Deno.test("hostRequest() sends one request over one TLS connection pinning the host", async () => {
+  let connections = 0;
+  const serve = serveTls();
+  await withHost((socket) => {
+    connections++;
+    return serve(socket);
+  }, async (uds, port) => {
+    const res = await hostRequest(info(port), new Request("http://lxd/1.0/devices"), {
+      transport: hybridGuestTransport(uds),
+      ...agent,
+    });
+    assert.equal(res.status, 200);
+    assert.deepEqual(await res.json(), { type: "sync", metadata: "/1.0/devices" });
+    assert.equal(connections, 1);
+  });
+});
+
+Deno.test("hostRequest() reports a refused connection in one sentence", async () => {
+  await withHost(undefined, async (uds, port) => {
+    await expectUnreachable(
+      hostRequest(info(port), new Request("http://lxd/1.0"), {
+        transport: hybridGuestTransport(uds),
+        ...agent,
+      }),
+      "refused",
+      /^The host at vsock 2:5000 refused the connection/,
+    );
+  });
+});
+
+Deno.test("hostRequest() refuses a host presenting another certificate than the pinned one", async () => {
+  await withHost(serveTls(other), async (uds, port) => {
+    await expectUnreachable(
+      hostRequest(info(port), new Request("http://lxd/1.0"), {
+        transport: hybridGuestTransport(uds),
+        ...agent,
+      }),
+      "tls",
+      /certificate other than the pinned one|TLS handshake/,
+    );
+  });
+});
+
+Deno.test("hostRequest() gives up on a host that never completes the handshake", async () => {
+  await withHost(
+    (socket) => new Promise((resolve) => socket.once("close", resolve)),
+    async (uds, port) => {
+      const started = Date.now();
+      await expectUnreachable(
+        hostRequest(info(port), new Request("http://lxd/1.0"), {
+          transport: hybridGuestTransport(uds),
+          ...agent,
+          handshakeTimeout: 200,
+        }),
+        "timeout",
+        /TLS handshake with the host at vsock 2:5000 failed/,
+      );
+      assert.ok(Date.now() - started < 3000, "bounded by the handshake timeout");
+    },
+  );
+});
+
+Deno.test("hostRequest() reports a host that closes before answering", async () => {
+  await withHost(async (socket) => {
+    const { socket: tlsSocket } = await acceptTls(socket, { ...host, pinned: agent.cert });
+    tlsSocket.once("data", () => tlsSocket.destroy());
+    await new Promise((resolve) => tlsSocket.once("close", resolve));
+  }, async (uds, port) => {
+    await expectUnreachable(
+      hostRequest(info(port), new Request("http://lxd/1.0"), {
+        transport: hybridGuestTransport(uds),
+        ...agent,
+      }),
+      "closed",
+      /closed the connection before answering/,
+    );
+  });
+});
+
+Deno.test("probeHost() resolves while something listens and rejects once nothing does", async () => {
+  await withHost(async () => {}, async (uds, port) => {
+    await probeHost({ cid: 2, port }, hybridGuestTransport(uds));
+  });
+  await withHost(undefined, async (uds, port) => {
+    await expectUnreachable(
+      probeHost({ cid: 2, port }, hybridGuestTransport(uds)),
+      "refused",
+      /refused/,
+    );
+  });
+});
+
+Deno.test("classifyFailure() keeps an existing HostUnreachableError", () => {
+  const error = new HostUnreachableError("x.", "timeout");
+  assert.equal(classifyFailure(error, "request", { cid: 2, port: 1 }), error);
+});

@@ -1,0 +1,395 @@
+/**
+ * The agent as a process against a test host over the hybrid (unix)
+ * transport with real mutual TLS, and a simulated socket-backed serial port.
+ */
+
+import assert from "node:assert/strict";
+import {
+  type AgentPaths,
+  agentPaths,
+  AgentProcess,
+  callAgent,
+  devlxd,
+  envelope,
+  hybridAgent,
+  makePairs,
+  makeTestPair,
+  type Pairs,
+  runAgentCommand,
+  SerialPeer,
+  TestHost,
+  within,
+  writeConfigDir,
+} from "./agent_harness.ts";
+
+const HOST_PORT = 40001;
+
+/** One test's world: paths, certificates, the serial peer; cleaned up by dispose. */
+async function world(conf?: { port: number; devlxd: boolean }) {
+  const paths = await agentPaths();
+  const pairs = await makePairs();
+  await writeConfigDir(
+    paths.configDir,
+    pairs,
+    conf && { cid: 2, port: conf.port, devlxd: conf.devlxd },
+  );
+  let serial = new SerialPeer(paths.serial);
+  const hosts: TestHost[] = [];
+  const agents: AgentProcess[] = [];
+  return {
+    paths,
+    pairs,
+    get serial() {
+      return serial;
+    },
+    /** The serial port disappears, then a new one appears at the same path. */
+    async replugSerial(): Promise<SerialPeer> {
+      await serial.close();
+      serial = new SerialPeer(paths.serial);
+      return serial;
+    },
+    host(port = HOST_PORT): TestHost {
+      const host = TestHost.hybrid(paths.uds, port, pairs);
+      hosts.push(host);
+      return host;
+    },
+    agent(extra: string[] = []): AgentProcess {
+      const agent = AgentProcess.start(paths, extra);
+      agents.push(agent);
+      return agent;
+    },
+    put(port: number, options: { devlxd?: boolean; certificate?: string } = {}) {
+      return callAgent(
+        hybridAgent(paths.uds),
+        pairs.hostClient,
+        pairs.agent.cert,
+        new Request("http://agent/1.0", {
+          method: "PUT",
+          body: JSON.stringify({
+            cid: 2,
+            port,
+            certificate: options.certificate ?? pairs.hostServer.cert,
+            devlxd: options.devlxd ?? true,
+          }),
+        }),
+      );
+    },
+    async [Symbol.asyncDispose]() {
+      for (const agent of agents) await agent[Symbol.asyncDispose]();
+      for (const host of hosts) await host.close();
+      await serial.close();
+      await Deno.remove(paths.dir, { recursive: true });
+    },
+  };
+}
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await Deno.lstat(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+async function untilExists(path: string, agent: AgentProcess): Promise<void> {
+  const deadline = Date.now() + 15_000;
+  while (!(await exists(path))) {
+    if (Date.now() > deadline) throw new Error(`Timed out waiting for ${path}\n${agent.stderr}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+Deno.test("agent: STARTED, then PUT /1.0 → CONNECTED and /dev/lxd/sock serves the host's devlxd API with one dial per request", async () => {
+  await using w = await world();
+  const host = w.host();
+  const agent = w.agent();
+  await w.serial.waitFor("STARTED");
+  await agent.waitForLog(/agent started/);
+  assert.equal(await exists(w.paths.devlxdSocket), false, "no devlxd before connection info");
+
+  const put = await w.put(HOST_PORT);
+  assert.equal(put.status, 200, JSON.stringify(await put.clone().json()));
+  assert.equal((await envelope(put)).type, "sync");
+  await w.serial.waitFor("CONNECTED");
+  assert.ok(await exists(w.paths.devlxdSocket), "devlxd served once the PUT answered");
+  assert.equal((await Deno.stat(w.paths.devlxdSocket)).mode! & 0o777, 0o600);
+
+  const before = host.tlsConnections;
+  const value = await devlxd(w.paths.devlxdSocket, "/1.0/config/user.foo");
+  assert.equal(value.status, 200);
+  assert.equal(await value.text(), "bar");
+  assert.equal(host.tlsConnections - before, 1, "one dial per request");
+
+  const list = await devlxd(w.paths.devlxdSocket, "/1.0/config");
+  assert.deepEqual(await list.json(), ["/1.0/config/user.foo"]);
+  const forbidden = await devlxd(w.paths.devlxdSocket, "/1.0/config/security.secret");
+  assert.equal(forbidden.status, 403);
+  assert.equal(await forbidden.text(), "not authorized\n");
+  const info = await devlxd(w.paths.devlxdSocket, "/1.0");
+  assert.equal((await info.json()).location, "testhost");
+
+  const status = await runAgentCommand(["--status", `--state-file=${w.paths.stateFile}`]);
+  assert.equal(status.code, 0, status.stdout + status.stderr);
+  assert.match(status.stdout, /State: +CONNECTED/);
+  assert.match(status.stdout, new RegExp(`Host: +vsock 2:${HOST_PORT} from PUT /1.0`));
+  assert.match(status.stdout, /devlxd: +serving/);
+
+  assert.equal(await agent.stop("SIGTERM"), 0);
+  assert.equal(w.serial.last, "STOPPED");
+  assert.equal(await exists(w.paths.devlxdSocket), false, "the devlxd socket is removed");
+  const after = await runAgentCommand(["--status", `--state-file=${w.paths.stateFile}`]);
+  assert.equal(after.code, 1);
+  assert.match(after.stdout, /No agent is running/);
+});
+
+Deno.test("agent: agent.conf makes /dev/lxd/sock serve before any PUT", async () => {
+  await using w = await world({ port: HOST_PORT, devlxd: true });
+  const host = w.host();
+  const agent = w.agent();
+  await untilExists(w.paths.devlxdSocket, agent);
+  const meta = await devlxd(w.paths.devlxdSocket, "/1.0/meta-data");
+  assert.equal(await meta.text(), "instance-id: t1\nlocal-hostname: t1\n");
+  await w.serial.waitFor("CONNECTED");
+  assert.ok(host.requests.some((r) => r.path === "/1.0/meta-data"));
+});
+
+Deno.test("agent: the host unreachable gives a 503 sentence quickly and STARTED; a CONNECT line on the serial port brings it back", async () => {
+  await using w = await world({ port: HOST_PORT, devlxd: true });
+  const host = w.host();
+  const agent = w.agent();
+  await w.serial.waitFor("CONNECTED");
+  await untilExists(w.paths.devlxdSocket, agent);
+
+  await host.close(); // the host goes away (restarts on a new port)
+  await w.serial.waitFor("STARTED"); // noticed by the cheap probe, no guest request needed
+  const started = Date.now();
+  const res = await devlxd(w.paths.devlxdSocket, "/1.0/config/user.foo");
+  assert.equal(res.status, 503);
+  assert.match(await res.text(), /^The host at vsock 2:40001 refused the connection.*\.\n$/);
+  assert.ok(Date.now() - started < 5000, "bounded");
+
+  const moved = w.host(HOST_PORT + 1);
+  const from = w.serial.lines.length;
+  await w.serial.send("garbage\nCONNECT 0:1\nCONNECT 2:99999\n" + "x".repeat(300) + "\n");
+  await w.serial.send(`CONNECT 2:${HOST_PORT + 1}\n`);
+  await w.serial.waitForAfter(from, "CONNECTED");
+  const again = await devlxd(w.paths.devlxdSocket, "/1.0/config/user.foo");
+  assert.equal(await again.text(), "bar");
+  assert.ok(moved.requests.length >= 2);
+  await agent.waitForLog(/host announced itself on the serial port/);
+});
+
+Deno.test("agent: Ready PATCHed by a guest is re-sent to a restarted host after new connection info", async () => {
+  await using w = await world({ port: HOST_PORT, devlxd: true });
+  const first = w.host();
+  const agent = w.agent();
+  await w.serial.waitFor("CONNECTED");
+  await untilExists(w.paths.devlxdSocket, agent);
+  const patched = await devlxd(w.paths.devlxdSocket, "/1.0", {
+    method: "PATCH",
+    body: JSON.stringify({ state: "Ready" }),
+  });
+  assert.equal(patched.status, 200);
+  assert.equal(first.state, "Ready");
+
+  await first.close();
+  const second = w.host(HOST_PORT + 2);
+  assert.equal(second.state, "Started", "the restarted host forgot");
+  const put = await w.put(HOST_PORT + 2);
+  assert.equal(put.status, 200);
+  await put.body?.cancel();
+  await second.changed.until(() => second.state === "Ready", "the Ready state re-sent");
+  const ready = JSON.parse(await Deno.readTextFile(w.paths.stateFile)).ready;
+  assert.equal(ready, true);
+});
+
+Deno.test("agent: PUT /1.0 to an unreachable host answers 500, a bad body 400", async () => {
+  await using w = await world();
+  const agent = w.agent();
+  await agent.waitForLog(/agent started/);
+  const unreachable = await w.put(HOST_PORT + 3);
+  assert.equal(unreachable.status, 500);
+  assert.match(String((await envelope(unreachable)).error), /refused the connection/);
+  const bad = await callAgent(
+    hybridAgent(w.paths.uds),
+    w.pairs.hostClient,
+    w.pairs.agent.cert,
+    new Request("http://agent/1.0", { method: "PUT", body: '{"cid":2,"port":0}' }),
+  );
+  assert.equal(bad.status, 400);
+  await bad.body?.cancel();
+  const badCert = await w.put(HOST_PORT, {
+    certificate: "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+  });
+  assert.equal(badCert.status, 400);
+  assert.match(String((await envelope(badCert)).error), /Invalid certificate/);
+  assert.equal(w.serial.last, "STARTED");
+});
+
+Deno.test("agent: a client without the pinned certificate is refused by the agent API", async () => {
+  await using w = await world();
+  const agent = w.agent();
+  await agent.waitForLog(/agent started/);
+  const stranger = await makeTestPair("stranger");
+  await assert.rejects(
+    callAgent(
+      hybridAgent(w.paths.uds),
+      stranger,
+      w.pairs.agent.cert,
+      new Request("http://agent/1.0", {
+        method: "PUT",
+        body: JSON.stringify({ cid: 2, port: HOST_PORT, certificate: w.pairs.hostServer.cert }),
+      }),
+    ),
+  );
+  const status = JSON.parse(await Deno.readTextFile(w.paths.stateFile));
+  assert.equal(status.host, null, "nothing was applied");
+});
+
+Deno.test("agent: events pushed by the host and pulled from it reach a guest subscriber once each", async () => {
+  await using w = await world({ port: HOST_PORT, devlxd: true });
+  const host = w.host();
+  const agent = w.agent();
+  await untilExists(w.paths.devlxdSocket, agent);
+  const client = Deno.createHttpClient({
+    proxy: { transport: "unix", path: w.paths.devlxdSocket },
+  });
+  try {
+    const res = await fetch("http://lxd/1.0/events", { client });
+    assert.equal(res.status, 200);
+    const reader = res.body!.pipeThrough(new TextDecoderStream()).getReader();
+    await host.changed.until(() => host.eventStreams > 0, "the agent to pull the host's events");
+    const pushed = {
+      timestamp: "1",
+      type: "config",
+      metadata: { key: "user.a", old_value: "", value: "1" },
+    };
+    const pulled = {
+      timestamp: "2",
+      type: "config",
+      metadata: { key: "user.b", old_value: "", value: "2" },
+    };
+    const push = await callAgent(
+      hybridAgent(w.paths.uds),
+      w.pairs.hostClient,
+      w.pairs.agent.cert,
+      new Request("http://agent/1.0/events", { method: "POST", body: JSON.stringify(pushed) }),
+    );
+    assert.equal(push.status, 200);
+    await push.body?.cancel();
+    host.streamEvent(pushed); // the same event both ways
+    host.streamEvent(pulled);
+    let text = "";
+    while (text.split("\n").length < 3) text += (await within(reader.read(), "events")).value;
+    assert.deepEqual(text.trim().split("\n").map((l) => JSON.parse(l)), [pushed, pulled]);
+    await reader.cancel();
+    await host.changed.until(() => host.eventStreams === 0, "the pull to stop without subscribers");
+  } finally {
+    client.close();
+  }
+});
+
+Deno.test("agent: image export streams through; a host closing mid-response gives a 503", async () => {
+  await using w = await world({ port: HOST_PORT, devlxd: true });
+  w.host();
+  const agent = w.agent();
+  await untilExists(w.paths.devlxdSocket, agent);
+  const image = await devlxd(w.paths.devlxdSocket, "/1.0/images/abcdef/export");
+  assert.equal(image.status, 200);
+  assert.equal((await image.arrayBuffer()).byteLength, 64 * 16 * 1024);
+  const half = await devlxd(w.paths.devlxdSocket, "/1.0/config/user.halfway");
+  assert.equal(half.status, 503);
+  assert.match(await half.text(), /closed the connection/);
+});
+
+Deno.test("agent: huge bodies, bad methods and path traversal on /dev/lxd/sock", async () => {
+  await using w = await world({ port: HOST_PORT, devlxd: true });
+  const host = w.host();
+  const agent = w.agent();
+  await untilExists(w.paths.devlxdSocket, agent);
+  const huge = await devlxd(w.paths.devlxdSocket, "/1.0", {
+    method: "PATCH",
+    body: "x".repeat(1 << 20),
+  });
+  assert.equal(huge.status, 413);
+  const bad = await devlxd(w.paths.devlxdSocket, "/1.0/devices", { method: "DELETE" });
+  assert.equal(bad.status, 405);
+  const traversal = await devlxd(w.paths.devlxdSocket, "/1.0/config/user.x%2F..%2F..%2Fmeta-data");
+  assert.equal(traversal.status, 404);
+  assert.ok(host.requests.every((r) => r.path !== "/1.0/meta-data"));
+});
+
+Deno.test("agent: a missing identity file is one clear error naming it, exit 1", async () => {
+  const paths: AgentPaths = await agentPaths();
+  try {
+    const pairs: Pairs = await makePairs();
+    await writeConfigDir(paths.configDir, pairs);
+    await Deno.remove(`${paths.configDir}/server.crt`);
+    const result = await runAgentCommand([
+      `--config-dir=${paths.configDir}`,
+      `--transport=hybrid:${paths.uds}`,
+      `--state-file=${paths.stateFile}`,
+    ]);
+    assert.equal(result.code, 1);
+    assert.equal(
+      result.stderr.trim(),
+      `lxd-vsock-agent: Cannot read certificate ${paths.configDir}/server.crt: no such file`,
+    );
+  } finally {
+    await Deno.remove(paths.dir, { recursive: true });
+  }
+});
+
+Deno.test("agent: usage errors exit 2, --help and --version exit 0", async () => {
+  const bad = await runAgentCommand(["--agent-port=0"]);
+  assert.equal(bad.code, 2);
+  assert.match(bad.stderr, /--agent-port/);
+  assert.match(bad.stderr, /Usage:/);
+  const help = await runAgentCommand(["--help"]);
+  assert.equal(help.code, 0);
+  assert.match(help.stdout, /^Usage: lxd-vsock-agent/);
+  const version = await runAgentCommand(["--version"]);
+  assert.equal(version.code, 0);
+  assert.match(version.stdout, /^lxd-vsock-agent \d+\.\d+\.\d+/);
+});
+
+Deno.test("agent: rewrites its state periodically, and again on a serial port that disappears and reappears", async () => {
+  await using w = await world({ port: HOST_PORT, devlxd: false });
+  w.host();
+  w.agent();
+  await w.serial.waitFor("CONNECTED");
+  await w.serial.changed.until(
+    () => w.serial.lines.filter((l) => l === "CONNECTED").length >= 3,
+    "three rewrites of CONNECTED",
+  );
+  const replugged = await w.replugSerial();
+  await replugged.waitFor("CONNECTED");
+  assert.ok(replugged.lines.every((l) => l === "CONNECTED"), replugged.lines.join(","));
+});
+
+Deno.test("agent: devlxd follows the connection info: off removes /dev/lxd/sock, on serves it again", async () => {
+  await using w = await world({ port: HOST_PORT, devlxd: false });
+  w.host();
+  const agent = w.agent();
+  await w.serial.waitFor("CONNECTED");
+  assert.equal(await exists(w.paths.devlxdSocket), false, "agent.conf says devlxd off");
+  const on = await w.put(HOST_PORT, { devlxd: true });
+  assert.equal(on.status, 200);
+  await on.body?.cancel();
+  assert.ok(await exists(w.paths.devlxdSocket));
+  const off = await w.put(HOST_PORT, { devlxd: false });
+  assert.equal(off.status, 200);
+  await off.body?.cancel();
+  assert.equal(await exists(w.paths.devlxdSocket), false);
+  const status = await runAgentCommand([
+    "--status",
+    "--format=json",
+    `--state-file=${w.paths.stateFile}`,
+  ]);
+  assert.equal(status.code, 0);
+  const json = JSON.parse(status.stdout);
+  assert.equal(json.devlxd.serving, false);
+  assert.equal(json.state, "CONNECTED");
+  await agent.waitForLog(/stopped serving devlxd/);
+});

@@ -1,0 +1,80 @@
+/**
+ * The agent over real AF_VSOCK and a real virtio-serial port, for the VM
+ * harness (tests/vm). Skipped unless LXD_VSOCK_LOOPBACK=1: the test host and
+ * the agent then meet over vsock loopback (CID 1, `vsock_loopback` module),
+ * the host dialled by the agent at CID 1 instead of 2. With
+ * LXD_VSOCK_SERIAL_PORT=/dev/virtio-ports/<name> the agent also writes its
+ * states to that real port (the host side reads them over QMP).
+ */
+
+import assert from "node:assert/strict";
+import { connectVsock, listenVsock } from "../shared/vsock/mod.ts";
+import {
+  agentPaths,
+  AgentProcess,
+  callAgent,
+  devlxd,
+  envelope,
+  makePairs,
+  TestHost,
+  writeConfigDir,
+} from "./agent_harness.ts";
+
+const LOOPBACK = Deno.env.get("LXD_VSOCK_LOOPBACK") === "1";
+const SERIAL = Deno.env.get("LXD_VSOCK_SERIAL_PORT");
+const LOCAL_CID = 1;
+
+function skipped(name: string): boolean {
+  if (LOOPBACK) return false;
+  console.log(
+    `skipped "${name}": needs vsock loopback (run in the VM harness with LXD_VSOCK_LOOPBACK=1)`,
+  );
+  return true;
+}
+
+Deno.test("agent over vsock: PUT /1.0 on the agent API, then devlxd through a vsock host", async () => {
+  const name = "agent over vsock";
+  if (skipped(name)) return;
+  const paths = await agentPaths();
+  const pairs = await makePairs();
+  await writeConfigDir(paths.configDir, pairs);
+  const host = new TestHost(listenVsock({ port: 0 }), pairs);
+  const agentPort = 20000 + Math.floor(Math.random() * 20000);
+  const agent = AgentProcess.start(paths, [
+    "--transport=vsock",
+    `--agent-port=${agentPort}`,
+    ...(SERIAL === undefined ? [] : [`--serial-port=${SERIAL}`]),
+  ]);
+  try {
+    await agent.waitForLog(/agent started/);
+    const address = host.address;
+    assert.equal(address.family, "vsock");
+    const port = address.family === "vsock" ? address.port : 0;
+    const put = await callAgent(
+      () => connectVsock(LOCAL_CID, agentPort, { timeout: 3000 }),
+      pairs.hostClient,
+      pairs.agent.cert,
+      new Request("http://agent/1.0", {
+        method: "PUT",
+        body: JSON.stringify({
+          cid: LOCAL_CID,
+          port,
+          certificate: pairs.hostServer.cert,
+          devlxd: true,
+        }),
+      }),
+    );
+    assert.equal(put.status, 200, JSON.stringify(await envelope(put.clone())));
+    await put.body?.cancel();
+    const value = await devlxd(paths.devlxdSocket, "/1.0/config/user.foo");
+    assert.equal(await value.text(), "bar");
+    const state = JSON.parse(await Deno.readTextFile(paths.stateFile));
+    assert.equal(state.state, "CONNECTED");
+    if (SERIAL !== undefined) assert.equal(state.serialPort, SERIAL);
+    assert.equal(await agent.stop(), 0);
+  } finally {
+    await agent[Symbol.asyncDispose]();
+    await host.close();
+    await Deno.remove(paths.dir, { recursive: true });
+  }
+});
