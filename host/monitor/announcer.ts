@@ -308,7 +308,7 @@ export async function pushEvent(
 
 /** What `GET /1.0` on the agent API tells about the agent process. */
 export interface AgentProbe {
-  /** `environment.server_pid` (a stock lxd-agent reports it): changes when the agent restarts. */
+  /** `environment.server_pid` (0 or absent: unknown): changes when the agent restarts. */
   pid?: number;
   /**
    * The host address the agent holds, when it reports it (`connection`, as
@@ -335,7 +335,7 @@ export async function probeAgent(
     connection = { cid: conn.cid, port: conn.port };
   }
   return {
-    pid: typeof env.server_pid === "number" ? env.server_pid : undefined,
+    pid: typeof env.server_pid === "number" && env.server_pid > 0 ? env.server_pid : undefined,
     connection,
     metadata,
   };

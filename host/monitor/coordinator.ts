@@ -117,8 +117,11 @@ export interface CoordinatorOptions {
   /** Status channel reconnect backoff, in ms. @default { min: 500, max: 30000 } */
   backoff?: { min?: number; max?: number };
   /**
-   * Called first for each event: return true when an open pull stream of the
-   * agent (`GET /1.0/events` on the host) took it, so it is not pushed too.
+   * Called once for each new event given to `pushEvent`: return true when the
+   * agent holds an open pull stream (`GET /1.0/events` on the host) that
+   * receives it, so it is not pushed too. Events queued while the agent was
+   * offline are pushed (`POST /1.0/events`) when it is back, whatever streams
+   * it opens then (our agent's relay drops a second copy of an event).
    * @default () => false
    */
   deliverViaStream?(name: string, event: DevlxdEvent): boolean;
@@ -355,16 +358,15 @@ export class Coordinator implements AsyncDisposable {
 
   /**
    * Delivers `event` to the instance's agent: through its open pull stream
-   * when `deliverViaStream` takes it, else `POST /1.0/events` now when the
-   * agent is CONNECTED, else queued (bounded, oldest dropped) and delivered
-   * in order when it is CONNECTED again. Resolves with what happened.
+   * when `deliverViaStream` says so, else `POST /1.0/events` now when the
+   * agent is CONNECTED (after any queued ones), else queued (bounded, oldest
+   * dropped) and pushed in order when it is CONNECTED again. Resolves with
+   * what happened.
    */
   pushEvent(name: string, event: DevlxdEvent): Promise<EventDelivery> {
     const entry = this.#entries.get(name);
     if (!entry || this.#closed) return Promise.resolve("dropped");
-    if (entry.queue.length === 0 && this.#options.deliverViaStream?.(name, event)) {
-      return Promise.resolve("stream");
-    }
+    if (this.#options.deliverViaStream?.(name, event)) return Promise.resolve("stream");
     return new Promise<EventDelivery>((resolve) => {
       entry.queue.push({ event, settle: resolve });
       this.#trimQueue(entry);
@@ -765,10 +767,6 @@ export class Coordinator implements AsyncDisposable {
         ) {
           // Taken off the queue while in flight, so the bound drops only waiting events.
           const item = entry.queue.shift()!;
-          if (this.#options.deliverViaStream?.(name, item.event)) {
-            item.settle?.("stream");
-            continue;
-          }
           try {
             await this.#api.pushEvent(entry.instance, item.event, this.#abort.signal);
             entry.pushFailures = 0;

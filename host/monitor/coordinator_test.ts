@@ -59,7 +59,10 @@ class FakeStore implements CoordinatorStore {
 class FakeApi implements AgentApi {
   coordinator!: Coordinator;
   readonly announces = new Queue<{ name: string; info: ConnectionInfo }>();
-  readonly pushes: Array<{ name: string; event: DevlxdEvent }> = [];
+  readonly pushed = new Queue<{ name: string; event: DevlxdEvent }>();
+  get pushes(): Array<{ name: string; event: DevlxdEvent }> {
+    return this.pushed.all;
+  }
   readonly pids = new Map<string, number>();
   /** What `GET /1.0` reports as the agent's host address (our agent reports it). */
   readonly connections = new Map<string, { cid: number; port: number } | null>();
@@ -69,11 +72,13 @@ class FakeApi implements AgentApi {
   announceError: Error | undefined;
   pushError: Error | undefined;
   inFlight = 0;
+  readonly entered = new Queue<string>();
   maxInFlight = 0;
   gate: Promise<void> | undefined;
 
   async announce(instance: Instance, info: ConnectionInfo): Promise<void> {
     this.inFlight++;
+    this.entered.push(instance.name);
     this.maxInFlight = Math.max(this.maxInFlight, this.inFlight);
     try {
       await this.gate;
@@ -86,7 +91,7 @@ class FakeApi implements AgentApi {
   }
   pushEvent(instance: Instance, event: DevlxdEvent): Promise<void> {
     if (this.pushError) return Promise.reject(this.pushError);
-    this.pushes.push({ name: instance.name, event });
+    this.pushed.push({ name: instance.name, event });
     return Promise.resolve();
   }
   probe(instance: Instance): Promise<AgentProbe> {
@@ -333,7 +338,10 @@ Deno.test("Coordinator.start() announces to every agent last known up, with boun
   const { promise: gate, resolve: open } = Promise.withResolvers<void>();
   api.gate = gate;
   coordinator.start();
-  await new Promise((r) => setTimeout(r, 0)); // let every announce reach the gate
+  await api.entered.next();
+  await api.entered.next();
+  // One macrotask turn: every announce that could start has reached the gate.
+  await new Promise((r) => setTimeout(r, 0));
   assert.equal(api.inFlight, 2);
   open();
   for (let i = 0; i < 6; i++) await api.announces.next();
@@ -427,6 +435,23 @@ Deno.test("Coordinator hands events to an open pull stream instead of pushing th
   assert.deepEqual(api.pushes.map((p) => p.event), [event("p")]);
 });
 
+Deno.test("Coordinator pushes events queued while offline even if the agent opens a pull stream", async () => {
+  const vm = makeInstance("vm1", 10, { kind: "none" });
+  let streamOpen = false;
+  const { api, coordinator } = setup([vm], { deliverViaStream: () => streamOpen });
+  await using _c = coordinator;
+  coordinator.start();
+  assert.equal(await coordinator.pushEvent("vm1", event("offline")), "queued");
+  // The agent comes back and opens its pull stream: new events go there,
+  // the one it missed is pushed.
+  streamOpen = true;
+  coordinator.agentSeen("vm1");
+  assert.equal(await coordinator.pushEvent("vm1", event("online")), "stream");
+  assert.deepEqual((await api.pushed.next()).event, event("offline"));
+  assert.deepEqual(api.pushes.map((p) => p.event), [event("offline")]);
+  assert.equal(coordinator.status("vm1")!.queuedEvents, 0);
+});
+
 Deno.test("Coordinator.portChanged() re-announces the new port to agents that are up", async () => {
   const up = makeInstance("up", 10, { kind: "none" });
   const down = makeInstance("down", 11, { kind: "none" });
@@ -447,7 +472,7 @@ Deno.test("Coordinator writes CONNECT 2:<port> on a bidirectional serial channel
   const path = `${dir.path}/serial`;
   using listener = Deno.listen({ transport: "unix", path });
   const vm = makeInstance("vm1", 10, { kind: "socket", path });
-  const { api, coordinator } = setup([vm]);
+  const { api, changes, coordinator } = setup([vm]);
   await using _c = coordinator;
   api.announceError = new AgentCallError("refused", "Agent refused the connection");
   coordinator.start();
@@ -457,10 +482,8 @@ Deno.test("Coordinator writes CONNECT 2:<port> on a bidirectional serial channel
   const n = await guest.read(buf);
   assert.equal(new TextDecoder().decode(buf.subarray(0, n!)), "CONNECT 2:40001\n");
   // The line went out though PUT /1.0 was refused: waiting for the agent.
-  while (coordinator.status("vm1")!.agentState !== "CONNECT sent") {
-    await new Promise((r) => setTimeout(r, 5));
-  }
-  assert.match(coordinator.status("vm1")!.lastError!, /CONNECT line sent/);
+  const sent = await changes.until((c) => c.state === "CONNECT sent");
+  assert.match(sent.error!, /CONNECT line sent/);
   coordinator.agentSeen("vm1");
   assert.equal(coordinator.status("vm1")!.agentState, "CONNECTED");
 });
