@@ -38,6 +38,17 @@ export interface DaemonStatus {
   instances?: number;
   /** Open agent connections per instance. */
   connections?: Record<string, number>;
+  /** The status monitor's view of each instance (agent state, channel, announces). */
+  monitor?: {
+    name: string;
+    channel: string;
+    channelUp: boolean;
+    agentState: string;
+    lastAnnounce?: string;
+    announcedPort?: number;
+    queuedEvents: number;
+    lastError?: string;
+  }[];
 }
 
 export interface AdminAppOptions {

@@ -45,6 +45,8 @@ export interface DaemonCommand {
   maxConnectionsPerInstance: number;
   /** How long in-flight requests may run after SIGTERM, in ms. */
   shutdownTimeout: number;
+  /** Run the status monitor / announcer. */
+  monitor: boolean;
 }
 
 export type Command =
@@ -117,6 +119,7 @@ ${COMMON_OPTIONS}
   --images-dir DIR              image files for /1.0/images/{fp}/export (default: <state-dir>/images)
   --max-connections-per-instance N   concurrent connections per VM (default: 32)
   --shutdown-timeout MS         time in-flight requests get after SIGTERM (default: 5000)
+  --no-monitor                  do not watch status channels nor announce the host to agents
   --log-level ${LOG_LEVELS.join("|")}  (default: info)`,
   instance: `USAGE
   ${PROGRAM} instance add NAME --cid N [--qmp PATH [--chardev ID] [--ring-size N]
@@ -259,6 +262,7 @@ export function parseConfig(args: string[], env: CliEnvironment): Command {
         "max-connections-per-instance": { type: "string" },
         "shutdown-timeout": { type: "string" },
         "log-level": { type: "string" },
+        "no-monitor": { type: "boolean" },
       }, help);
       if (values.help) return { kind: "help", text: help };
       positionals(pos, [], help);
@@ -293,6 +297,7 @@ export function parseConfig(args: string[], env: CliEnvironment): Command {
         transport,
         maxConnectionsPerInstance: max,
         shutdownTimeout,
+        monitor: !values["no-monitor"],
       };
       if (values["images-dir"] !== undefined) command.imagesDir = values["images-dir"];
       return command;

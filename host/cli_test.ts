@@ -34,6 +34,7 @@ Deno.test("parseConfig() daemon: defaults and every flag", () => {
     transport: "vsock",
     maxConnectionsPerInstance: 32,
     shutdownTimeout: 5000,
+    monitor: true,
   });
   assert.deepEqual(
     parseConfig([
@@ -52,6 +53,7 @@ Deno.test("parseConfig() daemon: defaults and every flag", () => {
       "4",
       "--shutdown-timeout",
       "100",
+      "--no-monitor",
     ], user),
     {
       kind: "daemon",
@@ -62,6 +64,7 @@ Deno.test("parseConfig() daemon: defaults and every flag", () => {
       imagesDir: "/img",
       maxConnectionsPerInstance: 4,
       shutdownTimeout: 100,
+      monitor: false,
     },
   );
 });

@@ -182,6 +182,21 @@ export function formatStatus(status: DaemonStatus): string {
   for (const [peer, n] of Object.entries(status.connections ?? {})) {
     text += `connections: ${peer} ${n}\n`;
   }
+  if (status.monitor && status.monitor.length > 0) {
+    text += "\n" + formatTable(
+      ["INSTANCE", "CHANNEL", "UP", "AGENT", "LAST ANNOUNCE", "PORT", "QUEUED", "LAST ERROR"],
+      status.monitor.map((m) => [
+        m.name,
+        m.channel,
+        m.channelUp ? "yes" : "no",
+        m.agentState,
+        m.lastAnnounce ?? "-",
+        m.announcedPort === undefined ? "-" : String(m.announcedPort),
+        String(m.queuedEvents),
+        m.lastError ?? "",
+      ]),
+    );
+  }
   return text;
 }
 

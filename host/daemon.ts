@@ -17,6 +17,8 @@ import type { DevlxdEvent } from "../shared/api.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
 import { generateKeyPair, readKeyPair, writeKeyPair } from "../shared/tls/mod.ts";
 import {
+  connectHybrid,
+  connectVsock,
   type Listener,
   listenUnix,
   listenVsock,
@@ -24,6 +26,7 @@ import {
   RANDOM_PORT_MAX,
   RANDOM_PORT_MIN,
 } from "../shared/vsock/mod.ts";
+import { AGENT_API_PORT } from "../shared/api.ts";
 import { createAdminApp, type DaemonStatus } from "./admin_app.ts";
 import { VERSION } from "./cli.ts";
 import { agentConf, readConfigDrive, writeFileAtomic } from "./config_drive.ts";
@@ -34,6 +37,7 @@ import { InstanceService, type KeyPairGenerator } from "./instance_service.ts";
 import { Registry } from "./registry.ts";
 import { defaultConfigDrive, prepareStateDir, type StatePaths } from "./state_dir.ts";
 import { DevlxdServer } from "./vsock_server.ts";
+import { Coordinator } from "./monitor/coordinator.ts";
 
 /** The host's TLS identity: generated once, 0600 in the state directory. */
 export async function ensureServerCertificate(
@@ -73,6 +77,11 @@ export interface DaemonOptions {
   idleTimeout?: number;
   maxHeaderSize?: number;
   maxBodySize?: number;
+  /**
+   * Run the status monitor and coordinator (status channels, announcing the
+   * host to agents, pushing events to agents). @default true
+   */
+  monitor?: boolean;
   /** `location` in devlxd `GET /1.0`. @default Deno.hostname() */
   location?: string;
   logger?: Logger;
@@ -99,6 +108,7 @@ export class Daemon {
   readonly serverCert: string;
   readonly startedAt = new Date();
   #server: DevlxdServer;
+  #coordinator: Coordinator | undefined;
   #hybrid = new Map<string, { path: string; listener: Listener }>();
   #admin: Deno.HttpServer<Deno.UnixAddr> | undefined;
   #hooks: Set<(name: string) => void>;
@@ -147,6 +157,7 @@ export class Daemon {
     const registry = Registry.open(paths.registry);
     let server: DevlxdServer | undefined;
     let vsock: Listener | undefined;
+    let monitor: Coordinator | undefined;
     try {
       const { cert, key } = await ensureServerCertificate(paths);
       const events = new EventHub<DevlxdEvent>();
@@ -239,16 +250,47 @@ export class Daemon {
       if (vsock) server.serve(vsock, { kind: "vsock" });
       vsock = undefined;
       for (const instance of registry.list()) daemon.#openHybrid(instance);
-      daemon.#unsubscribe = lifecycle.subscribe("*", (event) => {
-        if (event.action === "instance-added") {
-          const instance = registry.get(event.instance);
-          if (instance) daemon.#openHybrid(instance);
-        } else if (event.action === "instance-removed") {
-          daemon.#closeHybrid(event.instance);
-        }
+      const coordinator = options.monitor === false ? undefined : new Coordinator({
+        store: {
+          list: () => registry.list(),
+          get: (name) => registry.get(name),
+          setRuntime: (name, patch) => service.applyRuntime(name, patch),
+        },
+        hostPort: () => port,
+        serverCert: cert,
+        connectAgent: (instance, { timeout, signal }) =>
+          instance.hybrid === undefined
+            ? connectVsock(instance.cid, AGENT_API_PORT, { timeout, signal })
+            : connectHybrid(instance.hybrid, AGENT_API_PORT, { timeout, signal }),
+        // An agent holding GET /1.0/events gets the event there; else it is pushed.
+        deliverViaStream: (name) => events.subscriberCount(name) > 0,
+        logger: logger.with({ component: "monitor" }),
       });
+      daemon.#coordinator = monitor = coordinator;
+      const unsubscribes = [
+        lifecycle.subscribe("*", (event) => {
+          const instance = registry.get(event.instance);
+          if (event.action === "instance-added" && instance) {
+            daemon.#openHybrid(instance);
+            coordinator?.add(instance);
+          } else if (event.action === "instance-removed") {
+            daemon.#closeHybrid(event.instance);
+            coordinator?.remove(event.instance);
+          } else if (event.action === "config-changed" && instance) {
+            coordinator?.update(instance);
+          }
+        }),
+      ];
+      if (coordinator) {
+        unsubscribes.push(
+          events.subscribe("*", (event, name) => void coordinator.pushEvent(name, event)),
+        );
+        hooks.add((name) => coordinator.agentSeen(name));
+      }
+      daemon.#unsubscribe = () => unsubscribes.forEach((u) => u());
       await daemon.#refreshConfigDrives();
       await daemon.#serveAdmin();
+      coordinator?.start();
       logger.info("listening", {
         transport,
         cid: cid ?? undefined,
@@ -261,6 +303,7 @@ export class Daemon {
     } catch (error) {
       vsock?.close();
       await server?.close(0);
+      await monitor?.close();
       registry.close();
       throw error;
     }
@@ -357,6 +400,7 @@ export class Daemon {
       ),
       instances: this.registry.size,
       connections: this.#server.connections,
+      monitor: this.#coordinator?.snapshot(),
     };
   }
 
@@ -368,6 +412,7 @@ export class Daemon {
     this.#closing ??= (async () => {
       this.#logger.info("shutting down", { open: Object.values(this.#server.connections).length });
       this.#unsubscribe();
+      await this.#coordinator?.close();
       this.#hybrid.clear();
       this.events.close();
       this.lifecycle.close();

@@ -15,7 +15,7 @@ import type { DevlxdEvent } from "../shared/api.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
 import { agentConf, writeConfigDrive } from "./config_drive.ts";
 import type { EventHub, LifecycleEvent } from "./event_hub.ts";
-import type { AgentStatus, Instance, StatusChannel } from "./instance.ts";
+import type { AgentStatus, Instance, InstanceRuntime, StatusChannel } from "./instance.ts";
 import type { Registry } from "./registry.ts";
 import { defaultConfigDrive, type StatePaths } from "./state_dir.ts";
 
@@ -246,6 +246,24 @@ export class InstanceService {
     if (changed) {
       this.#logger.info("agent state", { instance: name, state: agentState });
       this.#lifecycle(name, "agent-state", { agentState, error });
+    }
+  }
+
+  /**
+   * Durably applies runtime fields the status monitor observed (agent state,
+   * change time, last error, last seen), publishing a lifecycle event when the
+   * agent state changed. Unknown instances are ignored (removed meanwhile).
+   */
+  applyRuntime(name: string, patch: Partial<InstanceRuntime>): void {
+    const before = this.registry.get(name)?.runtime;
+    if (!before) return;
+    const after = this.registry.updateRuntime(name, patch);
+    if (after.agentState !== before.agentState) {
+      this.#logger.debug("agent state recorded", { instance: name, state: after.agentState });
+      this.#lifecycle(name, "agent-state", {
+        agentState: after.agentState,
+        error: after.lastError,
+      });
     }
   }
 
