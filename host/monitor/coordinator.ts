@@ -639,7 +639,7 @@ export class Coordinator implements AsyncDisposable {
         entry.announcing = false;
         if (entry.forceAgain && !entry.removed && !this.#closed) {
           entry.forceAgain = false;
-          this.#announce(entry, "host port changed", true);
+          this.#announce(entry, "asked again while announcing", true);
         }
       }),
     );
