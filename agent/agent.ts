@@ -160,6 +160,12 @@ export class Agent {
     this.#timers.push(setInterval(() => this.#rewrite(), options.rewriteInterval ?? 5000));
     this.#timers.push(setInterval(() => this.#probe(), options.probeInterval ?? 3000));
 
+    const pending = options.identity.pendingHost;
+    if (options.identity.connection === undefined && pending !== undefined) {
+      this.#logger.info("agent.conf names the host but not its port yet; waiting for it");
+      this.#setDevlxd(pending.devlxd);
+      await this.#devlxdChange;
+    }
     const conf = options.identity.connection;
     if (conf !== undefined) {
       this.#logger.info("connection info from agent.conf", { cid: conf.cid, port: conf.port });
@@ -259,7 +265,9 @@ export class Agent {
   }
 
   #onSerialConnect(target: { cid: number; port: number }): void {
-    const info = this.#info ?? this.#options.identity.connection;
+    const info = this.#info ?? this.#options.identity.connection ??
+      (this.#options.identity.pendingHost &&
+        { cid: target.cid, port: target.port, ...this.#options.identity.pendingHost });
     if (info === undefined) {
       this.#logger.warn(
         "CONNECT line from the host, but no host certificate is known yet (no agent.conf, no PUT /1.0)",

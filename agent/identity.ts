@@ -19,6 +19,12 @@ export interface Identity {
   serverCert: string;
   /** Connection info from `agent.conf`, when present and valid. */
   connection?: ConnectionInfo;
+  /**
+   * The host certificate and devlxd flag of an `agent.conf` written before the
+   * host first ran (`"port": 0`): enough to serve devlxd and to follow a serial
+   * `CONNECT` line, not to dial.
+   */
+  pendingHost?: { certificate: string; devlxd: boolean };
   /** Why `agent.conf` was present but ignored (main logs it). */
   connectionError?: string;
 }
@@ -83,7 +89,13 @@ export async function readIdentity(dir: string): Promise<Identity> {
   }
   if (text !== undefined) {
     try {
-      identity.connection = parseConnectionInfo(JSON.parse(text));
+      const value = JSON.parse(text);
+      if (value?.port === 0) {
+        const known = parseConnectionInfo({ ...value, port: 1 });
+        identity.pendingHost = { certificate: known.certificate, devlxd: known.devlxd };
+      } else {
+        identity.connection = parseConnectionInfo(value);
+      }
     } catch (error) {
       identity.connectionError = `Ignoring ${confPath}: ${(error as Error).message}`;
     }

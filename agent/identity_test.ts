@@ -48,7 +48,7 @@ Deno.test("readIdentity() reports an invalid agent.conf without failing", async 
     "agent.crt": CERT,
     "agent.key": KEY,
     "server.crt": CERT,
-    "agent.conf": JSON.stringify({ cid: 2, port: 0, certificate: CERT }),
+    "agent.conf": JSON.stringify({ cid: 2, port: 70000, certificate: CERT }),
   });
   try {
     const identity = await readIdentity(dir);
@@ -80,5 +80,22 @@ Deno.test("readIdentity() names each missing or malformed identity file", async 
     } finally {
       await Deno.remove(dir, { recursive: true });
     }
+  }
+});
+
+Deno.test("readIdentity() keeps the certificate of an agent.conf written before the host ran (port 0)", async () => {
+  const dir = await identityDir({
+    "agent.crt": CERT,
+    "agent.key": KEY,
+    "server.crt": CERT,
+    "agent.conf": JSON.stringify({ cid: 2, port: 0, certificate: CERT, devlxd: true }),
+  });
+  try {
+    const identity = await readIdentity(dir);
+    assert.equal(identity.connection, undefined);
+    assert.equal(identity.connectionError, undefined);
+    assert.deepEqual(identity.pendingHost, { certificate: CERT, devlxd: true });
+  } finally {
+    await Deno.remove(dir, { recursive: true });
   }
 });

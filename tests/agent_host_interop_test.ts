@@ -1,0 +1,169 @@
+/**
+ * Our agent against our host daemon, both as processes: the host's
+ * `instance add` writes the config drive the agent reads, the host watches a
+ * socket-backed serial port (a relay stands in for QEMU's chardev between the
+ * two), announces itself, and the guest reaches the host's devlxd API through
+ * /dev/lxd/sock over the hybrid transport with real mutual TLS.
+ */
+
+import assert from "node:assert/strict";
+import { cliOk, DaemonProcess } from "./host_harness.ts";
+import { agentPaths, AgentProcess, devlxd, runAgentCommand, within } from "./agent_harness.ts";
+
+/**
+ * QEMU's `-chardev socket,server=on` on a virtserialport, seen from both
+ * sides: the host connects to `hostPath`, the guest's port is `guestPath`;
+ * bytes flow both ways while both are connected and are dropped otherwise.
+ */
+class SerialRelay {
+  #host: Deno.UnixListener;
+  #guest: Deno.UnixListener;
+  #sides: { host?: Deno.UnixConn; guest?: Deno.UnixConn } = {};
+  #loops: Promise<void>[];
+  #conns = new Set<Deno.UnixConn>();
+
+  constructor(readonly hostPath: string, readonly guestPath: string) {
+    this.#host = Deno.listen({ transport: "unix", path: hostPath });
+    this.#guest = Deno.listen({ transport: "unix", path: guestPath });
+    this.#loops = [this.#accept(this.#host, "host"), this.#accept(this.#guest, "guest")];
+  }
+
+  async #accept(listener: Deno.UnixListener, side: "host" | "guest"): Promise<void> {
+    try {
+      for await (const conn of listener) {
+        this.#conns.add(conn);
+        this.#sides[side] = conn;
+        this.#pump(conn, side);
+      }
+    } catch {
+      // closed
+    }
+  }
+
+  async #pump(conn: Deno.UnixConn, side: "host" | "guest"): Promise<void> {
+    const buf = new Uint8Array(1024);
+    try {
+      for (;;) {
+        const n = await conn.read(buf);
+        if (n === null) break;
+        const other = this.#sides[side === "host" ? "guest" : "host"];
+        await other?.write(buf.slice(0, n)).catch(() => {});
+      }
+    } catch {
+      // closed
+    }
+    this.#conns.delete(conn);
+    if (this.#sides[side] === conn) delete this.#sides[side];
+    try {
+      conn.close();
+    } catch {
+      // closed
+    }
+  }
+
+  async close(): Promise<void> {
+    this.#host.close();
+    this.#guest.close();
+    for (const conn of this.#conns) {
+      try {
+        conn.close();
+      } catch {
+        // closed
+      }
+    }
+    await Promise.all(this.#loops);
+  }
+}
+
+async function devlxdWhenUp(socket: string, path: string, agent: AgentProcess): Promise<Response> {
+  const deadline = Date.now() + 20_000;
+  for (;;) {
+    try {
+      const res = await devlxd(socket, path);
+      if (res.status === 200) return res;
+      await res.body?.cancel();
+    } catch {
+      // the socket is not there yet
+    }
+    if (Date.now() > deadline) throw new Error(`Timed out waiting for ${path}\n${agent.stderr}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+Deno.test("agent + host daemon: config drive, announce, devlxd config and events, Ready kept across a host restart", async () => {
+  const paths = await agentPaths();
+  const state = `${paths.dir}/host-state`;
+  const relay = new SerialRelay(`${paths.dir}/serial-host.sock`, paths.serial);
+  let daemon: DaemonProcess | undefined;
+  let agent: AgentProcess | undefined;
+  try {
+    await cliOk([
+      "instance",
+      "add",
+      "vm1",
+      "--state-dir",
+      state,
+      "--cid",
+      "3",
+      "--serial",
+      relay.hostPath,
+      "--hybrid",
+      paths.uds,
+      "--config-drive",
+      paths.configDir,
+      "-c",
+      "user.foo=bar",
+    ]);
+    daemon = await DaemonProcess.start(state);
+    agent = AgentProcess.start(paths);
+
+    const value = await devlxdWhenUp(paths.devlxdSocket, "/1.0/config/user.foo", agent);
+    assert.equal(await value.text(), "bar");
+    const status = await runAgentCommand(["--status", `--state-file=${paths.stateFile}`]);
+    assert.equal(status.code, 0, status.stdout + agent.stderr);
+    assert.match(status.stdout, new RegExp(`Host: +vsock 2:${daemon.port}`));
+
+    const client = Deno.createHttpClient({
+      proxy: { transport: "unix", path: paths.devlxdSocket },
+    });
+    try {
+      const events = await fetch("http://lxd/1.0/events?type=config", { client });
+      const reader = events.body!.pipeThrough(new TextDecoderStream()).getReader();
+      await cliOk(["config", "set", "vm1", "user.foo", "baz", "--state-dir", state]);
+      let text = "";
+      while (!text.includes("\n")) text += (await within(reader.read(), "a config event")).value;
+      const event = JSON.parse(text.slice(0, text.indexOf("\n")));
+      assert.equal(event.type, "config");
+      assert.equal(event.metadata.key, "user.foo");
+      assert.equal(event.metadata.value, "baz");
+      await reader.cancel();
+    } finally {
+      client.close();
+    }
+
+    const ready = await devlxd(paths.devlxdSocket, "/1.0", {
+      method: "PATCH",
+      body: JSON.stringify({ state: "Ready" }),
+    });
+    assert.equal(ready.status, 200, await ready.clone().text());
+    assert.equal((await (await devlxd(paths.devlxdSocket, "/1.0")).json()).state, "Ready");
+
+    assert.equal((await daemon.stop("SIGTERM")).code, 0);
+    daemon = await DaemonProcess.start(state);
+    const deadline = Date.now() + 30_000;
+    for (;;) {
+      const res = await devlxd(paths.devlxdSocket, "/1.0");
+      if (res.status === 200 && (await res.json()).state === "Ready") break;
+      if (Date.now() > deadline) {
+        throw new Error(`The restarted host never learnt Ready\n${agent.stderr}`);
+      }
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    assert.equal(await agent.stop(), 0);
+  } finally {
+    await agent?.[Symbol.asyncDispose]();
+    await daemon?.[Symbol.asyncDispose]();
+    await relay.close();
+    await Deno.remove(paths.dir, { recursive: true });
+  }
+});
