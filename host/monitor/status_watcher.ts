@@ -14,8 +14,9 @@
  * - `none`: never reports anything.
  *
  * A channel that cannot be opened or goes away (VM stopped, QEMU killed) is
- * reported once as `STOPPED` and retried with exponential backoff; it never
- * affects other watchers. Owns its connection and timers until `close()`.
+ * reported once as `STOPPED` and retried with exponential backoff, but at
+ * least once per poll period while nothing listens on the socket (so a VM
+ * that starts is noticed); it never affects other watchers. Owns its connection and timers until `close()`.
  *
  * Needs `--allow-read`, `--allow-write`, `--allow-net=unix:<path>`.
  * @module
@@ -246,7 +247,13 @@ export abstract class StatusWatcher implements AsyncDisposable {
         this.logger.debug("status channel down", { error: failure });
         this.emit({ state: "STOPPED", source: "channel", error: failure });
       }
-      const jittered = delay * (0.8 + 0.4 * Math.random());
+      // Nothing listening (VM not running) costs one syscall to find out: try
+      // again at least once per poll period, so a VM that starts is seen soon.
+      // Other failures (no greeting, garbage) back off fully.
+      const cheap = failure instanceof Deno.errors.NotFound ||
+        failure instanceof Deno.errors.ConnectionRefused;
+      const jittered = (cheap ? Math.min(delay, this.#interval) : delay) *
+        (0.8 + 0.4 * Math.random());
       await this.#wait(jittered);
       delay = Math.min(delay * 2, max);
     }

@@ -118,6 +118,23 @@ Deno.test("qmp watcher reports STOPPED once when QEMU goes away and reconnects w
   assert.equal(second.connections.length, 1);
 });
 
+Deno.test("qmp watcher retries a missing socket within its poll period, however long the backoff", async () => {
+  await using dir = await tempDir();
+  const path = `${dir.path}/qmp`;
+  const seen = new Queue<StatusObservation>();
+  await using _watcher = createStatusWatcher(qmpChannel(path), {
+    onState: seen.push,
+    interval: 20,
+    backoff: { min: HOUR, max: HOUR },
+  }).start();
+  const down = await seen.next();
+  assert.ok(down.error instanceof Deno.errors.NotFound, String(down.error));
+  const ring = new FakeRingBuffer();
+  ring.write("STARTED\n");
+  await using _server = new FakeQmpServer(path, { rings: { vserial: ring } }); // the VM starts
+  assert.equal((await seen.next()).state, "STARTED");
+});
+
 Deno.test("qmp watcher treats a QEMU that never greets as stopped", async () => {
   await using dir = await tempDir();
   await using _server = new FakeQmpServer(`${dir.path}/qmp`, { greeting: false });
