@@ -275,6 +275,32 @@ Deno.test("Coordinator checks an agent that went silent after its last request, 
   assert.equal(again.info.port, 40001);
 });
 
+Deno.test("Coordinator checks a connected agent at once when STARTED arrives on a socket channel", async () => {
+  await using dir = await tempDir();
+  const path = `${dir.path}/serial`;
+  using listener = Deno.listen({ transport: "unix", path });
+  const vm = makeInstance("vm1", 10, { kind: "socket", path });
+  const { api, changes, coordinator } = setup([vm]);
+  await using _c = coordinator;
+  api.connections.set("vm1", { cid: 2, port: 40001 });
+  coordinator.start();
+  using guest = await listener.accept();
+  const write = (line: string) => guest.write(new TextEncoder().encode(line));
+  await write("STARTED\n");
+  await changes.until((c) => c.state === "CONNECTED");
+  await api.announces.next();
+  await write("CONNECTED\n");
+  coordinator.agentSeen("vm1"); // requests after its last line
+  api.connections.set("vm1", null); // killed; back with no host address
+  // Our agent rewrites STARTED (every 5 s) until it is connected again.
+  const rewrite = setInterval(() => write("STARTED\n").catch(() => {}), 20);
+  try {
+    assert.equal((await api.announces.next()).info.port, 40001);
+  } finally {
+    clearInterval(rewrite);
+  }
+});
+
 Deno.test("Coordinator marks STOPPED on a STOPPED line, polls slower, and announces at the next STARTED", async () => {
   await using dir = await tempDir();
   const ring = new FakeRingBuffer();

@@ -38,8 +38,9 @@ export interface StatusObservation {
   error?: Error;
   /**
    * Ms between this read and the previous one on the same connection: the
-   * window in which the line was written. Undefined for the first read
-   * after (re)connecting, and for channel observations.
+   * window in which the line was written (0 on the socket backend, where
+   * lines arrive as written). Undefined for the first read after
+   * (re)connecting, and for channel observations.
    */
   elapsed?: number;
 }
@@ -145,14 +146,17 @@ export abstract class StatusWatcher implements AsyncDisposable {
     return this.#closed;
   }
 
-  /** Notes that the channel was read now (polled backends: each poll; push backends: each line). */
+  /** Notes that a polled channel is being read now. */
   protected markRead(): void {
     this.#previousReadAt = this.#readAt;
     this.#readAt = performance.now();
   }
 
   protected emit(observation: StatusObservation): void {
-    if (observation.source === "line" && Number.isFinite(this.#previousReadAt)) {
+    if (
+      observation.source === "line" && observation.elapsed === undefined &&
+      Number.isFinite(this.#previousReadAt)
+    ) {
       observation.elapsed = this.#readAt - this.#previousReadAt;
     }
     try {
@@ -358,8 +362,8 @@ class SocketStatusWatcher extends StatusWatcher {
           const line = partial.slice(0, newline + 1);
           partial = partial.slice(newline + 1);
           const state = parseStatusLine(line);
-          this.markRead();
-          if (state !== undefined) this.emit({ state, source: "line", text: line });
+          // Lines arrive as written: nothing happened between write and read.
+          if (state !== undefined) this.emit({ state, source: "line", text: line, elapsed: 0 });
         }
         if (partial.length > maxLine) partial = ""; // garbage without newline: drop it
       }
