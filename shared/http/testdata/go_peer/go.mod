@@ -1,0 +1,3 @@
+module go_peer
+
+go 1.19
