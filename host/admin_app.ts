@@ -157,6 +157,7 @@ export function createAdminApp(options: AdminAppOptions): Hono {
   app.get("/1.0/events", (c) => {
     if (!service.lifecycle) throw new HttpError(503, "No event stream: the daemon is not running");
     const instance = c.req.query("instance");
+    logger.debug("lifecycle stream opened", { instance });
     const stream = service.lifecycle.stream(ALL_TOPICS, {
       filter: instance ? (e) => e.instance === instance : undefined,
       signal: c.req.raw.signal,

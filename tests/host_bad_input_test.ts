@@ -279,3 +279,14 @@ Deno.test("one VM over its connection cap is refused while another VM is still s
   assert.equal(other.status, 200);
   assert.ok(a.writable && b.writable);
 });
+
+Deno.test("a client that stalls in the TLS handshake is cut off after the handshake timeout", async () => {
+  await using t = await setup();
+  using raw = await connectHybridListener(t.hybrid.vm1, t.daemon.port);
+  const ended = drained(raw);
+  // The start of a TLS record header, then nothing.
+  raw.write(new Uint8Array([0x16, 0x03, 0x01]));
+  const text = await bounded(ended, 15_000, "the stalled handshake to be closed");
+  assert.equal(text, "");
+  await stillServes(t);
+});

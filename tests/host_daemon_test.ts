@@ -66,8 +66,10 @@ Deno.test("PATCH /1.0 Ready is stored durably: instance list shows it, also afte
   await using dir = await tempDir("host-daemon-");
   const hybrid = await addHybrid(dir.path, "vm1", 10);
   const id = await agentIdentity(dir.path, "vm1");
+  let firstPort = 0;
   {
     await using daemon = await DaemonProcess.start(dir.path);
+    firstPort = daemon.port;
     const patched = await agentRequest(hybrid, daemon.port, id, "/1.0", {
       method: "PATCH",
       body: JSON.stringify({ state: "Ready" }),
@@ -88,6 +90,7 @@ Deno.test("PATCH /1.0 Ready is stored durably: instance list shows it, also afte
   );
   assert.equal(list[0].runtime.ready, true);
   await using daemon = await DaemonProcess.start(dir.path);
+  assert.equal(daemon.port, firstPort, "a restarted daemon reuses its last port");
   const info = await agentRequest(hybrid, daemon.port, id, "/1.0");
   assert.equal((info.body.metadata as { state: string }).state, "Ready");
 });
@@ -185,4 +188,39 @@ Deno.test("CLI registry errors exit 1 (or 2 for usage) and leave the store uncha
     await cliOk(["instance", "list", "--format", "json", "--state-dir", dir.path]),
     before,
   );
+});
+
+Deno.test("the events command follows lifecycle events of the running daemon", async () => {
+  await using dir = await tempDir("host-daemon-");
+  await addHybrid(dir.path, "vm1", 10);
+  await using daemon = await DaemonProcess.start(dir.path);
+  const follower = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-P=host", "host/main.ts", "events", "--state-dir", dir.path],
+    cwd: new URL("..", import.meta.url).pathname,
+    stdout: "piped",
+    stderr: "null",
+  }).spawn();
+  try {
+    const reader = follower.stdout.pipeThrough(new TextDecoderStream()).getReader();
+    await daemon.waitFor(/msg="lifecycle stream opened"/);
+    await cliOk(["config", "set", "vm1", "user.n", "1", "--state-dir", dir.path]);
+    let text = "";
+    while (!text.includes("\n")) {
+      const { value, done } = await bounded(reader.read(), 15_000, "a lifecycle event");
+      assert.equal(done, false);
+      text += value;
+    }
+    const event = JSON.parse(text.split("\n")[0]);
+    assert.deepEqual([event.type, event.instance, event.action, event.metadata.key], [
+      "lifecycle",
+      "vm1",
+      "config-changed",
+      "user.n",
+    ]);
+    await reader.cancel();
+  } finally {
+    follower.kill("SIGTERM");
+    assert.equal((await follower.status).code, 0);
+  }
+  assert.equal(daemon.lines.some((l) => l.includes("level=error")), false);
 });
