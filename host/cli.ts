@@ -78,7 +78,7 @@ export type Command =
     config: Record<string, string>;
   }
   | { kind: "device-remove"; stateDir: string; name: string; device: string }
-  | { kind: "status"; stateDir: string; format: OutputFormat }
+  | { kind: "status"; stateDir: string; format: OutputFormat; name?: string }
   | { kind: "events"; stateDir: string };
 
 const COMMON_OPTIONS = `  --state-dir DIR   state directory (default: /var/lib/lxd-vsock for root,
@@ -164,9 +164,12 @@ ${COMMON_OPTIONS}`,
 OPTIONS
 ${COMMON_OPTIONS}`,
   status: `USAGE
-  ${PROGRAM} status [--format table|json]
+  ${PROGRAM} status [NAME] [--format table|json]
 
-Shows whether the daemon runs, its vsock CID and port, and its listeners.
+Shows whether the daemon runs, its vsock CID and port, its listeners and the
+monitor's view of each instance. With NAME: that instance's agent state, and
+its status channel as the daemon's monitor sees it (or, when no daemon runs,
+one read of the channel: for QMP a ringbuf-read, which consumes the bytes).
 
 OPTIONS
 ${COMMON_OPTIONS}
@@ -445,8 +448,14 @@ export function parseConfig(args: string[], env: CliEnvironment): Command {
       const help = HELP.status;
       const { values, positionals: pos } = parse(rest, { format: { type: "string" } }, help);
       if (values.help) return { kind: "help", text: help };
-      positionals(pos, [], help);
-      return { kind: "status", stateDir: stateDirOf(values), format: format(values.format, help) };
+      if (pos.length > 1) throw new UsageError(`Unexpected argument "${pos[1]}"`, help);
+      const command: Command = {
+        kind: "status",
+        stateDir: stateDirOf(values),
+        format: format(values.format, help),
+      };
+      if (pos.length === 1) command.name = name(pos[0], help);
+      return command;
     }
     case "events": {
       const help = HELP.events;

@@ -174,6 +174,7 @@ Deno.test("parseConfig() registry subcommands", () => {
     device: "eth0",
   });
   assert.deepEqual(p("status"), { kind: "status", ...s, format: "table" });
+  assert.deepEqual(p("status", "vm"), { kind: "status", ...s, format: "table", name: "vm" });
   assert.deepEqual(p("events"), { kind: "events", ...s });
 });
 

@@ -12,6 +12,7 @@ import { createAdminApp, type DaemonStatus } from "./admin_app.ts";
 import { type Command, VERSION } from "./cli.ts";
 import { ensureServerCertificate, generateInstanceKeyPair } from "./daemon.ts";
 import { InstanceService, type PublicInstance } from "./instance_service.ts";
+import { type ChannelReading, readStatusChannel } from "./monitor/status_watcher.ts";
 import { Registry, RegistryError } from "./registry.ts";
 import { prepareStateDir, statePaths } from "./state_dir.ts";
 
@@ -200,6 +201,36 @@ export function formatStatus(status: DaemonStatus): string {
   return text;
 }
 
+/** The `status NAME` text. */
+export function formatInstanceStatus(view: {
+  instance: string;
+  running: boolean;
+  runtime: PublicInstance["runtime"];
+  monitor?: NonNullable<DaemonStatus["monitor"]>[number];
+  reading?: ChannelReading;
+}): string {
+  const r = view.runtime;
+  let text = `instance: ${view.instance}\n` +
+    `agent: ${r.agentState}${r.lastChange ? ` (since ${r.lastChange})` : ""}\n` +
+    `ready: ${r.ready ? "yes" : "no"}\n` +
+    `last seen: ${r.lastSeen ?? "-"}\n`;
+  if (r.lastError) text += `last error: ${r.lastError}\n`;
+  if (view.monitor) {
+    const m = view.monitor;
+    text += `channel: ${m.channel} (${m.channelUp ? "up" : "down"})\n` +
+      `last announce: ${m.lastAnnounce ?? "-"}${
+        m.announcedPort ? ` (port ${m.announcedPort})` : ""
+      }\n` +
+      `queued events: ${m.queuedEvents}\n`;
+  } else if (view.reading) {
+    const c = view.reading;
+    text += `channel: ${c.kind}, read once: ${c.state ?? "-"}${c.note ? ` (${c.note})` : ""}\n`;
+  } else if (view.running) {
+    text += "channel: not watched (daemon runs with --no-monitor)\n";
+  }
+  return text;
+}
+
 /** Runs a registry command. Throws CommandError (or a registry error) on failure. */
 export async function runCommand(command: Command, io: CommandIO): Promise<void> {
   if (command.kind === "help" || command.kind === "version" || command.kind === "daemon") {
@@ -270,6 +301,27 @@ export async function runCommand(command: Command, io: CommandIO): Promise<void>
       return;
     case "status": {
       const status = await call(admin, "GET", "/1.0") as DaemonStatus;
+      if (command.name !== undefined) {
+        const instance = await call(admin, "GET", inst(command.name)) as PublicInstance;
+        const monitor = status.monitor?.find((m) => m.name === command.name);
+        // Without a daemon, read the channel once ourselves (nobody else consumes it).
+        const reading = status.running
+          ? undefined
+          : await readStatusChannel(instance.status, { timeout: 3000 });
+        const view = {
+          instance: command.name,
+          running: status.running,
+          runtime: instance.runtime,
+          monitor,
+          reading,
+        };
+        io.stdout(
+          command.format === "json"
+            ? JSON.stringify(view, null, 2) + "\n"
+            : formatInstanceStatus(view),
+        );
+        return;
+      }
       io.stdout(
         command.format === "json" ? JSON.stringify(status, null, 2) + "\n" : formatStatus(status),
       );

@@ -224,3 +224,39 @@ Deno.test("the events command follows lifecycle events of the running daemon", a
   }
   assert.equal(daemon.lines.some((l) => l.includes("level=error")), false);
 });
+
+Deno.test("status NAME reads the status channel once without a daemon, and shows the monitor's view with one", async () => {
+  await using dir = await tempDir("host-daemon-");
+  const statusFile = join(dir.path, "vm1.status");
+  await Deno.writeTextFile(statusFile, "STARTED\nCONNECTED\n");
+  await cliOk([
+    "instance",
+    "add",
+    "vm1",
+    "--cid",
+    "10",
+    "--status-file",
+    statusFile,
+    "--state-dir",
+    dir.path,
+  ]);
+  const offline = JSON.parse(
+    await cliOk(["status", "vm1", "--format", "json", "--state-dir", dir.path]),
+  );
+  assert.equal(offline.running, false);
+  assert.deepEqual([offline.reading.kind, offline.reading.state], ["file", "CONNECTED"]);
+  assert.match(
+    await cliOk(["status", "vm1", "--state-dir", dir.path]),
+    /channel: file, read once: CONNECTED/,
+  );
+  await using _daemon = await DaemonProcess.start(dir.path);
+  const online = JSON.parse(
+    await cliOk(["status", "vm1", "--format", "json", "--state-dir", dir.path]),
+  );
+  assert.equal(online.running, true);
+  assert.equal(online.monitor.name, "vm1");
+  assert.equal(online.monitor.channel, "file");
+  const missing = await cli(["status", "nope", "--state-dir", dir.path]);
+  assert.equal(missing.code, 1);
+  assert.match(missing.stderr, /Instance "nope" not found/);
+});
