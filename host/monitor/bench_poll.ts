@@ -146,7 +146,7 @@ async function main(): Promise<number> {
     const idleQemu = (await qemuCpu() - idleQemu0) / idleWall;
     console.log(
       `idle baseline: host ${(idleCpu / 10).toFixed(3)}% of a core, ` +
-        `${watcherCount} idle QEMUs ${(idleQemu / 10).toFixed(3)}% of a core`,
+        `${children.length - 1} idle QEMUs ${(idleQemu / 10).toFixed(3)}% of a core`,
     );
 
     // 2. Watchers on their timers (the production path).
