@@ -314,13 +314,21 @@ export class Coordinator implements AsyncDisposable {
     this.#track(entry.watcher.close());
   }
 
-  /** Takes a changed instance (certificates, config, status channel). */
+  /**
+   * Takes a changed instance (certificates, config, status channel). A
+   * change of `security.devlxd` is announced to an agent that is up (the
+   * `devlxd` field of `PUT /1.0`), as LXD does.
+   */
   update(instance: Instance): void {
     const entry = this.#entries.get(instance.name);
     if (!entry) return this.add(instance);
     const channelChanged =
       JSON.stringify(entry.instance.status) !== JSON.stringify(instance.status);
+    const devlxdChanged = devlxdEnabled(entry.instance) !== devlxdEnabled(instance);
     entry.instance = instance;
+    if (devlxdChanged && this.#started && entry.status !== "STOPPED") {
+      this.#announce(entry, "security.devlxd changed", true);
+    }
     if (!channelChanged) return;
     this.#track(entry.watcher.close());
     entry.watcher = this.#createWatcher(entry);

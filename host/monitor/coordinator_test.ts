@@ -493,6 +493,19 @@ Deno.test("Coordinator.portChanged() re-announces the new port to agents that ar
   assert.equal(api.announces.all.length, 1);
 });
 
+Deno.test("Coordinator.update() announces a security.devlxd change to an agent that is up", async () => {
+  const vm = makeInstance("vm1", 10, { kind: "none" });
+  const { api, coordinator } = setup([vm]);
+  await using _c = coordinator;
+  coordinator.start();
+  coordinator.agentSeen("vm1");
+  coordinator.update({ ...vm, config: { "user.x": "1" } }); // no devlxd change
+  coordinator.update({ ...vm, config: { "security.devlxd": "false" } });
+  const { info } = await api.announces.next();
+  assert.equal(info.devlxd, false);
+  assert.equal(api.announces.all.length, 1);
+});
+
 Deno.test("Coordinator writes CONNECT 2:<port> on a bidirectional serial channel", async () => {
   await using dir = await tempDir();
   const path = `${dir.path}/serial`;
