@@ -1,9 +1,10 @@
 # lxd-vsock: every target goes through `deno task` (deno.json holds the tasks and
 # the permission sets). Deno comes from npm (package.json pins it); a system
-# `deno` on PATH is used when present and DENO is not set. (`npm install`, not
-# `npm ci`: npm 11 leaves the other platforms of `deno` out of the lock file.)
-DENO ?= $(shell command -v deno 2>/dev/null || echo node_modules/.bin/deno)
-export PATH := $(CURDIR)/node_modules/.bin:$(PATH)
+# `deno` on PATH is used when present and DENO is not set. `npm install`, not
+# `npm ci`: npm 11 leaves the other platforms of `deno` out of the lock file.
+# `--no-bin-links`: a node_modules/.bin/deno link makes `deno task` run the
+# native binary as an npm script; without it, `deno` in a task is Deno itself.
+DENO ?= $(shell command -v deno 2>/dev/null || echo node_modules/deno/deno)
 export DENO_NO_UPDATE_CHECK := 1
 DENO_VERSION := $(shell node -p 'require("./package.json").devDependencies.deno' 2>/dev/null)
 
@@ -12,7 +13,7 @@ DENO_VERSION := $(shell node -p 'require("./package.json").devDependencies.deno'
 install: node_modules/.installed
 
 node_modules/.installed: package.json package-lock.json
-	npm install --no-audit --no-fund --loglevel=error
+	npm install --no-bin-links --no-audit --no-fund --loglevel=error
 	@touch $@
 
 ## run: install, then start the host daemon with state in ./state (no config file needed)
