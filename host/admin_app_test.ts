@@ -71,9 +71,9 @@ Deno.test("admin POST /1.0/instances registers, writes the config drive, and hid
   const drivePath = join(t.paths.instances, "vm1", "config");
   assert.equal(body.metadata.configDrive, drivePath);
   const drive = await readConfigDrive(drivePath);
-  assert.match(drive.agentCert, /lxd-vsock-agent vm1/);
+  assert.match(drive.agentCert, /vm1\.agent\.lxd-vsock/);
   assert.match(drive.agentKey, /PRIVATE KEY/);
-  assert.match(drive.clientCert, /lxd-vsock-host vm1/);
+  assert.match(drive.clientCert, /vm1\.host\.lxd-vsock/);
   assert.deepEqual(drive.info, { cid: 2, port: 4242, certificate: SERVER_CERT, devlxd: true });
   for (const file of ["agent.crt", "agent.key", "server.crt", "agent.conf"]) {
     assert.equal((await Deno.stat(join(drivePath, file))).mode! & 0o777, 0o600, file);

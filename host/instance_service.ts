@@ -126,8 +126,10 @@ export class InstanceService {
 
   async #add(spec: AddInstance): Promise<{ instance: Instance; configDrive: string }> {
     this.registry.checkNew(spec);
-    const agent = await this.#generate({ commonName: `lxd-vsock-agent ${spec.name}` });
-    const client = await this.#generate({ commonName: `lxd-vsock-host ${spec.name}` });
+    // Common names double as SAN DNS names, which Go clients (LXD) verify
+    // against: keep them valid host names (labels of at most 63 characters).
+    const agent = await this.#generate({ commonName: `${spec.name}.agent.lxd-vsock` });
+    const client = await this.#generate({ commonName: `${spec.name}.host.lxd-vsock` });
     const configDrive = spec.configDrive ?? defaultConfigDrive(this.paths, spec.name);
     await writeConfigDrive(configDrive, {
       agentCert: agent.cert,

@@ -287,6 +287,8 @@ export class Registry {
   #path: string;
   #now: () => number;
   #instances = new Map<string, Instance>();
+  /** CID → name: the vsock server looks instances up by peer CID on every request. */
+  #byCid = new Map<number, string>();
   #seenPersisted = new Map<string, number>();
   #closed = false;
 
@@ -381,6 +383,7 @@ export class Registry {
       };
       if (row.hybrid !== null) instance.hybrid = row.hybrid;
       this.#instances.set(row.name, instance);
+      this.#byCid.set(row.cid, row.name);
       if (row.last_seen) this.#seenPersisted.set(row.name, Date.parse(row.last_seen));
     }
   }
@@ -427,8 +430,8 @@ export class Registry {
   /** The instance with guest CID `cid`, or undefined. */
   byCid(cid: number): Instance | undefined {
     this.#assertOpen();
-    for (const i of this.#instances.values()) if (i.cid === cid) return structuredClone(i);
-    return undefined;
+    const name = this.#byCid.get(cid);
+    return name === undefined ? undefined : this.get(name);
   }
 
   /** Number of instances. */
@@ -509,6 +512,7 @@ export class Registry {
       }
     });
     this.#instances.set(instance.name, instance);
+    this.#byCid.set(instance.cid, instance.name);
     return structuredClone(instance);
   }
 
@@ -519,6 +523,7 @@ export class Registry {
       this.#db.prepare("DELETE FROM instances WHERE name = ?").run(name);
     });
     this.#instances.delete(name);
+    this.#byCid.delete(instance.cid);
     this.#seenPersisted.delete(name);
     return instance;
   }

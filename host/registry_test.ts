@@ -167,7 +167,9 @@ Deno.test("Registry.updateRuntime() stores ready and agent state durably; remove
       lastChange: "2026-01-01T00:00:00.000Z",
     });
     assert.equal(r.get("vm2"), undefined);
+    assert.equal(r.byCid(4), undefined);
     r.remove("vm1");
+    assert.equal(r.byCid(3), undefined);
     r.add(spec("vm1", 3));
     assert.deepEqual(r.require("vm1").config, {});
     assert.deepEqual(r.require("vm1").devices, {});
