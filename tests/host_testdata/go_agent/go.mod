@@ -1,0 +1,3 @@
+module go_agent
+
+go 1.19
