@@ -341,7 +341,10 @@ class HttpConnection {
     this.#setTimer(Math.min(this.#idleTimeout, 2000), () => this.#socket.destroy());
   }
 
+  /** Resolves on "drain", or at once/on "close" when the socket is (or gets) destroyed. */
   #drained(): Promise<void> {
+    // A write to a destroyed socket returns false too, and its "close" may be past.
+    if (this.#socket.destroyed || !this.#socket.writableNeedDrain) return Promise.resolve();
     return new Promise<void>((resolve) => {
       const done = () => {
         this.#socket.off("drain", done);
@@ -427,7 +430,9 @@ class HttpConnection {
         this.#socket.destroy();
         return false;
       }
-      if (result === CLOSED) {
+      // A destroyed socket's "close" event may still be queued behind this
+      // microtask loop: check the flag, or an eager stream would spin forever.
+      if (result === CLOSED || this.#socket.destroyed) {
         await reader.cancel(new Error("Connection closed")).catch(() => {});
         return false;
       }

@@ -3,6 +3,7 @@ import type * as net from "node:net";
 import { type HttpHandler, serveHttp, type ServeHttpOptions } from "./serve_http.ts";
 import { httpRequest } from "./http_request.ts";
 import { unixSocketPair, whenClosed } from "../tls/_testing.ts";
+import { acceptTls, connectTls, generateKeyPair } from "../tls/mod.ts";
 
 /** Everything the peer receives, with a way to wait until a condition on it holds. */
 class Received {
@@ -330,4 +331,33 @@ Deno.test("serveHttp() and httpRequest() exchange a large body both ways", async
   assert.deepEqual(echoed, big.slice().reverse());
   await whenClosed(pair.client);
   await served;
+});
+
+Deno.test("serveHttp() over mutual TLS stops an endless stream when the peer's socket vanishes", async () => {
+  const server = await generateKeyPair({ curve: "P-256" });
+  const client = await generateKeyPair({ curve: "P-256" });
+  await using pair = await unixSocketPair();
+  const { promise: cancelled, resolve: onCancel } = Promise.withResolvers<void>();
+  const chunk = new Uint8Array(16 * 1024).fill(0x65);
+  const serving = acceptTls(pair.server, { ...server, pinned: client.cert }).then(({ socket }) =>
+    serveHttp(socket, () =>
+      new Response(
+        new ReadableStream<Uint8Array>({
+          pull: (controller) => controller.enqueue(chunk), // as fast as the socket takes it
+          cancel: () => onCancel(),
+        }),
+      ))
+  );
+  const secure = await connectTls(pair.client, { ...client, pinned: server.cert });
+  const response = await httpRequest(secure, new Request("http://h/1.0/events"));
+  const reader = response.body!.getReader();
+  let received = 0;
+  while (received < 256 * 1024) received += (await reader.read()).value!.byteLength;
+  pair.client.destroy(); // the raw transport goes away under TLS, mid-stream
+  // What was already received is still delivered; then the cut chunked body errors.
+  await assert.rejects(async () => {
+    while (!(await reader.read()).done);
+  }, /closed before the HTTP response body was complete|chunked body/);
+  await cancelled;
+  await serving;
 });
