@@ -26,7 +26,9 @@ export interface KeyPair {
 /** Options for {@linkcode generateKeyPair}. */
 export interface GenerateKeyPairOptions {
   /**
-   * Subject common name, also written as the SAN DNS name.
+   * Subject common name, also written as the SAN DNS name (Go clients such as
+   * LXD's verify against it). A name that is not a valid DNS name goes into
+   * the SAN made valid: lowercased, other characters as `-`, labels cut to 63.
    * @default "lxd-vsock"
    */
   commonName?: string;
@@ -90,7 +92,7 @@ export async function generateKeyPair(options: GenerateKeyPairOptions = {}): Pro
         x509.ExtendedKeyUsage.serverAuth,
         x509.ExtendedKeyUsage.clientAuth,
       ]),
-      new x509.SubjectAlternativeNameExtension([{ type: "dns", value: commonName }]),
+      new x509.SubjectAlternativeNameExtension([{ type: "dns", value: dnsName(commonName) }]),
     ],
   });
   const pkcs8 = await crypto.subtle.exportKey("pkcs8", keys.privateKey);
@@ -98,6 +100,15 @@ export async function generateKeyPair(options: GenerateKeyPairOptions = {}): Pro
     cert: certificate.toString("pem") + "\n",
     key: x509.PemConverter.encode(pkcs8, "PRIVATE KEY") + "\n",
   };
+}
+
+/** `name` as a valid DNS name (RFC 1123 labels), for the SAN. */
+export function dnsName(name: string): string {
+  const labels = name.toLowerCase().split(".").map((label) =>
+    label.replace(/[^a-z0-9-]+/g, "-").replace(/^-+|-+$/g, "").slice(0, 63).replace(/-+$/, "")
+  ).filter((label) => label !== "");
+  const joined = labels.join(".").slice(0, 253).replace(/[.-]+$/, "");
+  return joined === "" ? "lxd-vsock" : joined;
 }
 
 /**

@@ -1,7 +1,7 @@
 import "reflect-metadata";
 import * as x509 from "@peculiar/x509";
 import assert from "node:assert/strict";
-import { generateKeyPair, readKeyPair, writeKeyPair } from "./key_pair.ts";
+import { dnsName, generateKeyPair, readKeyPair, writeKeyPair } from "./key_pair.ts";
 import {
   certificateDer,
   certificateFingerprint,
@@ -122,4 +122,18 @@ Deno.test("sameCertificate() compares bytes, including different lengths", async
   assert.equal(sameCertificate(a, a.slice()), true);
   assert.equal(sameCertificate(a, b), false);
   assert.equal(sameCertificate(a, a.subarray(1)), false);
+});
+
+Deno.test("dnsName() keeps valid DNS names and makes others valid", () => {
+  assert.equal(dnsName("vm1.agent.lxd-vsock"), "vm1.agent.lxd-vsock");
+  assert.equal(dnsName("lxd-vsock-agent My_VM"), "lxd-vsock-agent-my-vm");
+  assert.equal(dnsName("a".repeat(70) + ".x"), "a".repeat(63) + ".x");
+  assert.equal(dnsName("..--.."), "lxd-vsock");
+});
+
+Deno.test("generateKeyPair() writes a valid DNS name into the SAN when the common name is not one", async () => {
+  const cert = new x509.X509Certificate((await generateKeyPair({ commonName: "agent vm 1" })).cert);
+  assert.equal(cert.subject, "CN=agent vm 1, O=lxd-vsock");
+  const san = cert.getExtension(x509.SubjectAlternativeNameExtension);
+  assert.deepEqual(san?.names.items.map((name) => name.value), ["agent-vm-1"]);
 });
