@@ -1,0 +1,192 @@
+/**
+ * The whole system on one machine, as three processes: the host daemon, our
+ * agent (hybrid-vsock mode, as under Firecracker), and this test playing the
+ * VMM (relaying the socket-backed virtio-serial port between guest and host)
+ * and a guest process on /dev/lxd/sock. Exercises: serial STARTED → host
+ * announce (PUT /1.0 via `<uds>` + CONNECT 8443) → agent validates and
+ * writes CONNECTED; devlxd requests proxied to the host; a config change on
+ * the host reaching a guest's /1.0/events stream; PATCH Ready stored on the
+ * host; STOPPED on agent shutdown.
+ */
+
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { bounded, cliOk, DaemonProcess, tempDir } from "./host_harness.ts";
+
+const ROOT = new URL("..", import.meta.url).pathname;
+
+/**
+ * The VMM's side of a socket-backed virtserialport: the guest end (the agent
+ * connects, as to its port) and the host end (the daemon connects, as to
+ * QEMU's `-chardev socket,server=on`); bytes are relayed while both are
+ * connected, and dropped otherwise, as QEMU does.
+ */
+class SerialRelay implements AsyncDisposable {
+  #guest: Deno.UnixListener;
+  #host: Deno.UnixListener;
+  #ends: { guest?: Deno.Conn; host?: Deno.Conn } = {};
+  #loops: Promise<void>[];
+  #closed = false;
+
+  constructor(guestPath: string, hostPath: string) {
+    this.#guest = Deno.listen({ transport: "unix", path: guestPath });
+    this.#host = Deno.listen({ transport: "unix", path: hostPath });
+    this.#loops = [
+      this.#serve(this.#guest, "guest", "host"),
+      this.#serve(this.#host, "host", "guest"),
+    ];
+  }
+
+  async #serve(listener: Deno.UnixListener, me: "guest" | "host", other: "guest" | "host") {
+    const pumps: Promise<void>[] = [];
+    try {
+      for await (const conn of listener) {
+        this.#ends[me]?.close();
+        this.#ends[me] = conn;
+        pumps.push((async () => {
+          const buffer = new Uint8Array(4096);
+          try {
+            for (let n; (n = await conn.read(buffer)) !== null;) {
+              await this.#ends[other]?.write(buffer.slice(0, n)).catch(() => {});
+            }
+          } catch {
+            // closed
+          }
+        })());
+      }
+    } catch {
+      // listener closed
+    }
+    await Promise.all(pumps);
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#guest.close();
+    this.#host.close();
+    for (const end of Object.values(this.#ends)) {
+      try {
+        end?.close();
+      } catch {
+        // already closed
+      }
+    }
+    await Promise.all(this.#loops);
+  }
+}
+
+/** Our agent as a child process, with the `agent` permission set. */
+function startAgent(args: string[]) {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-q", "-P=agent", "agent/main.ts", ...args],
+    cwd: ROOT,
+    stdin: "null",
+    stdout: "null",
+    stderr: "piped",
+    env: { NO_COLOR: "1" },
+  }).spawn();
+  let log = "";
+  const done = (async () => {
+    for await (const chunk of child.stderr.pipeThrough(new TextDecoderStream())) log += chunk;
+  })();
+  return {
+    child,
+    log: () => log,
+    async stop(): Promise<number> {
+      try {
+        child.kill("SIGTERM");
+      } catch {
+        // exited
+      }
+      const status = await bounded(child.status, 15_000, "the agent to exit");
+      await done;
+      return status.code;
+    },
+  };
+}
+
+Deno.test("host daemon and our agent: announce, CONNECTED, devlxd proxied, events, Ready, STOPPED", async () => {
+  await using dir = await tempDir("host-e2e-");
+  const p = (name: string) => join(dir.path, name);
+  await using _relay = new SerialRelay(p("guest-serial.sock"), p("host-serial.sock"));
+  await using daemon = await DaemonProcess.start(p("state"));
+  await cliOk([
+    "instance",
+    "add",
+    "vm1",
+    "--cid",
+    "10",
+    "--hybrid",
+    p("vm1.vsock"),
+    "--serial",
+    p("host-serial.sock"),
+    "--config-drive",
+    p("lxd_agent"),
+    "-c",
+    "user.foo=bar",
+    "--state-dir",
+    p("state"),
+  ]);
+  const agent = startAgent([
+    `--config-dir=${p("lxd_agent")}`,
+    `--serial-port=${p("guest-serial.sock")}`,
+    `--transport=hybrid:${p("vm1.vsock")}`,
+    `--devlxd-socket=${p("dev-lxd/sock")}`,
+    `--state-file=${p("run/state.json")}`,
+    "--rewrite-interval=200ms",
+    "--log-level=debug",
+  ]);
+  try {
+    await daemon.waitFor(/msg="agent state" .*instance=vm1 state=CONNECTED/, 30_000);
+
+    // A guest process on /dev/lxd/sock: bare devlxd answers, proxied to the host.
+    const client = Deno.createHttpClient({ proxy: { transport: "unix", path: p("dev-lxd/sock") } });
+    try {
+      const devlxd = (path: string, init: RequestInit = {}) =>
+        bounded(fetch(`http://localhost${path}`, { ...init, client }), 15_000, `devlxd ${path}`);
+      const value = await devlxd("/1.0/config/user.foo");
+      assert.equal(value.status, 200);
+      assert.equal(await value.text(), "bar");
+      const info = await (await devlxd("/1.0")).json();
+      assert.equal(info.instance_type, "virtual-machine");
+
+      const events = await devlxd("/1.0/events?type=config");
+      assert.equal(events.status, 200);
+      const reader = events.body!.pipeThrough(new TextDecoderStream()).getReader();
+      // The change is made once the agent follows the host's stream or can take a push.
+      await cliOk(["config", "set", "vm1", "user.foo", "baz", "--state-dir", p("state")]);
+      let text = "";
+      while (!text.includes("\n")) {
+        const { value, done } = await bounded(
+          reader.read(),
+          15_000,
+          "the config event in the guest",
+        );
+        assert.equal(done, false);
+        text += value;
+      }
+      const event = JSON.parse(text.trim().split("\n")[0]);
+      assert.equal(event.type, "config");
+      assert.deepEqual(event.metadata, { key: "user.foo", old_value: "bar", value: "baz" });
+      await reader.cancel();
+
+      const ready = await devlxd("/1.0", {
+        method: "PATCH",
+        body: JSON.stringify({ state: "Ready" }),
+      });
+      assert.equal(ready.status, 200);
+      await ready.body?.cancel();
+      const list = JSON.parse(
+        await cliOk(["instance", "list", "--format", "json", "--state-dir", p("state")]),
+      );
+      assert.equal(list[0].runtime.ready, true);
+      assert.equal(list[0].runtime.agentState, "CONNECTED");
+    } finally {
+      client.close();
+    }
+  } finally {
+    assert.equal(await agent.stop(), 0, agent.log());
+  }
+  await daemon.waitFor(/msg="agent state" .*instance=vm1 state=STOPPED/, 15_000);
+});
