@@ -108,6 +108,8 @@ class HttpConnection {
   #reader: SocketReader;
   #lifetime = new AbortController();
   #closed: Promise<void>;
+  /** Resolves to CLOSED with #closed, for races. */
+  #closedMarker: Promise<typeof CLOSED>;
   #timer: ReturnType<typeof setTimeout> | undefined;
   /** Our side is ended; the connection closes when the peer closes or after a grace period. */
   #ending = false;
@@ -124,6 +126,7 @@ class HttpConnection {
     this.#signal = options.signal;
     const { promise, resolve } = Promise.withResolvers<void>();
     this.#closed = promise;
+    this.#closedMarker = promise.then((): typeof CLOSED => CLOSED);
     this.#reader = new SocketReader(socket, () => {
       this.#clearTimer();
       this.#lifetime.abort(new Error("Connection closed"));
@@ -257,7 +260,14 @@ class HttpConnection {
 
     let response: Response;
     try {
-      response = await this.#handler(request);
+      // A handler that never settles must not keep a closed connection's serveHttp pending.
+      const handled = Promise.resolve(this.#handler(request));
+      const result = await Promise.race([handled, this.#closedMarker]);
+      if (result === CLOSED) {
+        handled.then((late) => late.body?.cancel().catch(() => {}), () => {});
+        return false;
+      }
+      response = result;
       if (!(response instanceof Response)) throw new TypeError("Handler did not return a Response");
     } catch {
       response = new Response("Internal Server Error", { status: 500 });
@@ -420,11 +430,10 @@ class HttpConnection {
     ];
     for (const chunk of chunks) start.push(chunkHeader(chunk.byteLength), chunk, CRLF);
     this.#socket.write(Buffer.concat(start));
-    const closed = this.#closed.then((): typeof CLOSED => CLOSED);
     for (;;) {
       let result: ReadableStreamReadResult<Uint8Array> | typeof CLOSED;
       try {
-        result = await Promise.race([pending, closed]);
+        result = await Promise.race([pending, this.#closedMarker]);
       } catch {
         // The body stream failed mid-way: a chunked body cannot say so, so cut the connection.
         this.#socket.destroy();

@@ -361,3 +361,15 @@ Deno.test("serveHttp() over mutual TLS stops an endless stream when the peer's s
   await cancelled;
   await serving;
 });
+
+Deno.test("serveHttp() resolves when the peer closes during a handler that never settles", async () => {
+  const { promise: entered, resolve: enter } = Promise.withResolvers<void>();
+  await using s = await serving(() => {
+    enter();
+    return new Promise<Response>(() => {});
+  });
+  s.client.write("GET /hang HTTP/1.1\r\nHost: h\r\n\r\n");
+  await entered;
+  s.client.destroy();
+  await s.served;
+});
