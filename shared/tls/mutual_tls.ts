@@ -261,6 +261,9 @@ function handshake<T>(
         return;
       }
       cleanup();
+      // The TLS socket reports transport failures itself; an "error" the raw
+      // Duplex emits besides must not become an uncaught exception.
+      raw.on("error", ignore);
       resolve(result);
     };
     const onError = (error: Error) =>
