@@ -1,15 +1,20 @@
 /**
- * The daemon on real AF_VSOCK: peer CID plus certificate pick the instance.
- * Needs a machine whose vsock can reach itself (vsock_loopback, as in the VM
- * harness): set LXD_VSOCK_LOOPBACK=1. Elsewhere it is skipped, because a
- * connect to this machine's own CID (or to CID 2) must not be made here.
+ * The daemon on real AF_VSOCK, where the kernel-reported peer CID picks the
+ * instance together with the certificate. Needs a machine whose vsock reaches
+ * itself (vsock_loopback, as in the VM harness's L1): set LXD_VSOCK_LOOPBACK=1.
+ * A loopback connection to CID 1 arrives from CID 1, which no instance can
+ * have, so it must get 401 even with a registered certificate. Where this
+ * machine has a guest CID that loops back (a VM with a virtio transport and
+ * vsock_loopback), also set LXD_VSOCK_LOOPBACK_CID to it: an instance
+ * registered with that CID is then served. Elsewhere the tests are skipped:
+ * never connect to this machine's own CID (or CID 2) without loopback.
  */
 
 import "reflect-metadata";
 import assert from "node:assert/strict";
 import { httpRequest } from "../shared/http/mod.ts";
 import { connectTls } from "../shared/tls/mod.ts";
-import { connectVsock, localCid } from "../shared/vsock/mod.ts";
+import { connectVsock } from "../shared/vsock/mod.ts";
 import {
   type AgentIdentity,
   agentIdentity,
@@ -18,10 +23,11 @@ import {
   tempDir,
 } from "./host_harness.ts";
 
-const enabled = Deno.env.get("LXD_VSOCK_LOOPBACK") === "1";
-if (!enabled) {
+const loopback = Deno.env.get("LXD_VSOCK_LOOPBACK") === "1";
+const selfCid = Number(Deno.env.get("LXD_VSOCK_LOOPBACK_CID") ?? 0);
+if (!loopback) {
   console.log(
-    "host_vsock_test: skipped (set LXD_VSOCK_LOOPBACK=1 on a machine with vsock loopback, e.g. the VM harness)",
+    "host_vsock_test: skipped (set LXD_VSOCK_LOOPBACK=1 where vsock loops back, e.g. in the VM harness's L1)",
   );
 }
 
@@ -29,14 +35,10 @@ async function vsockRequest(cid: number, port: number, id: AgentIdentity, path: 
   const raw = await connectVsock(cid, port, { timeout: 5000 });
   try {
     const secure = await connectTls(raw, { cert: id.cert, key: id.key, pinned: id.serverCert });
-    try {
-      const response = await httpRequest(secure, new Request(`http://devlxd${path}`), {
-        timeout: 10_000,
-      });
-      return { status: response.status, body: await response.json() };
-    } finally {
-      secure.destroy();
-    }
+    const response = await httpRequest(secure, new Request(`http://devlxd${path}`), {
+      timeout: 10_000,
+    });
+    return { status: response.status, body: await response.json() };
   } finally {
     raw.destroy();
   }
@@ -44,38 +46,66 @@ async function vsockRequest(cid: number, port: number, id: AgentIdentity, path: 
 
 Deno.test({
   name:
-    "over AF_VSOCK the instance is found by peer CID and certificate; another CID's certificate gets 401",
-  ignore: !enabled,
+    "over AF_VSOCK a registered certificate from a CID no instance has (loopback CID 1) gets 401",
+  ignore: !loopback,
   async fn() {
     await using dir = await tempDir("host-vsock-");
-    const cid = Number(Deno.env.get("LXD_VSOCK_LOOPBACK_CID") ?? localCid());
-    const other = cid === 999 ? 998 : 999;
+    await cliOk(["instance", "add", "vm1", "--cid", "10", "--state-dir", dir.path]);
+    await using daemon = await DaemonProcess.start(dir.path, [
+      "--transport",
+      "vsock",
+      "--no-monitor",
+    ]);
+    const status = JSON.parse(await cliOk(["status", "--format", "json", "--state-dir", dir.path]));
+    assert.equal(status.vsock.port, daemon.port);
+    const reply = await vsockRequest(1, daemon.port, await agentIdentity(dir.path, "vm1"), "/1.0");
+    assert.deepEqual([reply.status, reply.body.error], [401, "Unauthorized"]);
+    await daemon.waitFor(/msg="unauthorized agent connection" peer=cid:1 /);
+  },
+});
+
+Deno.test({
+  name:
+    "over AF_VSOCK the instance with the peer's CID and certificate is served; another's certificate gets 401",
+  ignore: !loopback || selfCid < 3,
+  async fn() {
+    await using dir = await tempDir("host-vsock-");
     await cliOk([
       "instance",
       "add",
       "self",
       "--cid",
-      String(cid),
+      String(selfCid),
       "--state-dir",
       dir.path,
       "-c",
       "user.x=1",
     ]);
-    await cliOk(["instance", "add", "elsewhere", "--cid", String(other), "--state-dir", dir.path]);
-    await using daemon = await DaemonProcess.start(dir.path, ["--transport", "vsock"]);
-    const status = JSON.parse(await cliOk(["status", "--format", "json", "--state-dir", dir.path]));
-    assert.equal(status.vsock.port, daemon.port);
+    await cliOk([
+      "instance",
+      "add",
+      "other",
+      "--cid",
+      String(selfCid === 999 ? 998 : 999),
+      "--state-dir",
+      dir.path,
+    ]);
+    await using daemon = await DaemonProcess.start(dir.path, [
+      "--transport",
+      "vsock",
+      "--no-monitor",
+    ]);
     const self = await vsockRequest(
-      cid,
+      selfCid,
       daemon.port,
       await agentIdentity(dir.path, "self"),
       "/1.0/config/user.x",
     );
     assert.deepEqual([self.status, self.body.metadata], [200, "1"]);
     const wrong = await vsockRequest(
-      cid,
+      selfCid,
       daemon.port,
-      await agentIdentity(dir.path, "elsewhere"),
+      await agentIdentity(dir.path, "other"),
       "/1.0",
     );
     assert.deepEqual([wrong.status, wrong.body.error], [401, "Unauthorized"]);
