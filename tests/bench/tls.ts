@@ -13,7 +13,10 @@
  *   instead of the own codec;
  * - `own_plain_*` / `nodehttp_plain_*`: no TLS (new unix connection + one
  *   request), to isolate the HTTP layer;
- * - `own_keepalive_*`: requests on one kept-alive plain connection (codec only).
+ * - `own_keepalive_*`: requests on one kept-alive plain connection (codec only);
+ * - `own_tls_xproc_*`: own codec and TLS with the server in a child Deno
+ *   process; `_server_cpu_us` is the server's CPU per request (the host's
+ *   share of the hot path).
  * Keys: `<setting>_rps` (requests/s), `_p50_ms`, `_p99_ms` (per request),
  * `_cpu_us` (CPU time of this process, client and server together, per
  * request: the figure that stays meaningful when other work shares the cores).
@@ -21,9 +24,9 @@
  * `benchTls()` returns the figures; run directly to print them:
  * `deno run -P=test tests/bench/tls.ts [P-256|P-384]`.
  *
- * Owns: a temporary directory for the sockets (removed on return).
- * Permissions: `--allow-read`, `--allow-write`, `--allow-net` (unix sockets),
- * `--allow-ffi` (FdSocket).
+ * Owns: a temporary directory for the sockets and keys, and the child server
+ * (both gone on return). Permissions: `--allow-read`, `--allow-write`,
+ * `--allow-net` (unix sockets), `--allow-ffi` (FdSocket), `--allow-run` (the child).
  *
  * @module
  */
@@ -32,7 +35,14 @@ import * as http from "node:http";
 import * as net from "node:net";
 import { cpuUsage } from "node:process";
 import type { Duplex } from "node:stream";
-import { acceptTls, connectTls, generateKeyPair, type KeyPair } from "../../shared/tls/mod.ts";
+import {
+  acceptTls,
+  connectTls,
+  generateKeyPair,
+  type KeyPair,
+  readKeyPair,
+  writeKeyPair,
+} from "../../shared/tls/mod.ts";
 import { httpRequest, serveHttp, syncResponse } from "../../shared/http/mod.ts";
 import { connectUnix, listenUnix } from "../../shared/vsock/mod.ts";
 
@@ -48,6 +58,13 @@ export interface BenchTlsOptions {
    * @default "P-384" (as LXD)
    */
   curve?: "P-256" | "P-384";
+  /**
+   * Also measure against a server in a child Deno process, reporting the
+   * server's own CPU per request (`own_tls_xproc_*_server_cpu_us`): the host's
+   * share, for the per-core target.
+   * @default true
+   */
+  crossProcess?: boolean;
 }
 
 const BODY = {
@@ -178,7 +195,7 @@ function nodeHttpRequest(socket: Duplex): Promise<void> {
 
 /** Measures every setting; returns the figures. */
 export async function benchTls(options: BenchTlsOptions = {}): Promise<Record<string, number>> {
-  const { duration = 2000, curve = "P-384" } = options;
+  const { duration = 2000, curve = "P-384", crossProcess = true } = options;
   const server = await generateKeyPair({ commonName: "host", curve });
   const client = await generateKeyPair({ commonName: "agent", curve });
   const figures: Record<string, number> = {};
@@ -209,6 +226,65 @@ export async function benchTls(options: BenchTlsOptions = {}): Promise<Record<st
       await measure("own_tls_fd_c8", once, 8, duration, figures);
       listener.close();
       await accepting;
+    }
+    // Own codec, mutual TLS, server in a child process: the server's CPU alone.
+    if (crossProcess) {
+      const path = `${dir}/xproc.sock`;
+      await writeKeyPair(dir, "server", server);
+      await writeKeyPair(dir, "client", client);
+      const child = new Deno.Command(Deno.execPath(), {
+        args: [
+          "run",
+          "--allow-read",
+          "--allow-write",
+          "--allow-net",
+          import.meta.filename!,
+          "--serve",
+          path,
+          dir,
+        ],
+        stdout: "piped",
+        stderr: "inherit",
+      }).spawn();
+      const lines = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+      try {
+        if ((await lines.read()).value?.trim() !== "ready") {
+          throw new Error("bench server did not start");
+        }
+        const once = async () => requestOwnTls(await netConnect(path), server, client);
+        const serverCpu = async () => {
+          const secure = await connectTls(await netConnect(path), {
+            ...client,
+            pinned: server.cert,
+          });
+          const usage = await (await httpRequest(secure, new Request("http://lxd-vsock/cpu")))
+            .json();
+          return usage.user + usage.system;
+        };
+        for (
+          const [name, concurrency] of [["own_tls_xproc_seq", 1], ["own_tls_xproc_c8", 8]] as const
+        ) {
+          const before = await serverCpu();
+          const count = { n: 0 };
+          await measure(
+            name,
+            async () => {
+              await once();
+              count.n++;
+            },
+            concurrency,
+            duration,
+            figures,
+          );
+          const after = await serverCpu();
+          // The warm-up's 20 requests and one /cpu request are included in the delta.
+          figures[`${name}_server_cpu_us`] = Math.round((after - before) / (count.n + 1));
+        }
+      } finally {
+        child.kill();
+        await child.status;
+        await lines.cancel();
+      }
     }
     // node:http, mutual TLS, node:net unix sockets.
     {
@@ -279,7 +355,28 @@ export async function benchTls(options: BenchTlsOptions = {}): Promise<Record<st
   return figures;
 }
 
-if (import.meta.main) {
+/** Child-process server for the cross-process setting: `--serve <socket path> <key dir>`. */
+async function serveChild(path: string, dir: string): Promise<void> {
+  const server = await readKeyPair(dir, "server");
+  const client = await readKeyPair(dir, "client");
+  const listener = net.createServer((socket) => {
+    acceptTls(socket, { ...server, pinned: client.cert })
+      .then(({ socket }) =>
+        serveHttp(
+          socket,
+          (request) =>
+            new URL(request.url).pathname === "/cpu" ? Response.json(cpuUsage()) : handler(),
+        )
+      )
+      .catch(() => {});
+  });
+  await new Promise<void>((resolve) => listener.listen(path, resolve));
+  console.log("ready");
+}
+
+if (import.meta.main && Deno.args[0] === "--serve") {
+  await serveChild(Deno.args[1], Deno.args[2]);
+} else if (import.meta.main) {
   const curve = Deno.args[0] === "P-256" ? "P-256" : "P-384";
   const figures = await benchTls({ curve });
   console.log(`curve ${curve}`);
