@@ -130,7 +130,7 @@ Deno.test("SerialChannel reopens a device port that disappears and reappears", a
       assert.deepEqual(await seen.next(1), { cid: 2, port: 1000 });
     }
     await Deno.remove(path);
-    await until(() => channel.path === undefined, "the channel to notice the port is gone");
+    await until(() => !channel.holding, "the channel to notice the port is gone");
     assert.equal(await channel.write("STARTED"), false);
     await mkfifo(path);
     using fifo = await Deno.open(path, { read: true, write: true });
@@ -190,7 +190,7 @@ Deno.test("SerialChannel speaks both ways over a socket-backed port and rejoins 
 
     peer.conn.close();
     host.listener.close(); // Deno removes the socket file
-    await until(() => channel.path === undefined, "the channel to notice the port is gone");
+    await until(() => !channel.holding, "the channel to notice the port is gone");
     host = socketHost(path);
     peer = await host.accept();
     assert.equal(await peer.line(), "CONNECTED", "the current state is written on reopening");

@@ -393,3 +393,29 @@ Deno.test("agent: devlxd follows the connection info: off removes /dev/lxd/sock,
   assert.equal(json.state, "CONNECTED");
   await agent.waitForLog(/stopped serving devlxd/);
 });
+
+Deno.test("agent: a devlxd socket under /dev that Deno's permissions refuse is one clear error, exit 1", async () => {
+  const sets = JSON.parse(await Deno.readTextFile(new URL("../deno.json", import.meta.url)));
+  if (sets.permissions?.agent?.all === true) {
+    console.log("skipped: the agent permission set allows all (paths under /dev are usable)");
+    return;
+  }
+  const paths = await agentPaths();
+  try {
+    await writeConfigDir(paths.configDir, await makePairs());
+    const result = await runAgentCommand([
+      `--config-dir=${paths.configDir}`,
+      `--transport=hybrid:${paths.uds}`,
+      `--state-file=${paths.stateFile}`,
+      `--serial-port=${paths.serial}`,
+      "--devlxd-socket=/dev/lxd-vsock-agent-test/sock",
+    ]);
+    assert.equal(result.code, 1);
+    assert.match(
+      result.stderr,
+      /^lxd-vsock-agent: cannot serve \/dev\/lxd-vsock-agent-test\/sock: .*--allow-all/m,
+    );
+  } finally {
+    await Deno.remove(paths.dir, { recursive: true });
+  }
+});

@@ -9,6 +9,7 @@
 
 import assert from "node:assert/strict";
 import { connectVsock, listenVsock } from "../shared/vsock/mod.ts";
+import { SerialChannel } from "../agent/serial_channel.ts";
 import {
   agentPaths,
   AgentProcess,
@@ -70,11 +71,28 @@ Deno.test("agent over vsock: PUT /1.0 on the agent API, then devlxd through a vs
     assert.equal(await value.text(), "bar");
     const state = JSON.parse(await Deno.readTextFile(paths.stateFile));
     assert.equal(state.state, "CONNECTED");
-    if (SERIAL !== undefined) assert.equal(state.serialPort, SERIAL);
+    if (SERIAL !== undefined) assert.equal(state.serialPort, SERIAL, agent.stderr);
     assert.equal(await agent.stop(), 0);
   } finally {
     await agent[Symbol.asyncDispose]();
     await host.close();
     await Deno.remove(paths.dir, { recursive: true });
+  }
+});
+
+Deno.test("SerialChannel on a real virtio-serial port: holds it open and writes a state line", async () => {
+  if (SERIAL === undefined) {
+    console.log(
+      'skipped "SerialChannel on a real virtio-serial port": set LXD_VSOCK_SERIAL_PORT=/dev/virtio-ports/<name> in the VM harness',
+    );
+    return;
+  }
+  const channel = new SerialChannel({ paths: [SERIAL] });
+  try {
+    // With a ringbuf (or connected socket) backend the host end is open: the write lands.
+    assert.equal(await channel.write("STARTED"), true);
+    assert.equal(channel.path, SERIAL, "the port is held open for reading CONNECT lines");
+  } finally {
+    await channel.close();
   }
 });
