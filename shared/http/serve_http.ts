@@ -215,6 +215,7 @@ class HttpConnection {
         return false;
       }
       await reader.wait();
+      if (this.#ending) return false; // a 408 went out while we waited
     }
     if (end < 0 || end > this.#maxHeaderSize) return this.#fail(431);
 
@@ -270,7 +271,9 @@ class HttpConnection {
       const handled = Promise.resolve(this.#handler(request));
       const result = await Promise.race([handled, this.#closedMarker]);
       if (result === CLOSED) {
-        handled.then((late) => late.body?.cancel().catch(() => {}), () => {});
+        handled.then((late) => {
+          if (late instanceof Response) late.body?.cancel().catch(() => {});
+        }, () => {});
         return false;
       }
       response = result;
