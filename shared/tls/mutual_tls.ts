@@ -134,16 +134,11 @@ export function acceptTls(
   options: AcceptTlsOptions,
 ): Promise<{ socket: tls.TLSSocket; peer: PeerCertificate }> {
   let pins: Pin[] | undefined;
+  let context: tls.SecureContext;
   try {
     if (options.pinned !== undefined) {
       pins = (Array.isArray(options.pinned) ? options.pinned : [options.pinned]).map(pin);
     }
-  } catch (error) {
-    socket.destroy();
-    return Promise.reject(error);
-  }
-  let context: tls.SecureContext;
-  try {
     context = secureContext(serverContexts, options.cert, options.key);
   } catch (error) {
     socket.destroy();
