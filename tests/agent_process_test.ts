@@ -202,6 +202,8 @@ Deno.test("agent: Ready PATCHed by a guest is re-sent to a restarted host after 
   await second.changed.until(() => second.state === "Ready", "the Ready state re-sent");
   const ready = JSON.parse(await Deno.readTextFile(w.paths.stateFile)).ready;
   assert.equal(ready, true);
+  assert.equal(await agent.stop("SIGINT"), 0, "SIGINT stops it like SIGTERM");
+  assert.equal(w.serial.last, "STOPPED");
 });
 
 Deno.test("agent: PUT /1.0 to an unreachable host answers 500, a bad body 400", async () => {
