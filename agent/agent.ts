@@ -122,16 +122,6 @@ export class Agent {
     return this.#info;
   }
 
-  /** The event relay (pushed events go in here). */
-  get events(): EventRelay {
-    return this.#relay;
-  }
-
-  /** The agent API's listening address (port 0 in tests picks one). */
-  get apiAddress(): Listener["address"] | undefined {
-    return this.#listener?.address;
-  }
-
   /**
    * Starts everything. Resolves once the agent API listens and, when
    * agent.conf asks for devlxd, `/dev/lxd/sock` exists (systemd readiness).

@@ -19,6 +19,7 @@ import { errorResponse, syncResponse } from "../shared/http/envelope.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
 import { certificateValidity } from "../shared/tls/mod.ts";
 import type { StatusSnapshot } from "./agent_state.ts";
+import { BodyTooLargeError, readBody } from "./read_body.ts";
 
 export interface AgentApiOptions {
   /** The agent's current status. */
@@ -65,25 +66,15 @@ export function checkCertificate(pem: string): void {
 async function readJson(request: Request, max: number): Promise<unknown> {
   const length = request.headers.get("content-length");
   if (length !== null && Number(length) > max) throw new ApiError(413, "Request body too large");
-  const chunks: Uint8Array[] = [];
-  let size = 0;
-  if (request.body !== null) {
-    for await (const chunk of request.body) {
-      size += chunk.byteLength;
-      if (size > max) throw new ApiError(413, "Request body too large");
-      chunks.push(chunk);
-    }
-  }
-  const text = new TextDecoder().decode(
-    chunks.reduce((all, c) => {
-      const out = new Uint8Array(all.byteLength + c.byteLength);
-      out.set(all);
-      out.set(c, all.byteLength);
-      return out;
-    }, new Uint8Array()),
-  );
+  let bytes: Uint8Array;
   try {
-    return JSON.parse(text);
+    bytes = await readBody(request.body, max);
+  } catch (error) {
+    if (error instanceof BodyTooLargeError) throw new ApiError(413, "Request body too large");
+    throw error;
+  }
+  try {
+    return JSON.parse(new TextDecoder().decode(bytes));
   } catch {
     throw new ApiError(400, "Invalid request body: not JSON");
   }

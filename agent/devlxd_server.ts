@@ -21,6 +21,7 @@ import { isGuestVisibleKey } from "../shared/api.ts";
 import { unwrapEnvelope } from "../shared/http/envelope.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
 import type { EventRelay } from "./event_relay.ts";
+import { BodyTooLargeError, readBody } from "./read_body.ts";
 import { type HostFetch, HostUnreachableError } from "./host_fetch.ts";
 
 export interface DevlxdAppOptions {
@@ -70,28 +71,6 @@ function json(value: unknown): Response {
 
 function raw(text: string): Response {
   return new Response(text, { headers: { "Content-Type": "application/octet-stream" } });
-}
-
-/** Reads a body of at most `max` bytes; 413 past it. */
-async function readBounded(
-  body: ReadableStream<Uint8Array> | null,
-  max: number,
-): Promise<Uint8Array> {
-  if (body === null) return new Uint8Array();
-  const chunks: Uint8Array[] = [];
-  let size = 0;
-  for await (const chunk of body) {
-    size += chunk.byteLength;
-    if (size > max) throw new DevlxdError(413, "Request body too large");
-    chunks.push(chunk);
-  }
-  const out = new Uint8Array(size);
-  let off = 0;
-  for (const chunk of chunks) {
-    out.set(chunk, off);
-    off += chunk.byteLength;
-  }
-  return out;
 }
 
 /** Passes `stream` through until `signal` aborts, then ends it. */
@@ -158,9 +137,9 @@ export function createDevlxdApp(options: DevlxdAppOptions): Hono {
   async function unwrapAnswer(response: Response): Promise<unknown> {
     let text: string;
     try {
-      text = decoder.decode(await readBounded(response.body, maxResponse));
+      text = decoder.decode(await readBody(response.body, maxResponse));
     } catch (error) {
-      if (error instanceof DevlxdError) {
+      if (error instanceof BodyTooLargeError) {
         throw new DevlxdError(502, "The host's answer is too large");
       }
       throw new HostUnreachableError(
@@ -208,7 +187,7 @@ export function createDevlxdApp(options: DevlxdAppOptions): Hono {
   app.all("/1.0", async (c) => {
     methods(c, ["GET", "PATCH"]);
     if (c.req.method === "GET") return json(await ask("GET", "/1.0"));
-    const bytes = await readBounded(c.req.raw.body, maxBody);
+    const bytes = await readBody(c.req.raw.body, maxBody);
     let body: unknown;
     try {
       body = JSON.parse(decoder.decode(bytes));
@@ -287,6 +266,7 @@ export function createDevlxdApp(options: DevlxdAppOptions): Hono {
 
   app.onError((error) => {
     if (error instanceof DevlxdError) return textError(error.status, error.message);
+    if (error instanceof BodyTooLargeError) return textError(413, "Request body too large");
     if (error instanceof HostUnreachableError) {
       logger.warn("host unreachable", { error: error.message });
       return textError(503, error.message);
