@@ -50,6 +50,27 @@ interface Subscriber {
 
 const encoder = new TextEncoder();
 
+/** JSON with object keys sorted, so the same value always gives the same text. */
+function canonical(value: unknown): string {
+  if (Array.isArray(value)) return `[${value.map(canonical).join(",")}]`;
+  if (value !== null && typeof value === "object") {
+    const entries = Object.entries(value).filter(([, v]) => v !== undefined)
+      .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
+    return `{${entries.map(([k, v]) => `${JSON.stringify(k)}:${canonical(v)}`).join(",")}}`;
+  }
+  return JSON.stringify(value) ?? "null";
+}
+
+/**
+ * What makes two copies of an event the same event: its type, timestamp and
+ * metadata, whatever the key order or extra fields (project, location) of the
+ * way it came.
+ */
+function eventKey(event: unknown): string {
+  const e = (event ?? {}) as Record<string, unknown>;
+  return canonical([e.type, e.timestamp, e.metadata]);
+}
+
 function delay(ms: number, signal: AbortSignal): Promise<void> {
   return new Promise((resolve) => {
     if (signal.aborted) return resolve();
@@ -117,8 +138,9 @@ export class EventRelay {
    */
   publish(event: unknown): boolean {
     const line = JSON.stringify(event);
-    if (this.#recent.has(line)) return false;
-    this.#recent.add(line);
+    const key = eventKey(event);
+    if (this.#recent.has(key)) return false;
+    this.#recent.add(key);
     const max = this.#options.remember ?? 1024;
     if (this.#recent.size > max) {
       this.#recent.delete(this.#recent.values().next().value!);

@@ -114,3 +114,20 @@ Deno.test("EventRelay retries a failing pull and ends subscribers on close()", a
   await relay.close();
   assert.deepEqual(await reader.read(), { value: undefined, done: true });
 });
+
+Deno.test("EventRelay recognises the same event with other key order or extra fields", async () => {
+  await using relay = new EventRelay();
+  const sub = lines(relay.subscribe());
+  assert.equal(relay.publish(event("user.k", "v")), true);
+  const reordered = {
+    metadata: { value: "v", old_value: "", key: "user.k" },
+    type: "config",
+    timestamp: "2026-01-01T00:00:00Z",
+    project: "default",
+  };
+  assert.equal(relay.publish(reordered), false);
+  assert.equal(relay.publish(event("user.k", "w")), true, "another value is another event");
+  assert.deepEqual(await sub.next(), event("user.k", "v"));
+  assert.deepEqual(await sub.next(), event("user.k", "w"));
+  await sub.cancel();
+});
