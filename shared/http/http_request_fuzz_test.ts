@@ -45,9 +45,12 @@ Deno.test("httpRequest() settles on mangled responses: rejects, or gives a body 
     const [client, server] = duplexPair();
     server.on("error", () => {});
     server.resume();
-    let reply = "";
-    const count = 1 + Math.floor(next() * 25);
-    for (let i = 0; i < count; i++) reply += PIECES[Math.floor(next() * PIECES.length)];
+    // Mostly a plausible head (status line, a few fields, CRLFCRLF), then anything.
+    const piece = () => PIECES[Math.floor(next() * PIECES.length)];
+    let reply = next() < 0.7 ? "HTTP/1.1 200 OK\r\n" : "";
+    for (let i = Math.floor(next() * 4); i > 0; i--) reply += piece() + piece() + "\r\n";
+    if (next() < 0.7) reply += "\r\n";
+    for (let i = Math.floor(next() * 8); i > 0; i--) reply += piece();
     server.end(Buffer.from(reply, "latin1"));
     const context = `round ${round}: ${JSON.stringify(reply)}`;
     let outcome: string;
