@@ -258,6 +258,13 @@ export class DevlxdServer {
     }, 0);
     const { socket: tls, peer } = await accepting;
     connection.socket = tls;
+    // serveHttp notices a peer that goes away during a long response (an event
+    // stream) only at its next write; its end tells us at once, so handlers see
+    // their request's signal abort (and event subscriptions end) right away.
+    const gone = new AbortController();
+    const onGone = () => gone.abort(new Error("Connection closed by the peer"));
+    tls.once("end", onGone);
+    tls.once("close", onGone);
     if (this.#closed) return;
     const httpOptions = {
       headersTimeout: o.headersTimeout ?? 3000,
@@ -288,7 +295,8 @@ export class DevlxdServer {
       connection.inFlight++;
       let response: Response;
       try {
-        response = await o.handler(request, instance);
+        const signal = AbortSignal.any([request.signal, gone.signal]);
+        response = await o.handler(new Request(request, { signal }), instance);
       } finally {
         connection.inFlight--;
       }
@@ -348,7 +356,7 @@ export class DevlxdServer {
   }
 
   /**
-   * Stops accepting, ends idle connections, lets in-flight requests finish
+   * Stops accepting, closes idle connections, lets in-flight requests finish
    * for up to `timeout` ms, then closes what is left. Idempotent.
    */
   async close(timeout = 5000): Promise<void> {
@@ -362,7 +370,8 @@ export class DevlxdServer {
     this.#shutdown.abort();
     for (const connection of this.#connections) {
       connection.ending = true;
-      if (connection.inFlight === 0) connection.socket.end();
+      // Idle: nothing to flush, so no need to wait for the peer to close.
+      if (connection.inFlight === 0) connection.socket.destroy();
     }
     const all = Promise.all([...this.#connections].map((c) => c.done));
     let timer: ReturnType<typeof setTimeout> | undefined;

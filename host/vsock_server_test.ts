@@ -1,0 +1,161 @@
+import "reflect-metadata";
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import type { Duplex } from "node:stream";
+import { httpRequest, syncResponse } from "../shared/http/mod.ts";
+import { connectTls, generateKeyPair, type KeyPair } from "../shared/tls/mod.ts";
+import { connectUnix, listenUnix } from "../shared/vsock/mod.ts";
+import type { Instance } from "./instance.ts";
+import { DevlxdServer, type DevlxdServerOptions } from "./vsock_server.ts";
+
+interface Fixture extends AsyncDisposable {
+  server: DevlxdServer;
+  path: string;
+  agent: KeyPair;
+  host: KeyPair;
+  seen: string[];
+  connect(pair?: KeyPair): Promise<Duplex & Disposable>;
+}
+
+async function fixture(options: Partial<DevlxdServerOptions> = {}): Promise<Fixture> {
+  const dir = await Deno.makeTempDir({ prefix: "vsock-server-" });
+  const [host, agent] = await Promise.all([generateKeyPair(), generateKeyPair()]);
+  const instance: Instance = {
+    name: "vm1",
+    cid: 10,
+    status: { kind: "none" },
+    hybrid: join(dir, "vm1.vsock"),
+    agentCert: agent.cert,
+    clientCert: "",
+    clientKey: "",
+    config: {},
+    devices: {},
+    runtime: { agentState: "STOPPED", ready: false },
+  };
+  const seen: string[] = [];
+  const server = new DevlxdServer({
+    cert: host.cert,
+    key: host.key,
+    byCid: () => undefined,
+    byName: (name) => name === "vm1" ? instance : undefined,
+    handler: (request, inst) =>
+      syncResponse({ path: new URL(request.url).pathname, instance: inst.name }),
+    onAgentRequest: (name) => seen.push(name),
+    ...options,
+  });
+  const path = join(dir, "vm1.vsock_1024");
+  server.serve(listenUnix(path), { kind: "hybrid", instance: "vm1" });
+  return {
+    server,
+    path,
+    agent,
+    host,
+    seen,
+    async connect(pair = agent) {
+      const raw = await connectUnix(path);
+      const secure = await connectTls(raw, { ...pair, pinned: host.cert });
+      return Object.assign(secure, { [Symbol.dispose]: () => raw.destroy() });
+    },
+    async [Symbol.asyncDispose]() {
+      await server.close(1000);
+      await Deno.remove(dir, { recursive: true });
+    },
+  };
+}
+
+/** Resolves when the server ends or closes the connection. */
+function closed(socket: Duplex): Promise<void> {
+  return new Promise((resolve) => {
+    if (socket.destroyed) return resolve();
+    socket.once("end", () => resolve());
+    socket.once("close", () => resolve());
+    socket.resume();
+  });
+}
+
+Deno.test("DevlxdServer serves the listener's instance to its agent and reports each request", async () => {
+  await using t = await fixture();
+  using c = await t.connect();
+  const response = await httpRequest(c, new Request("http://devlxd/1.0/config"));
+  assert.deepEqual((await response.json()).metadata, { path: "/1.0/config", instance: "vm1" });
+  assert.deepEqual(t.seen, ["vm1"]);
+});
+
+Deno.test("DevlxdServer answers 401 to a stranger's certificate, without calling the handler, then closes", async () => {
+  await using t = await fixture();
+  using c = await t.connect(await generateKeyPair());
+  const ended = closed(c);
+  const response = await httpRequest(c, new Request("http://devlxd/1.0"));
+  assert.equal(response.status, 401);
+  assert.equal((await response.json()).error, "Unauthorized");
+  await ended;
+  assert.deepEqual(t.seen, []);
+});
+
+Deno.test("DevlxdServer keeps a streaming response open past the idle timeout; the client leaving aborts it", async () => {
+  const { promise: aborted, resolve } = Promise.withResolvers<void>();
+  let tick: ReturnType<typeof setTimeout> | undefined;
+  await using t = await fixture({
+    idleTimeout: 100,
+    headersTimeout: 100,
+    handler: (request) => {
+      request.signal.addEventListener("abort", () => resolve(), { once: true });
+      return new Response(
+        new ReadableStream<Uint8Array>({
+          start(controller) {
+            controller.enqueue(new TextEncoder().encode("first\n"));
+            // The second chunk comes well after several idle periods.
+            tick = setTimeout(() => controller.enqueue(new TextEncoder().encode("second\n")), 500);
+          },
+        }),
+      );
+    },
+  });
+  using c = await t.connect();
+  const response = await httpRequest(c, new Request("http://devlxd/1.0/events"));
+  const reader = response.body!.pipeThrough(new TextDecoderStream()).getReader();
+  let text = "";
+  while (!text.includes("second\n")) {
+    const { value, done } = await reader.read();
+    assert.equal(done, false, `stream ended early after ${JSON.stringify(text)}`);
+    text += value;
+  }
+  assert.equal(text, "first\nsecond\n");
+  await reader.cancel();
+  c.destroy();
+  await aborted;
+  clearTimeout(tick);
+});
+
+Deno.test("DevlxdServer.close() ends idle connections at once and waits for an in-flight response", async () => {
+  const { promise: release, resolve: go } = Promise.withResolvers<void>();
+  const { promise: entered, resolve: enter } = Promise.withResolvers<void>();
+  await using t = await fixture({
+    handler: async () => {
+      enter();
+      await release;
+      return syncResponse("done");
+    },
+  });
+  using idle = await t.connect();
+  const idleClosed = closed(idle);
+  using busy = await t.connect();
+  const pending = httpRequest(busy, new Request("http://devlxd/1.0"));
+  await entered;
+  const closing = t.server.close(10_000);
+  await idleClosed;
+  go();
+  const response = await pending;
+  assert.equal((await response.json()).metadata, "done");
+  await closing;
+  assert.deepEqual(t.server.connections, {});
+});
+
+Deno.test("DevlxdServer refuses connections over the per-instance cap at accept", async () => {
+  await using t = await fixture({ maxConnectionsPerInstance: 1 });
+  using first = await t.connect();
+  const raw = await connectUnix(t.path);
+  await closed(raw);
+  assert.deepEqual(t.server.connections, { "hybrid:vm1": 1 });
+  assert.ok(!first.destroyed);
+});
