@@ -336,7 +336,10 @@ export class Agent {
   #rewrite(): void {
     const serial = this.#serial;
     if (serial === undefined) return;
-    serial.write(this.#status.state).then(() => this.#status.setSerialPort(serial.path ?? null));
+    serial.write(this.#status.state).then(() => {
+      this.#status.setSerialPort(serial.path ?? null);
+      this.#status.flush();
+    });
   }
 
   async #probe(): Promise<void> {

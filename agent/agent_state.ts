@@ -69,6 +69,7 @@ export class AgentStatus {
   #options: AgentStatusOptions;
   #readyFile: string | undefined;
   #listeners = new Set<Listener>();
+  #dirty = false;
   #logger: Logger;
   #now: () => Date;
 
@@ -124,12 +125,25 @@ export class AgentStatus {
     }
   }
 
-  /** The last attempt to reach the host succeeded. */
+  /**
+   * The last attempt to reach the host succeeded. The state file is rewritten
+   * at once on a transition; a mere new `lastConnected` (every guest request)
+   * waits for the next `flush()`.
+   */
   connected(): void {
     if (this.#snapshot.state === "STOPPED") return;
     this.#snapshot.lastConnected = this.#now().toISOString();
+    if (this.#snapshot.state === "CONNECTED") {
+      this.#dirty = true;
+      return;
+    }
     this.#transition("CONNECTED");
     this.save();
+  }
+
+  /** Writes the state file if something changed since it was last written. */
+  flush(): void {
+    if (this.#dirty) this.save();
   }
 
   /** The last attempt to reach the host failed, for `reason`: back to STARTED. */
@@ -191,6 +205,7 @@ export class AgentStatus {
 
   /** Rewrites the state file (atomically); errors are logged, not thrown. */
   save(): void {
+    this.#dirty = false;
     this.#snapshot.updatedAt = this.#now().toISOString();
     if (this.#options.stateFile === undefined) return;
     try {

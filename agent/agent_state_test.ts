@@ -83,3 +83,22 @@ Deno.test("AgentStatus without a state file keeps working in memory", () => {
     socket: "/dev/lxd/sock",
   });
 });
+
+Deno.test("AgentStatus writes a repeated connection only on flush()", async () => {
+  const dir = await stateDir();
+  try {
+    let t = Date.parse("2026-01-01T00:00:00Z");
+    const status = new AgentStatus({
+      stateFile: `${dir}/state.json`,
+      now: () => new Date(t += 1000),
+    });
+    status.connected();
+    const first = readSnapshot(`${dir}/state.json`).lastConnected;
+    status.connected();
+    assert.equal(readSnapshot(`${dir}/state.json`).lastConnected, first, "not rewritten yet");
+    status.flush();
+    assert.ok(readSnapshot(`${dir}/state.json`).lastConnected! > first!);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
