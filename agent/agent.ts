@@ -289,13 +289,15 @@ export class Agent {
             }).fetch
           );
         } else await this.#devlxd.stop();
+        this.#status.setDevlxd(enabled, this.#devlxd.serving);
       } catch (error) {
-        this.#logger.error("cannot change the devlxd socket", {
-          socket: this.#devlxd.path,
-          error,
-        });
+        let reason = (error as Error).message;
+        if (error instanceof Deno.errors.NotCapable) {
+          reason += " (Deno opens paths under /dev only with --allow-all: run with -A)";
+        }
+        this.#logger.error("cannot serve devlxd", { socket: this.#devlxd.path, error: reason });
+        this.#status.setDevlxd(enabled, this.#devlxd.serving, reason);
       }
-      this.#status.setDevlxd(enabled, this.#devlxd.serving);
     });
   }
 

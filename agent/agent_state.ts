@@ -25,7 +25,7 @@ export interface StatusSnapshot {
   hostSource: "agent.conf" | "PUT /1.0" | "serial" | null;
   lastConnected: string | null;
   lastFailure: { at: string; reason: string } | null;
-  devlxd: { enabled: boolean; serving: boolean; socket: string };
+  devlxd: { enabled: boolean; serving: boolean; socket: string; error?: string };
   ready: boolean;
   /** The serial port in use, if any. */
   serialPort: string | null;
@@ -167,8 +167,9 @@ export class AgentStatus {
     this.save();
   }
 
-  setDevlxd(enabled: boolean, serving: boolean): void {
-    this.#snapshot.devlxd = { ...this.#snapshot.devlxd, enabled, serving };
+  /** Records whether devlxd should be and is served, and why not when it failed. */
+  setDevlxd(enabled: boolean, serving: boolean, error?: string): void {
+    this.#snapshot.devlxd = { socket: this.#snapshot.devlxd.socket, enabled, serving, error };
     this.save();
   }
 

@@ -81,6 +81,7 @@ Deno.test("AgentStatus without a state file keeps working in memory", () => {
     enabled: true,
     serving: true,
     socket: "/dev/lxd/sock",
+    error: undefined,
   });
 });
 

@@ -24,17 +24,6 @@ import { livenessPath, LivenessSocket } from "./liveness.ts";
 import { formatStatus, readStatus, statusExitCode } from "./status_command.ts";
 import { notifySystemd } from "./systemd_notify.ts";
 
-/** Why Deno's permissions refuse the devlxd socket's directory, if they do. */
-function deniedByDeno(socket: string): string | undefined {
-  const dir = socket.slice(0, socket.lastIndexOf("/")) || "/";
-  try {
-    Deno.lstatSync(dir);
-  } catch (error) {
-    if (error instanceof Deno.errors.NotCapable) return (error as Error).message;
-  }
-  return undefined;
-}
-
 /** Runs the command line; resolves to the exit code. */
 export async function main(args: string[]): Promise<number> {
   let config;
@@ -78,15 +67,6 @@ export async function main(args: string[]): Promise<number> {
     return 1;
   }
   if (identity.connectionError !== undefined) logger.warn(identity.connectionError);
-  const refused = deniedByDeno(config.devlxdSocket);
-  if (refused !== undefined) {
-    console.error(
-      `lxd-vsock-agent: cannot serve ${config.devlxdSocket}: ${refused} ` +
-        `(Deno opens paths under /dev only with --allow-all: run with -A)`,
-    );
-    return 1;
-  }
-
   const stop = Promise.withResolvers<Deno.Signal>();
   const signals: Deno.Signal[] = ["SIGTERM", "SIGINT"];
   const onSignal = signals.map((signal) => {

@@ -91,7 +91,7 @@ export function formatStatus(report: StatusReport, format: "text" | "json"): str
       s.devlxd.serving
         ? `serving ${s.devlxd.socket}`
         : s.devlxd.enabled
-        ? "enabled, not serving"
+        ? `enabled, not serving${s.devlxd.error ? `: ${s.devlxd.error}` : ""}`
         : "off"
     }`,
     `Ready:      ${s.ready ? "yes" : "no"}`,
