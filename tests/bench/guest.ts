@@ -1,0 +1,128 @@
+/**
+ * The guest request path, side by side with its floor, in one run:
+ *
+ * - `devlxd_*`: `GET /1.0` on `/dev/lxd/sock` of our agent (a child process,
+ *   hybrid unix transport), which opens a new mutual-TLS connection to the
+ *   host daemon (another child process) per request, as in a VM;
+ * - `floor_*`: a minimal client that opens one mutual-TLS connection straight
+ *   to the host per request and sends the same request (same transport, same
+ *   certificates: the agent's own identity from the config drive);
+ * - `host_direct_*`: many direct clients, and the host process's CPU time per
+ *   request (requests per second per core);
+ * - `agent_rss_*`: the agent's resident memory idle and during the bursts.
+ *
+ * Both clients use the project's HTTP/1.1 client (`shared/http`) over the
+ * FFI unix transport, from this process. Prints nothing; `benchGuest()`
+ * returns figures. Run alone: `deno run -P=test tests/bench/guest.ts`.
+ *
+ * Owns: a temporary state directory, the daemon and agent processes.
+ * Permissions: the "test" set.
+ * @module
+ */
+
+import "reflect-metadata";
+import { join } from "node:path";
+import { agentIdentity, cliOk, tempDir } from "../host_harness.ts";
+import {
+  daemonPort,
+  devlxdGet,
+  directGet,
+  type LoopFigures,
+  procOne,
+  round,
+  runLoop,
+  startAgent,
+  startDaemon,
+  until,
+} from "./_lib.ts";
+
+/** Options of {@linkcode benchGuest}. */
+export interface BenchGuestOptions {
+  /**
+   * Milliseconds per measured setting.
+   * @default 3000
+   */
+  durationMs?: number;
+  /**
+   * Concurrency levels of the request loops.
+   * @default [1, 8, 64]
+   */
+  concurrency?: number[];
+  /**
+   * Concurrent direct clients for the host capacity figure.
+   * @default 16
+   */
+  capacityClients?: number;
+}
+
+function put(figures: Record<string, number>, prefix: string, f: LoopFigures): void {
+  figures[`${prefix}_rps`] = f.rps;
+  figures[`${prefix}_p50_ms`] = f.p50Ms;
+  figures[`${prefix}_p99_ms`] = f.p99Ms;
+  if (f.errors > 0) figures[`${prefix}_errors`] = f.errors;
+}
+
+/** Runs the guest-path, floor, host-capacity and agent-memory measurements. */
+export async function benchGuest(options: BenchGuestOptions = {}): Promise<Record<string, number>> {
+  const durationMs = options.durationMs ?? 3000;
+  const levels = options.concurrency ?? [1, 8, 64];
+  const figures: Record<string, number> = {};
+  await using dir = await tempDir("bench-guest-");
+  const state = join(dir.path, "state");
+  const hybrid = join(dir.path, "vm1.vsock");
+  await cliOk(["instance", "add", "vm1", "--cid", "10", "--hybrid", hybrid, "--state-dir", state]);
+  await using daemon = startDaemon(state);
+  await daemon.waitLog(/msg="listening"/);
+  const port = daemonPort(daemon);
+  const id = await agentIdentity(state, "vm1");
+  const devlxdSocket = join(dir.path, "dev-lxd", "sock");
+  await using agent = startAgent({
+    configDir: join(state, "instances", "vm1", "config"),
+    hybrid,
+    serial: join(dir.path, "no-serial-port"),
+    devlxdSocket,
+    stateFile: join(dir.path, "run", "state.json"),
+  });
+  await until(() => devlxdGet(devlxdSocket), 30_000, "the agent to serve /dev/lxd/sock");
+  // Let start-up work (announce, first validation) settle before sampling idle memory.
+  await new Promise((r) => setTimeout(r, 1000));
+  figures.agent_rss_idle_mb = round((await procOne(agent.pid)).rssKb / 1024, 1);
+
+  const guest = () => devlxdGet(devlxdSocket);
+  const floor = () => directGet(hybrid, port, id);
+  let agentPeakKb = 0;
+  for (const concurrency of levels) {
+    const sampling = { on: true };
+    const sampler = (async () => {
+      while (sampling.on) {
+        agentPeakKb = Math.max(agentPeakKb, (await procOne(agent.pid)).rssKb);
+        await new Promise((r) => setTimeout(r, 200));
+      }
+    })();
+    put(figures, `devlxd_c${concurrency}`, await runLoop(guest, { concurrency, durationMs }));
+    sampling.on = false;
+    await sampler;
+    put(figures, `floor_c${concurrency}`, await runLoop(floor, { concurrency, durationMs }));
+  }
+  const agentAfter = await procOne(agent.pid);
+  figures.agent_rss_burst_mb = round(Math.max(agentPeakKb, agentAfter.rssKb) / 1024, 1);
+  figures.agent_rss_peak_hwm_mb = round(agentAfter.hwmKb / 1024, 1);
+  figures.devlxd_floor_p50_ratio = round(figures.devlxd_c1_p50_ms / figures.floor_c1_p50_ms);
+
+  // Host capacity: many direct clients; the host's own CPU time per request.
+  const clients = options.capacityClients ?? 16;
+  const before = await procOne(daemon.pid);
+  const run = await runLoop(floor, { concurrency: clients, durationMs, warmup: 0 });
+  const after = await procOne(daemon.pid);
+  const cpuUs = after.cpuUs - before.cpuUs;
+  put(figures, `host_direct_c${clients}`, run);
+  figures.host_direct_cpu_us_per_request = Math.round(cpuUs / run.requests);
+  figures.host_direct_rps_per_core = Math.round(run.requests / (cpuUs / 1e6));
+  figures.host_rss_mb = round(after.rssKb / 1024, 1);
+  return figures;
+}
+
+if (import.meta.main) {
+  const figures = await benchGuest();
+  console.log(JSON.stringify(figures, null, 2));
+}

@@ -1,0 +1,274 @@
+/**
+ * `make bench` / `deno task bench`: one run on this machine over the unix
+ * ("hybrid vsock") transport, printing one table of what users feel beside
+ * the floor of the same path, with the issue's targets:
+ *
+ * 1. transport floor (`tests/bench/transport.ts`): FFI vs Deno's native socket;
+ * 2. guest request path (`tests/bench/guest.ts`): `GET /1.0` via
+ *    `/dev/lxd/sock` → agent → host, and the direct mutual-TLS floor;
+ * 3. host capacity: requests per second per core of host CPU;
+ * 4. a fleet of instances (`tests/fleet/`): host start, RSS, restart →
+ *    CONNECTED, event fan-out, idle polling CPU;
+ * 5. agent memory.
+ *
+ * Benchmarks print figures; nothing here asserts a timing.
+ *
+ * Usage: deno run -P=test tests/bench/main.ts [--json] [--seconds N]
+ *        [--fleet N] [--skip transport,guest,fleet]
+ * Permissions: the "test" set.
+ * @module
+ */
+
+import { parseArgs } from "node:util";
+import { benchTransport } from "./transport.ts";
+import { benchGuest } from "./guest.ts";
+import { loadAverage, machine } from "./_lib.ts";
+import { benchFleet } from "../fleet/fleet.ts";
+
+/** One line of the table. */
+interface Row {
+  section: string;
+  figure: string;
+  value: string;
+  floor?: string;
+  target?: string;
+  met?: boolean;
+}
+
+function fmt(value: number | undefined, unit = "", digits = 2): string {
+  if (value === undefined || Number.isNaN(value)) return "n/a";
+  const text = Number.isInteger(value) ? value.toLocaleString("en-US") : value.toFixed(digits);
+  return `${text}${unit}`;
+}
+
+function rowsOf(f: Record<string, number>, fleetSize: number): Row[] {
+  const rows: Row[] = [];
+  const has = (k: string) => f[k] !== undefined;
+  if (has("ffi_unix_echo_p50_us")) {
+    rows.push(
+      {
+        section: "1 transport",
+        figure: "64 B echo RTT p50 / p99, same process",
+        value: `${fmt(f.ffi_unix_echo_p50_us, " µs", 1)} / ${
+          fmt(f.ffi_unix_echo_p99_us, " µs", 1)
+        }`,
+        floor: `Deno native ${fmt(f.deno_unix_echo_p50_us, " µs", 1)} / ${
+          fmt(f.deno_unix_echo_p99_us, " µs", 1)
+        }`,
+      },
+      {
+        section: "1 transport",
+        figure: "64 B echo RTT p50 / p99, to a child process",
+        value: `${fmt(f.ffi_unix_xproc_echo_p50_us, " µs", 1)} / ${
+          fmt(f.ffi_unix_xproc_echo_p99_us, " µs", 1)
+        }`,
+        floor: `Deno native ${fmt(f.deno_unix_xproc_echo_p50_us, " µs", 1)} / ${
+          fmt(f.deno_unix_xproc_echo_p99_us, " µs", 1)
+        }`,
+      },
+      {
+        section: "1 transport",
+        figure: "throughput one way, same process",
+        value: fmt(f.ffi_unix_throughput_mb_s, " MB/s", 0),
+        floor: `Deno native ${fmt(f.deno_unix_throughput_mb_s, " MB/s", 0)}`,
+      },
+      {
+        section: "1 transport",
+        figure: "throughput echoed by a child process",
+        value: fmt(f.ffi_unix_xproc_bulk_echo_mb_s, " MB/s", 0),
+        floor: `Deno native ${fmt(f.deno_unix_xproc_bulk_echo_mb_s, " MB/s", 0)}`,
+      },
+    );
+  }
+  if (has("devlxd_c1_p50_ms")) {
+    const errs = (k: string) => f[`${k}_errors`] ? ` (${f[`${k}_errors`]} errors)` : "";
+    rows.push(
+      {
+        section: "2 guest path",
+        figure: "GET /1.0 via /dev/lxd/sock, sequential p50 / p99",
+        value: `${fmt(f.devlxd_c1_p50_ms, " ms")} / ${fmt(f.devlxd_c1_p99_ms, " ms")}`,
+        floor: `${fmt(f.floor_c1_p50_ms, " ms")} / ${fmt(f.floor_c1_p99_ms, " ms")}`,
+        target: "≤ 1.5 ms / ≤ 5 ms",
+        met: f.devlxd_c1_p50_ms <= 1.5 && f.devlxd_c1_p99_ms <= 5,
+      },
+      {
+        section: "2 guest path",
+        figure: "p50 ratio guest path / floor",
+        value: `${fmt(f.devlxd_floor_p50_ratio, "×")}`,
+        target: "≤ 1.5×",
+        met: f.devlxd_floor_p50_ratio <= 1.5,
+      },
+    );
+    for (const c of [1, 8, 64]) {
+      if (!has(`devlxd_c${c}_rps`)) continue;
+      rows.push({
+        section: "2 guest path",
+        figure: `requests/s through one agent, concurrency ${c} (p50 / p99)`,
+        value: `${fmt(f[`devlxd_c${c}_rps`])}${errs(`devlxd_c${c}`)} (${
+          fmt(f[`devlxd_c${c}_p50_ms`], " ms")
+        } / ${fmt(f[`devlxd_c${c}_p99_ms`], " ms")})`,
+        floor: `${fmt(f[`floor_c${c}_rps`])}${errs(`floor_c${c}`)} (${
+          fmt(f[`floor_c${c}_p50_ms`], " ms")
+        } / ${fmt(f[`floor_c${c}_p99_ms`], " ms")})`,
+        target: c === 8 ? "≥ 800/s" : undefined,
+        met: c === 8 ? f.devlxd_c8_rps >= 800 : undefined,
+      });
+    }
+    const clients = Object.keys(f).find((k) => /^host_direct_c\d+_rps$/.test(k));
+    rows.push({
+      section: "3 host capacity",
+      figure: `direct mutual-TLS GET /1.0, ${clients?.match(/c(\d+)/)?.[1]} clients: ` +
+        "requests/s per core of host CPU",
+      value: `${fmt(f.host_direct_rps_per_core)} (${
+        fmt(f.host_direct_cpu_us_per_request)
+      } µs CPU/request; ${clients ? fmt(f[clients]) : "n/a"} req/s wall)`,
+      target: "≥ 2,000/s per core",
+      met: f.host_direct_rps_per_core >= 2000,
+    });
+    rows.push(
+      {
+        section: "5 memory",
+        figure: "agent RSS idle / during the bursts",
+        value: `${fmt(f.agent_rss_idle_mb, " MB", 1)} / ${fmt(f.agent_rss_burst_mb, " MB", 1)}`,
+        target: "≤ 45 MB",
+        met: f.agent_rss_idle_mb <= 45 && f.agent_rss_burst_mb <= 45,
+      },
+    );
+  }
+  if (has("fleet_instances")) {
+    const n = fmt(f.fleet_instances);
+    const scaled = fleetSize !== f.fleet_instances;
+    rows.push(
+      {
+        section: "4 fleet",
+        figure: `host start → listening, ${n} instances in the store`,
+        value: fmt(f.fleet_host_start_ms, " ms", 0),
+        floor: `0 instances: ${fmt(f.fleet_host_start_empty_ms, " ms", 0)}`,
+        target: "≤ 200 ms",
+        met: f.fleet_host_start_ms <= 200,
+      },
+      {
+        section: "4 fleet",
+        figure: `host RSS idle, ${n} CONNECTED instances`,
+        value: fmt(f.fleet_host_rss_idle_mb, " MB", 1),
+        floor: `0 instances: ${fmt(f.fleet_host_rss_empty_mb, " MB", 1)}`,
+      },
+      {
+        section: "4 fleet",
+        figure: `host RSS, ${n} instances and ${fmt(f.fleet_event_streams)} event streams`,
+        value: fmt(f.fleet_host_rss_streams_mb, " MB", 1),
+        target: "≤ 80 MB",
+        met: f.fleet_host_rss_streams_mb <= 80,
+      },
+      {
+        section: "4 fleet",
+        figure: `host restart → all ${n} agents CONNECTED (agents' view / host's view)`,
+        value: `${fmt(f.fleet_restart_connected_ms, " ms", 0)} / ${
+          fmt(f.fleet_restart_host_connected_ms, " ms", 0)
+        }`,
+        target: "≤ 1 s",
+        met: f.fleet_restart_connected_ms <= 1000 && f.fleet_restart_host_connected_ms <= 1000,
+      },
+      {
+        section: "4 fleet",
+        figure: `one config change per instance → all ${n} guest event streams (all / p50 / p99)`,
+        value: `${fmt(f.fleet_event_fanout_ms, " ms", 0)} / ${
+          fmt(f.fleet_event_p50_ms, " ms", 1)
+        } / ${fmt(f.fleet_event_p99_ms, " ms", 1)}`,
+      },
+      {
+        section: "4 fleet",
+        figure: `host CPU, ${n} CONNECTED idle instances (QMP polling + agents' probes)`,
+        value: fmt(f.fleet_host_idle_cpu_pct, " % of a core", 2),
+        floor: `QMP polls ${fmt(f.fleet_qmp_polls_per_s, "/s", 1)}, probes ${
+          fmt(f.fleet_probes_per_s, "/s", 0)
+        }`,
+        target: "≤ 1 %",
+        met: f.fleet_host_idle_cpu_pct <= 1,
+      },
+    );
+    if (scaled) {
+      rows.push({
+        section: "4 fleet",
+        figure: `(fleet run with ${n}; extrapolations to ${fleetSize} are in the JSON only)`,
+        value: "",
+      });
+    }
+  }
+  return rows;
+}
+
+function markdown(rows: Row[]): string {
+  const lines = [
+    "| section | figure | value | floor / baseline | target | met |",
+    "|---|---|---|---|---|---|",
+  ];
+  for (const r of rows) {
+    const met = r.met === undefined ? "" : r.met ? "yes" : "**no**";
+    lines.push(
+      `| ${r.section} | ${r.figure} | ${r.value} | ${r.floor ?? ""} | ${r.target ?? ""} | ${met} |`,
+    );
+  }
+  return lines.join("\n");
+}
+
+async function main(): Promise<number> {
+  const { values } = parseArgs({
+    args: Deno.args,
+    options: {
+      json: { type: "boolean", default: false },
+      seconds: { type: "string", default: "3" },
+      fleet: { type: "string", default: "1000" },
+      skip: { type: "string", default: "" },
+      help: { type: "boolean", short: "h", default: false },
+    },
+  });
+  if (values.help) {
+    console.log(
+      "Usage: deno task bench [--json] [--seconds N] [--fleet N] [--skip transport,guest,fleet]",
+    );
+    return 0;
+  }
+  const skip = new Set(values.skip.split(",").filter(Boolean));
+  const seconds = Number(values.seconds);
+  const fleetSize = Number(values.fleet);
+  const log = (text: string) => values.json ? console.error(text) : console.log(text);
+  const startedAt = new Date();
+  const loadBefore = await loadAverage();
+  log(`lxd-vsock bench, ${startedAt.toISOString()}, ${machine()}, load ${loadBefore}`);
+  const figures: Record<string, number> = {};
+  if (!skip.has("transport")) {
+    log("1. transport floor …");
+    Object.assign(figures, await benchTransport({ roundTrips: 5000, bytes: 64 * 1024 * 1024 }));
+  }
+  if (!skip.has("guest")) {
+    log("2, 3, 5. guest path, floor, host capacity, agent memory …");
+    Object.assign(figures, await benchGuest({ durationMs: seconds * 1000 }));
+  }
+  if (!skip.has("fleet") && fleetSize > 0) {
+    log(`4. fleet of ${fleetSize} …`);
+    Object.assign(figures, await benchFleet({ instances: fleetSize, log }));
+  }
+  const loadAfter = await loadAverage();
+  const rows = rowsOf(figures, fleetSize);
+  if (values.json) {
+    console.log(JSON.stringify(
+      {
+        date: startedAt.toISOString(),
+        machine: machine(),
+        load: { before: loadBefore, after: loadAfter },
+        figures,
+        table: rows,
+      },
+      null,
+      2,
+    ));
+  } else {
+    console.log("");
+    console.log(markdown(rows));
+    console.log(`\nload average before ${loadBefore}, after ${loadAfter}`);
+  }
+  return 0;
+}
+
+if (import.meta.main) Deno.exit(await main());
