@@ -3,7 +3,9 @@
  * `UnsafePointerView` and errno handling.
  *
  * Provides thin synchronous wrappers over the socket, epoll and eventfd system
- * calls used by `shared/vsock/`. Every wrapper returns the call's result, or
+ * calls used by `shared/vsock/`, and the few path calls (`mkdir`, `chmod`,
+ * `unlink`, `rmdir`, `statx`) a unix socket under `/dev` needs: Deno 2.9's
+ * own file system API refuses most paths under `/dev` without `--allow-all`. Every wrapper returns the call's result, or
  * `-errno` when the call failed: errno is read synchronously, on the calling
  * thread, right after the failing call. The only `nonblocking` symbol is
  * `epoll_wait`, used by the single waiter in `_reactor.ts`; it reports failure
@@ -13,8 +15,8 @@
  * Owns: the `libc.so.6` handle, opened on first use (never at import time) and
  * kept for the life of the process.
  *
- * Permissions: `--allow-ffi` (which, like any FFI, bypasses Deno's net/read
- * permission checks for the sockets opened through it).
+ * Permissions: `--allow-ffi` (which, like any FFI, bypasses Deno's net/read/write
+ * permission checks for the sockets and paths used through it).
  *
  * @module
  */
@@ -54,9 +56,24 @@ export const EPOLLHUP = 0x010;
 export const EPOLLRDHUP = 0x2000;
 export const EFD_NONBLOCK = 0o4000;
 export const EFD_CLOEXEC = 0o2000000;
+/** `statx(2)`: relative to the working directory, do not follow a last symlink. */
+export const AT_FDCWD = -100;
+export const AT_SYMLINK_NOFOLLOW = 0x100;
+export const STATX_TYPE = 0x1;
+export const STATX_MODE = 0x2;
+export const STATX_INO = 0x100;
+/** File type bits of `st_mode`. */
+export const S_IFMT = 0o170000;
+export const S_IFSOCK = 0o140000;
+export const S_IFDIR = 0o040000;
 
 /** errno values used by the callers (asm-generic, same on x86_64 and aarch64). */
+export const ENOENT = 2;
 export const EINTR = 4;
+export const EEXIST = 17;
+export const ENOTDIR = 20;
+export const ENOTEMPTY = 39;
+export const ECONNREFUSED = 111;
 export const EAGAIN = 11;
 export const EINPROGRESS = 115;
 export const EADDRINUSE = 98;
@@ -128,6 +145,19 @@ const SYMBOLS = {
   epoll_poll: { name: "epoll_wait", parameters: ["i32", "buffer", "i32", "i32"], result: "i32" },
   /** int eventfd(unsigned int initval, int flags); */
   eventfd: { parameters: ["u32", "i32"], result: "i32" },
+  /** int mkdir(const char *pathname, mode_t mode); */
+  mkdir: { parameters: ["buffer", "u32"], result: "i32" },
+  /** int rmdir(const char *pathname); */
+  rmdir: { parameters: ["buffer"], result: "i32" },
+  /** int chmod(const char *pathname, mode_t mode); */
+  chmod: { parameters: ["buffer", "u32"], result: "i32" },
+  /** int unlink(const char *pathname); */
+  unlink: { parameters: ["buffer"], result: "i32" },
+  /**
+   * int statx(int dirfd, const char *pathname, int flags, unsigned int mask,
+   *           struct statx *statxbuf);  (glibc 2.28+; the layout is the same on every arch)
+   */
+  statx: { parameters: ["i32", "buffer", "i32", "u32", "buffer"], result: "i32" },
   /** int *__errno_location(void); */
   __errno_location: { parameters: [], result: "pointer" },
 } as const satisfies Deno.ForeignLibraryInterface;
@@ -232,10 +262,70 @@ export function close(fd: number): number {
   return check(sym().close(fd));
 }
 
+const encoder = new TextEncoder();
+
+/** `path` as a NUL-terminated C string; a `TypeError` for an embedded NUL. */
+function cPath(path: string): Uint8Array {
+  if (path.includes("\0")) {
+    throw new TypeError(`A path cannot contain NUL bytes: ${JSON.stringify(path)}`);
+  }
+  return encoder.encode(path + "\0");
+}
+
 /** open(2) without O_CREAT: a new fd or -errno. */
 export function openPath(path: string, flags: number): number {
-  const bytes = new TextEncoder().encode(path + "\0");
-  return check(sym().open(bytes, flags));
+  return check(sym().open(cPath(path), flags));
+}
+
+/** mkdir(2): 0 or -errno (the umask applies to `mode`). */
+export function mkdir(path: string, mode: number): number {
+  return check(sym().mkdir(cPath(path), mode));
+}
+
+/** rmdir(2): 0 or -errno (`-ENOTEMPTY` for a directory with entries). */
+export function rmdir(path: string): number {
+  return check(sym().rmdir(cPath(path)));
+}
+
+/** chmod(2): 0 or -errno. */
+export function chmod(path: string, mode: number): number {
+  return check(sym().chmod(cPath(path), mode));
+}
+
+/** unlink(2): 0 or -errno. */
+export function unlink(path: string): number {
+  return check(sym().unlink(cPath(path)));
+}
+
+/** What {@linkcode lstat} reports of a file: `st_mode` (type and permission bits) and inode. */
+export interface FileStat {
+  mode: number;
+  ino: bigint;
+}
+
+/** `struct statx` is 256 bytes; `stx_mode` (u16) is at offset 28, `stx_ino` (u64) at 32. */
+const STATX_SIZE = 256;
+const STATX_MODE_OFFSET = 28;
+const STATX_INO_OFFSET = 32;
+
+/** statx(2) without following a last symlink (an lstat): the file's mode and inode, or -errno. */
+export function lstat(path: string): FileStat | number {
+  const buf = new Uint8Array(STATX_SIZE);
+  const r = check(
+    sym().statx(
+      AT_FDCWD,
+      cPath(path),
+      AT_SYMLINK_NOFOLLOW,
+      STATX_TYPE | STATX_MODE | STATX_INO,
+      buf,
+    ),
+  );
+  if (r < 0) return r;
+  const view = new DataView(buf.buffer);
+  return {
+    mode: view.getUint16(STATX_MODE_OFFSET, true),
+    ino: view.getBigUint64(STATX_INO_OFFSET, true),
+  };
 }
 
 /** fcntl(2) with an int argument: the result or -errno. */

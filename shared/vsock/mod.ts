@@ -5,7 +5,7 @@
  * Firecracker / Cloud Hypervisor hybrid vsock, and typed errors.
  *
  * Owns nothing at import time: libc is opened on first use. Permissions:
- * `--allow-ffi` (plus read/write on unix socket paths for `replace`/`mode`).
+ * `--allow-ffi` (unix socket files and their directories are handled through it too).
  *
  * @example
  * ```ts
@@ -49,7 +49,13 @@ export {
 } from "./sockaddr.ts";
 export { ERRNO, errnoName, errnoReason, SocketError, VSOCK_UNAVAILABLE } from "./socket_error.ts";
 export { hybridGuestTransport, type Transport, vsockTransport } from "./transport.ts";
-export { type ConnectOptions, connectUnix, listenUnix, type ListenUnixOptions } from "./unix.ts";
+export {
+  type ConnectOptions,
+  connectUnix,
+  listenUnix,
+  type ListenUnixOptions,
+  makeDirectories,
+} from "./unix.ts";
 export {
   connectVsock,
   listenVsock,

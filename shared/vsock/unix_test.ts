@@ -347,6 +347,142 @@ Deno.test("listenUnix({ replace: true }) removes a stale socket file, not other 
   assert.equal(Deno.readTextFileSync(dir.join("plain")), "not a socket");
 });
 
+Deno.test("listenUnix({ mode }) sets the socket file's mode before anyone can connect", async () => {
+  using dir = new TempDir();
+  for (const mode of [0o600, 0o640, 0o666]) {
+    using listener = listenUnix(dir.join(`m${mode}.sock`), { mode });
+    assert.equal(Deno.lstatSync(dir.join(`m${mode}.sock`)).mode! & 0o7777, mode);
+    const [client, server] = await within(
+      Promise.all([connectUnix(dir.join(`m${mode}.sock`)), listener.accept()]),
+      5000,
+      "connect and accept",
+    );
+    closeAll(client, server);
+  }
+});
+
+Deno.test("listenUnix({ createParent: true }) makes missing directories 0755, removed on close when empty", () => {
+  using dir = new TempDir();
+  const path = dir.join("a/b/s.sock");
+  assert.throws(() => listenUnix(path), { code: "ENOENT" });
+  const listener = listenUnix(path, { createParent: true, mode: 0o600 });
+  for (const d of ["a", "a/b"]) {
+    const info = Deno.lstatSync(dir.join(d));
+    assert.ok(info.isDirectory, d);
+    // 0755, less what the umask removes.
+    assert.equal(info.mode! & 0o777 & ~0o755, 0, d);
+    assert.equal(info.mode! & 0o700, 0o700, d);
+  }
+  assert.ok(Deno.lstatSync(path).isSocket);
+  listener.close();
+  assert.throws(() => Deno.lstatSync(dir.join("a")), Deno.errors.NotFound);
+
+  // A directory that gained other entries stays, and so does one that existed.
+  const again = listenUnix(path, { createParent: true });
+  Deno.writeTextFileSync(dir.join("a/keep"), "x");
+  again.close();
+  assert.throws(() => Deno.lstatSync(dir.join("a/b")), Deno.errors.NotFound);
+  assert.equal(Deno.readTextFileSync(dir.join("a/keep")), "x");
+  listenUnix(dir.join("s.sock"), { createParent: true }).close();
+  assert.ok(Deno.lstatSync(dir.path).isDirectory);
+});
+
+Deno.test("listenUnix({ createParent: true }) names the directory it cannot create, leaving nothing", () => {
+  using dir = new TempDir();
+  Deno.writeTextFileSync(dir.join("file"), "");
+  assert.throws(
+    () => listenUnix(dir.join("file/sub/s.sock"), { createParent: true }),
+    (error: unknown) => {
+      assert.ok(error instanceof SocketError);
+      assert.equal(error.code, "ENOTDIR");
+      assert.equal(error.syscall, "mkdir");
+      assert.equal(
+        error.message,
+        `Cannot create directory ${dir.join("file/sub")}: not a directory`,
+      );
+      return true;
+    },
+  );
+  assert.deepEqual([...Deno.readDirSync(dir.path)].map((e) => e.name), ["file"]);
+});
+
+Deno.test("listenUnix({ replace: true }) leaves a directory or a symlink to a socket alone", () => {
+  using dir = new TempDir();
+  Deno.mkdirSync(dir.join("d"));
+  assert.throws(() => listenUnix(dir.join("d"), { replace: true }), { code: "EADDRINUSE" });
+  assert.ok(Deno.lstatSync(dir.join("d")).isDirectory);
+  const fd = libc.socket(libc.AF_UNIX, libc.SOCK_STREAM | libc.SOCK_CLOEXEC);
+  assert.equal(libc.bind(fd, encodeSockaddrUn(dir.join("stale.sock"))), 0);
+  libc.close(fd);
+  Deno.symlinkSync(dir.join("stale.sock"), dir.join("link"));
+  assert.throws(() => listenUnix(dir.join("link"), { replace: true }), { code: "EADDRINUSE" });
+  assert.ok(Deno.lstatSync(dir.join("link")).isSymlink);
+});
+
+Deno.test("listenUnix() needs only --allow-ffi: replace, mode, createParent and removal in a process without read/write", async () => {
+  using dir = new TempDir();
+  const path = dir.join("run/lxd/sock");
+  Deno.mkdirSync(dir.join("run/lxd"), { recursive: true });
+  // A stale socket to replace.
+  const stale = libc.socket(libc.AF_UNIX, libc.SOCK_STREAM | libc.SOCK_CLOEXEC);
+  assert.equal(libc.bind(stale, encodeSockaddrUn(path)), 0);
+  libc.close(stale);
+  const script = dir.join("child.ts");
+  Deno.writeTextFileSync(
+    script,
+    `import { connectUnix, listenUnix } from ${
+      JSON.stringify(new URL("./unix.ts", import.meta.url).href)
+    };
+const path = ${JSON.stringify(path)};
+const nested = ${JSON.stringify(dir.join("run/new/dir/sock"))};
+let denied = false;
+try { Deno.lstatSync(path); } catch (e) { denied = e instanceof Deno.errors.NotCapable; }
+const listener = listenUnix(path, { replace: true, mode: 0o600 });
+const other = listenUnix(nested, { createParent: true, mode: 0o660 });
+const [client, server] = await Promise.all([connectUnix(path), listener.accept()]);
+client.destroy(); server.destroy();
+console.log(JSON.stringify({ denied }));
+await new Promise((resolve) => { Deno.stdin.readable.getReader().read().then(resolve); });
+listener.close(); other.close();
+`,
+  );
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-q", "--no-prompt", "--allow-ffi", script],
+    stdin: "piped",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const writer = child.stdin.getWriter();
+  const lines = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  try {
+    const first = await within(lines.read(), 10_000, "the child to listen");
+    assert.deepEqual(JSON.parse(first.value ?? "null"), { denied: true });
+    assert.equal(Deno.lstatSync(path).mode! & 0o7777, 0o600);
+    assert.ok(Deno.lstatSync(path).isSocket);
+    assert.equal(Deno.lstatSync(dir.join("run/new/dir/sock")).mode! & 0o7777, 0o660);
+    await writer.write(new Uint8Array([10]));
+    await writer.close();
+    const status = await within(child.status, 10_000, "the child to exit");
+    assert.equal(
+      status.code,
+      0,
+      new TextDecoder().decode((await child.stderr.getReader().read()).value),
+    );
+  } finally {
+    try {
+      child.kill();
+    } catch {
+      // exited
+    }
+    await child.status;
+    await lines.cancel().catch(() => {});
+    await child.stderr.cancel().catch(() => {});
+  }
+  assert.throws(() => Deno.lstatSync(path), Deno.errors.NotFound);
+  assert.throws(() => Deno.lstatSync(dir.join("run/new")), Deno.errors.NotFound);
+  assert.ok(Deno.lstatSync(dir.join("run/lxd")).isDirectory, "a directory it did not create stays");
+});
+
 Deno.test("listenUnix() and connectUnix() reject bad arguments with TypeError/RangeError", async () => {
   assert.throws(() => listenUnix(""), TypeError);
   assert.throws(() => listenUnix("/tmp/" + "x".repeat(200)), RangeError);
