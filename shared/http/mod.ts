@@ -2,6 +2,7 @@
  * HTTP/1.1 over one already-open connection, and LXD's response envelope.
  *
  * - {@linkcode serveHttp}: serve requests on a connection with a `Request` → `Response` handler.
+ * - {@linkcode upgradeWebSocket}: answer a WebSocket handshake; a one-way text channel out.
  * - {@linkcode httpRequest}: send one request on a connection, stream the response.
  * - {@linkcode syncResponse}, {@linkcode errorResponse}, {@linkcode unwrapEnvelope}: LXD's JSON envelope.
  *
@@ -11,3 +12,4 @@
 export * from "./serve_http.ts";
 export * from "./http_request.ts";
 export * from "./envelope.ts";
+export * from "./websocket.ts";

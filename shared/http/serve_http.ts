@@ -20,9 +20,12 @@
  * cancelled when the peer goes away, and one write per complete response (the
  * body joined to the head when it completes within a few microtasks).
  * It speaks what Go's net/http client and server send and expect
- * (go_interop_test.ts).
+ * (go_interop_test.ts). A handler may answer {@linkcode upgradeResponse}: the
+ * `101 Switching Protocols` head is written and the connection handed over
+ * (a WebSocket, `websocket.ts`).
  *
- * Owns the connection it is given: it ends or destroys it. Needs no permissions.
+ * Owns the connection it is given: it ends or destroys it, unless a handler
+ * takes it over with an upgrade. Needs no permissions.
  *
  * @module
  */
@@ -74,6 +77,28 @@ export interface ServeHttpOptions {
 /** Request handler; the request's `signal` aborts when the connection closes. */
 export type HttpHandler = (request: Request) => Response | Promise<Response>;
 
+/**
+ * Takes over an upgraded connection: `socket` is paused (call `resume()` after
+ * adding a "data" listener) and `head` holds the bytes the client sent after
+ * the request, already read. The callee owns the socket from then on.
+ */
+export type UpgradeHandler = (socket: Duplex, head: Uint8Array) => void;
+
+const UPGRADES = new WeakMap<Response, UpgradeHandler>();
+
+/**
+ * A `101 Switching Protocols` answer with `headers` (for example `Upgrade`,
+ * `Connection` and `Sec-WebSocket-Accept`): `serveHttp` writes its head, stops
+ * serving HTTP on the connection and hands it to `onSocket`. (A `Response`
+ * cannot carry status 101, so this one is a marked 200 without a body; only
+ * `serveHttp` gives it its meaning.)
+ */
+export function upgradeResponse(onSocket: UpgradeHandler, headers: HeadersInit = {}): Response {
+  const response = new Response(null, { headers });
+  UPGRADES.set(response, onSocket);
+  return response;
+}
+
 /** Response headers this server sets itself. */
 const HOP_BY_HOP = new Set([
   "connection",
@@ -121,6 +146,8 @@ class HttpConnection {
   #ending = false;
   /** What to do when #timer fires. */
   #onTimeout: () => void = () => {};
+  /** A handler took the connection over (upgradeResponse): it is no longer ours. */
+  #upgraded = false;
 
   constructor(socket: Duplex, handler: HttpHandler, options: ServeHttpOptions) {
     this.#socket = socket;
@@ -158,9 +185,9 @@ class HttpConnection {
       this.#socket.destroy();
     } finally {
       signal?.removeEventListener("abort", this.#abort);
-      this.#endSoon();
+      if (!this.#upgraded) this.#endSoon();
     }
-    await this.#closed;
+    if (!this.#upgraded) await this.#closed;
   }
 
   #setTimer(ms: number, onTimeout: () => void): void {
@@ -285,9 +312,32 @@ class HttpConnection {
       await response.body?.cancel().catch(() => {});
       return false;
     }
+    const onUpgrade = UPGRADES.get(response);
+    if (onUpgrade !== undefined) {
+      this.#upgrade(response, onUpgrade);
+      return false;
+    }
     const reusable = await this.#writeResponse(response, isHead, keepAlive);
     if (!reusable) this.#endSoon();
     return reusable;
+  }
+
+  /** Writes the 101 head and hands the connection, with the bytes read past the request, over. */
+  #upgrade(response: Response, onUpgrade: UpgradeHandler): void {
+    this.#clearTimer();
+    this.#upgraded = true;
+    let head = "HTTP/1.1 101 Switching Protocols\r\n";
+    for (const [name, value] of response.headers) head += `${name}: ${value}\r\n`;
+    this.#socket.write(head + "\r\n", "latin1");
+    this.#socket.pause();
+    const rest = new Uint8Array(this.#reader.buffer);
+    this.#reader.consume(rest.length);
+    this.#reader.detach();
+    try {
+      onUpgrade(this.#socket, rest);
+    } catch {
+      this.#socket.destroy();
+    }
   }
 
   async #readLength(length: number): Promise<Uint8Array<ArrayBuffer> | undefined> {
