@@ -16,7 +16,7 @@
  *
  * Owns: the agent API listener and its connections, the devlxd server, the
  * serial channel, the relay and the timers; `close()` releases all of them.
- * Permissions: the "agent" set (ffi, net, read, write).
+ * Permissions: the "agent" set (ffi, net, read, write); `/dev/lxd/sock` needs only ffi.
  * @module
  */
 
@@ -291,10 +291,7 @@ export class Agent {
         } else await this.#devlxd.stop();
         this.#status.setDevlxd(enabled, this.#devlxd.serving);
       } catch (error) {
-        let reason = (error as Error).message;
-        if (error instanceof Deno.errors.NotCapable) {
-          reason += " (Deno opens paths under /dev only with --allow-all: run with -A)";
-        }
+        const reason = (error as Error).message;
         this.#logger.error("cannot serve devlxd", { socket: this.#devlxd.path, error: reason });
         this.#status.setDevlxd(enabled, this.#devlxd.serving, reason);
       }

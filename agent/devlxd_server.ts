@@ -8,17 +8,29 @@
  * the answer given in devlxd form: JSON, raw text for values, and plain-text
  * errors with the status as LXD's agent gives them (`http.Error`: text and a
  * newline). An unreachable host is a 503 with one sentence. Streams (events,
- * image export) pass through without buffering.
+ * image export) pass through without buffering; `/1.0/events` is also
+ * served as a WebSocket when the client asks (as LXD's devlxd does).
  *
- * Owns (DevlxdServer): the unix socket and its HTTP server.
- * Permissions: `--allow-net=unix:<socket>`, read/write on its directory.
+ * Owns (DevlxdServer): the unix socket, the directory created for it, and the
+ * connections accepted on it. Permissions: `--allow-ffi` (the socket, its
+ * mode, its directory and its removal all go through `listenUnix`).
  * @module
  */
 
 import { Hono } from "hono";
 import type { Context } from "hono";
+import type { Duplex } from "node:stream";
 import { isGuestVisibleKey } from "../shared/api.ts";
-import { unwrapEnvelope } from "../shared/http/envelope.ts";
+import {
+  CLOSE_GOING_AWAY,
+  CLOSE_NORMAL,
+  type HttpHandler,
+  isWebSocketRequest,
+  serveHttp,
+  unwrapEnvelope,
+  upgradeWebSocket,
+} from "../shared/http/mod.ts";
+import { type Listener, listenUnix, SocketError } from "../shared/vsock/mod.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
 import type { EventRelay } from "./event_relay.ts";
 import { BodyTooLargeError, readBody } from "./read_body.ts";
@@ -235,8 +247,14 @@ export function createDevlxdApp(options: DevlxdAppOptions): Hono {
     const types = typeParam === undefined || typeParam === ""
       ? undefined
       : typeParam.split(",").map((t) => t.trim()).filter((t) => t !== "");
-    if (c.req.header("upgrade")?.toLowerCase() === "websocket") {
-      return websocketEvents(c.req.raw, options.events.subscribe(types), options.signal);
+    if (isWebSocketRequest(c.req.raw)) {
+      try {
+        return websocketEvents(c.req.raw, () => options.events.subscribe(types), options.signal);
+      } catch (error) {
+        // Not a valid handshake (LXD's gorilla upgrader answers 400 too).
+        if (error instanceof TypeError) throw new DevlxdError(400, error.message);
+        throw error;
+      }
     }
     return new Response(untilAborted(options.events.subscribe(types), options.signal), {
       headers: { "Content-Type": "application/json" },
@@ -277,41 +295,47 @@ export function createDevlxdApp(options: DevlxdAppOptions): Hono {
   return app;
 }
 
+/**
+ * `/1.0/events` as a WebSocket: one text message per event line. The
+ * subscription starts once the connection is upgraded and ends with it; when
+ * `signal` aborts (the server stops) the client gets close code 1001.
+ */
 function websocketEvents(
   request: Request,
-  stream: ReadableStream<Uint8Array>,
+  subscribe: () => ReadableStream<Uint8Array>,
   signal: AbortSignal | undefined,
 ): Response {
-  const { socket, response } = Deno.upgradeWebSocket(request);
-  const reader = stream.getReader();
-  const stop = () => {
-    reader.cancel().catch(() => {});
-    if (socket.readyState === WebSocket.OPEN) socket.close(1001);
-  };
-  signal?.addEventListener("abort", stop, { once: true });
-  socket.onclose = () => {
-    signal?.removeEventListener("abort", stop);
-    reader.cancel().catch(() => {});
-  };
-  socket.onopen = async () => {
-    let buffered = "";
-    try {
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        buffered += decoder.decode(value);
-        for (let i = buffered.indexOf("\n"); i !== -1; i = buffered.indexOf("\n")) {
-          if (socket.readyState !== WebSocket.OPEN) return;
-          socket.send(buffered.slice(0, i));
-          buffered = buffered.slice(i + 1);
+  return upgradeWebSocket(request, (ws) => {
+    const reader = subscribe().getReader();
+    const stop = () => {
+      reader.cancel().catch(() => {});
+      ws.close(CLOSE_GOING_AWAY);
+    };
+    if (signal?.aborted) stop();
+    else signal?.addEventListener("abort", stop, { once: true });
+    ws.closed.then(() => {
+      signal?.removeEventListener("abort", stop);
+      reader.cancel().catch(() => {});
+    });
+    (async () => {
+      const lines = new TextDecoder();
+      let buffered = "";
+      try {
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buffered += lines.decode(value, { stream: true });
+          for (let i = buffered.indexOf("\n"); i !== -1; i = buffered.indexOf("\n")) {
+            if (!await ws.send(buffered.slice(0, i))) return;
+            buffered = buffered.slice(i + 1);
+          }
         }
+      } catch {
+        // the subscriber was dropped or the socket closed
       }
-    } catch {
-      // the subscriber was dropped or the socket closed
-    }
-    if (socket.readyState === WebSocket.OPEN) socket.close(1000);
-  };
-  return response;
+      ws.close(CLOSE_NORMAL);
+    })();
+  });
 }
 
 export interface DevlxdServerOptions {
@@ -323,12 +347,35 @@ export interface DevlxdServerOptions {
   logger?: Logger;
 }
 
-/** Serves a handler on a fresh unix socket (stale socket removed, mode set). */
+/** One accepted guest connection. */
+interface Connection {
+  socket: Duplex;
+  /** Requests whose answer is not yet fully handed to the socket. */
+  busy: number;
+  /** Handed over to a WebSocket: it ends itself (close 1001) when the server stops. */
+  upgraded: boolean;
+  /** Closes the connection at once (serveHttp's signal). */
+  kill: AbortController;
+  done: Promise<void>;
+}
+
+/** How long stop() lets open answers finish before it cuts their connections. */
+const STOP_GRACE = 2000;
+
+/**
+ * Serves a handler on a fresh unix socket (stale socket removed, mode set,
+ * parent directory created), each connection with `serveHttp`. Everything
+ * on the socket path goes through FFI (`listenUnix`), so `/dev/lxd/sock`
+ * works with the agent's explicit permissions (Deno refuses `/dev` paths to
+ * its own file system API without `--allow-all`).
+ */
 export class DevlxdServer {
   #path: string;
   #options: DevlxdServerOptions;
-  #server: Deno.HttpServer | undefined;
+  #listener: Listener | undefined;
   #abort: AbortController | undefined;
+  #loop: Promise<void> | undefined;
+  #connections = new Set<Connection>();
 
   constructor(path: string, options: DevlxdServerOptions = {}) {
     this.#path = path;
@@ -340,52 +387,164 @@ export class DevlxdServer {
   }
 
   get serving(): boolean {
-    return this.#server !== undefined;
+    return this.#listener !== undefined;
   }
 
   /**
    * Starts serving `makeHandler(signal)`; `signal` aborts when the server stops,
    * so the handler can end its open streams. A no-op when already serving.
    */
-  async start(makeHandler: (signal: AbortSignal) => Deno.ServeHandler): Promise<void> {
-    if (this.#server !== undefined) return;
-    const dir = this.#path.slice(0, this.#path.lastIndexOf("/")) || "/";
-    await Deno.mkdir(dir, { recursive: true, mode: 0o755 });
+  start(makeHandler: (signal: AbortSignal) => HttpHandler): Promise<void> {
+    if (this.#listener !== undefined) return Promise.resolve();
+    let listener: Listener;
     try {
-      const info = await Deno.lstat(this.#path);
-      if (!info.isSocket) {
-        throw new Error(
-          `Cannot serve devlxd on ${this.#path}: a file that is not a socket is there`,
+      listener = listenUnix(this.#path, {
+        replace: true,
+        mode: this.#options.mode ?? 0o600,
+        createParent: true,
+      });
+    } catch (error) {
+      if (error instanceof SocketError && error.code === "EADDRINUSE") {
+        return Promise.reject(
+          new Error(
+            `Cannot serve devlxd on ${this.#path}: another process serves it, or a file that is not a socket is there`,
+            { cause: error },
+          ),
         );
       }
-      await Deno.remove(this.#path);
-    } catch (error) {
-      if (!(error instanceof Deno.errors.NotFound)) throw error;
+      return Promise.reject(error);
     }
     const abort = new AbortController();
-    const listening = Promise.withResolvers<void>();
-    const server = Deno.serve({
-      path: this.#path,
-      onListen: () => listening.resolve(),
-      onError: (error) => {
-        this.#options.logger?.error("devlxd handler failed", { error });
-        return textError(500, "Internal error");
-      },
-    }, makeHandler(abort.signal));
-    await listening.promise;
-    await Deno.chmod(this.#path, this.#options.mode ?? 0o600);
-    this.#server = server;
+    this.#listener = listener;
     this.#abort = abort;
+    this.#loop = this.#accept(listener, makeHandler(abort.signal));
     this.#options.logger?.info("serving devlxd", { socket: this.#path });
+    return Promise.resolve();
   }
 
-  /** Stops serving and removes the socket. Idempotent. */
+  async #accept(listener: Listener, handler: HttpHandler): Promise<void> {
+    try {
+      for await (const socket of listener) this.#serve(socket, handler);
+    } catch (error) {
+      if (this.#listener === listener) {
+        this.#options.logger?.error("devlxd listener failed", { error });
+      }
+    }
+  }
+
+  #serve(socket: Duplex, handler: HttpHandler): void {
+    const connection: Connection = {
+      socket,
+      busy: 0,
+      upgraded: false,
+      kill: new AbortController(),
+      done: Promise.resolve(),
+    };
+    let streaming = 0;
+    // A guest that leaves in the middle of an event stream is otherwise only
+    // noticed at the next event: cut the connection, which ends the stream.
+    socket.once("end", () => {
+      if (streaming > 0 && !connection.upgraded) socket.destroy();
+    });
+    const track = (response: Response): Response => {
+      const body = response.body;
+      if (body === null) {
+        this.#settled(connection);
+        return response;
+      }
+      streaming++;
+      let finished = false;
+      const finish = () => {
+        if (finished) return;
+        finished = true;
+        streaming--;
+        this.#settled(connection);
+      };
+      const reader = body.getReader();
+      return new Response(
+        new ReadableStream<Uint8Array>({
+          async pull(controller) {
+            try {
+              const { value, done } = await reader.read();
+              if (done) {
+                controller.close();
+                finish();
+              } else controller.enqueue(value);
+            } catch (error) {
+              controller.error(error);
+              finish();
+            }
+          },
+          cancel(reason) {
+            finish();
+            return reader.cancel(reason);
+          },
+        }, { highWaterMark: 0 }),
+        { status: response.status, statusText: response.statusText, headers: response.headers },
+      );
+    };
+    this.#connections.add(connection);
+    connection.done = (async () => {
+      try {
+        await serveHttp(socket, async (request) => {
+          connection.busy++;
+          let response: Response;
+          try {
+            response = await handler(request);
+          } catch (error) {
+            this.#options.logger?.error("devlxd handler failed", { error });
+            response = textError(500, "Internal error");
+          }
+          return track(response);
+        }, { signal: connection.kill.signal });
+        if (!socket.destroyed) {
+          // Upgraded: the WebSocket owns the connection until it closes.
+          connection.upgraded = true;
+          await new Promise<void>((resolve) => socket.once("close", () => resolve()));
+        }
+      } finally {
+        socket.destroy();
+        this.#connections.delete(connection);
+      }
+    })();
+  }
+
+  /** One answer of `connection` is handed to the socket; a stopping server ends it after. */
+  #settled(connection: Connection): void {
+    connection.busy--;
+    if (this.#listener === undefined && connection.busy === 0 && !connection.upgraded) {
+      // After serveHttp's synchronous write of the last bytes.
+      setTimeout(() => connection.socket.end(), 0);
+    }
+  }
+
+  /**
+   * Stops serving: closes the listener (the socket file, and the directory
+   * created for it, are removed), ends open streams through the handler's
+   * signal, closes idle connections at once and the others once their answer
+   * is sent (at most 2 s later). Idempotent.
+   */
   async stop(): Promise<void> {
-    const server = this.#server;
-    if (server === undefined) return;
-    this.#server = undefined;
+    const listener = this.#listener;
+    if (listener === undefined) return;
+    this.#listener = undefined;
+    listener.close();
+    await this.#loop;
     this.#abort?.abort();
-    await server.shutdown();
+    for (const connection of this.#connections) {
+      if (connection.busy === 0 && !connection.upgraded) connection.socket.destroy();
+    }
+    const all = Promise.all([...this.#connections].map((c) => c.done));
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const expired = await Promise.race([
+      all.then(() => false),
+      new Promise<boolean>((resolve) => timer = setTimeout(() => resolve(true), STOP_GRACE)),
+    ]);
+    clearTimeout(timer);
+    if (expired) {
+      for (const connection of this.#connections) connection.kill.abort();
+      await all;
+    }
     this.#options.logger?.info("stopped serving devlxd", { socket: this.#path });
   }
 

@@ -3,7 +3,7 @@ import { Hono } from "hono";
 import { createDevlxdApp, DevlxdServer, textError } from "./devlxd_server.ts";
 import { EventRelay } from "./event_relay.ts";
 import { type HostFetch, HostUnreachableError } from "./host_fetch.ts";
-import { within } from "./_testing.ts";
+import { until, within } from "./_testing.ts";
 
 /** LXD's envelope, as the host answers over vsock. */
 function sync(metadata: unknown): Response {
@@ -416,6 +416,177 @@ Deno.test("devlxd /1.0/events upgrades to a WebSocket when asked, one text messa
     });
   } finally {
     conn.current?.close();
+    await server.stop();
+    await events.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+/** A raw connection to `path` with a buffer of what it received and a way to wait on it. */
+async function rawConnection(path: string) {
+  const conn = await Deno.connect({ transport: "unix", path });
+  let got: Uint8Array = new Uint8Array();
+  let ended = false;
+  const buf = new Uint8Array(4096);
+  return {
+    conn,
+    get bytes() {
+      return got;
+    },
+    set bytes(value: Uint8Array) {
+      got = value;
+    },
+    get ended() {
+      return ended;
+    },
+    write: (text: string) => conn.write(new TextEncoder().encode(text)),
+    /** Reads until `check` holds on the bytes or the connection ends (then false). */
+    async until(check: (bytes: Uint8Array) => boolean, what: string): Promise<boolean> {
+      while (!check(got)) {
+        if (ended) return false;
+        const n = await within(conn.read(buf), what);
+        if (n === null) ended = true;
+        else got = new Uint8Array([...got, ...buf.subarray(0, n)]);
+      }
+      return true;
+    },
+    close() {
+      try {
+        conn.close();
+      } catch {
+        // closed
+      }
+    },
+  };
+}
+
+const WS_HANDSHAKE = "GET /1.0/events HTTP/1.1\r\nHost: lxd\r\nUpgrade: websocket\r\n" +
+  "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n" +
+  "Sec-WebSocket-Version: 13\r\n\r\n";
+
+function headLength(bytes: Uint8Array): number {
+  const end = new TextDecoder().decode(bytes).indexOf("\r\n\r\n");
+  return end === -1 ? -1 : end + 4;
+}
+
+Deno.test("DevlxdServer creates the socket's directory and removes both on stop()", async () => {
+  const dir = await Deno.makeTempDir();
+  const path = `${dir}/dev/lxd/sock`;
+  const server = new DevlxdServer(path);
+  try {
+    await server.start(() => () => new Response("ok"));
+    assert.ok((await Deno.lstat(path)).isSocket);
+    assert.equal((await Deno.lstat(path)).mode! & 0o777, 0o600);
+    assert.ok((await Deno.lstat(`${dir}/dev/lxd`)).isDirectory);
+    await server.stop();
+    await assert.rejects(Deno.lstat(`${dir}/dev`), Deno.errors.NotFound);
+    assert.equal(server.serving, false);
+  } finally {
+    await server.stop();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("DevlxdServer refuses to replace a file that is not a socket, leaving it", async () => {
+  const dir = await Deno.makeTempDir();
+  const path = `${dir}/sock`;
+  await Deno.writeTextFile(path, "mine");
+  const server = new DevlxdServer(path);
+  try {
+    await assert.rejects(
+      server.start(() => () => new Response("ok")),
+      /^Error: Cannot serve devlxd on .*sock: another process serves it, or a file that is not a socket is there$/,
+    );
+    assert.equal(server.serving, false);
+    assert.equal(await Deno.readTextFile(path), "mine");
+  } finally {
+    await server.stop();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("DevlxdServer.stop() closes an idle keep-alive connection at once", async () => {
+  const dir = await Deno.makeTempDir();
+  const path = `${dir}/sock`;
+  const server = new DevlxdServer(path);
+  let client: Awaited<ReturnType<typeof rawConnection>> | undefined;
+  try {
+    await server.start(() => () => new Response("ok"));
+    client = await rawConnection(path);
+    await client.write("GET / HTTP/1.1\r\nHost: lxd\r\n\r\n");
+    assert.ok(await client.until((b) => new TextDecoder().decode(b).endsWith("ok"), "answer"));
+    await within(server.stop(), "stop() with an idle connection", 1000);
+    assert.equal(await client.until(() => false, "the end"), false, "the connection ended");
+  } finally {
+    client?.close();
+    await server.stop();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("devlxd: a guest leaving in the middle of an event stream ends its subscription", async () => {
+  const dir = await Deno.makeTempDir();
+  const path = `${dir}/sock`;
+  const events = new EventRelay();
+  const server = new DevlxdServer(path);
+  try {
+    await server.start((signal) =>
+      createDevlxdApp({ fetchHost: fakeHost().fetchHost, events, signal }).fetch
+    );
+    const client = await rawConnection(path);
+    await client.write("GET /1.0/events HTTP/1.1\r\nHost: lxd\r\n\r\n");
+    assert.ok(await client.until((b) => headLength(b) !== -1, "the stream's head"));
+    assert.equal(events.subscribers, 1);
+    client.close();
+    await until(() => events.subscribers === 0, "the subscription to end");
+  } finally {
+    await server.stop();
+    await events.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("devlxd WebSocket events: stop() sends close 1001 and ends the subscription; a bad handshake is 400", async () => {
+  const dir = await Deno.makeTempDir();
+  const path = `${dir}/sock`;
+  const events = new EventRelay();
+  const server = new DevlxdServer(path);
+  const clients: Awaited<ReturnType<typeof rawConnection>>[] = [];
+  try {
+    await server.start((signal) =>
+      createDevlxdApp({ fetchHost: fakeHost().fetchHost, events, signal }).fetch
+    );
+    const bad = await rawConnection(path);
+    clients.push(bad);
+    await bad.write(WS_HANDSHAKE.replace("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8"));
+    assert.ok(await bad.until((b) => headLength(b) !== -1, "the 400"));
+    assert.match(new TextDecoder().decode(bad.bytes), /^HTTP\/1\.1 400 .*Sec-WebSocket-Version/s);
+    assert.equal(events.subscribers, 0);
+
+    const ws = await rawConnection(path);
+    clients.push(ws);
+    await ws.write(WS_HANDSHAKE);
+    assert.ok(await ws.until((b) => headLength(b) !== -1, "the 101"));
+    assert.match(new TextDecoder().decode(ws.bytes), /^HTTP\/1\.1 101 /);
+    ws.bytes = ws.bytes.subarray(headLength(ws.bytes));
+    await until(() => events.subscribers === 1, "the subscription");
+    // A ping is answered while the stream is idle.
+    await ws.conn.write(new Uint8Array([0x89, 0x81, 1, 2, 3, 4, 0x61 ^ 1]));
+    assert.ok(await ws.until((b) => b.length >= 3, "the pong"));
+    assert.deepEqual([...ws.bytes.subarray(0, 3)], [0x8a, 1, 0x61]);
+    ws.bytes = ws.bytes.subarray(3);
+
+    const stopping = server.stop();
+    assert.ok(await ws.until((b) => b.length >= 4, "the close frame"));
+    assert.deepEqual([...ws.bytes.subarray(0, 4)], [0x88, 2, 0x03, 0xe9], "close 1001");
+    // The client answers the close; the server then ends the connection.
+    await ws.conn.write(new Uint8Array([0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe9]));
+    await within(stopping, "stop()");
+    assert.equal(await ws.until(() => false, "the end"), false);
+    assert.equal(events.subscribers, 0);
+    await assert.rejects(Deno.lstat(path), Deno.errors.NotFound);
+  } finally {
+    for (const client of clients) client.close();
     await server.stop();
     await events.close();
     await Deno.remove(dir, { recursive: true });

@@ -21,6 +21,8 @@ import {
   within,
   writeConfigDir,
 } from "./agent_harness.ts";
+import { httpRequest } from "../shared/http/mod.ts";
+import { connectUnix } from "../shared/vsock/mod.ts";
 
 const HOST_PORT = 40001;
 
@@ -396,19 +398,49 @@ Deno.test("agent: devlxd follows the connection info: off removes /dev/lxd/sock,
   await agent.waitForLog(/stopped serving devlxd/);
 });
 
-Deno.test("agent: a devlxd socket Deno's permissions refuse is one clear error; the agent keeps reporting its state", async () => {
-  const sets = JSON.parse(await Deno.readTextFile(new URL("../deno.json", import.meta.url)));
-  if (sets.permissions?.agent?.all === true) {
-    console.log("skipped: the agent permission set allows all (paths under /dev are usable)");
+/** Runs a command (the test's own permissions cannot look under /dev either): code and stdout. */
+async function sh(script: string): Promise<{ code: number; stdout: string }> {
+  const out = await new Deno.Command("sh", { args: ["-c", script], stderr: "null" }).output();
+  return { code: out.code, stdout: new TextDecoder().decode(out.stdout).trim() };
+}
+
+Deno.test("agent: with exactly -P=agent it serves /dev/lxd-…/sock (0600, directory created), answers GET /1.0, and removes both on stop", async () => {
+  if ((await sh('test "$(id -u)" = 0 && test -w /dev')).code !== 0) {
+    console.log("skipped: needs root and a writable /dev (creates a directory under /dev)");
     return;
   }
-  await using w = await world({ port: HOST_PORT, devlxd: true });
-  w.host();
-  const agent = w.agent(["--devlxd-socket=/dev/lxd-vsock-agent-test/sock"]);
-  await w.serial.waitFor("CONNECTED");
-  await agent.waitForLog(/msg="cannot serve devlxd".*--allow-all/);
-  const status = await runAgentCommand(["--status", `--state-file=${w.paths.stateFile}`]);
-  assert.equal(status.code, 0);
-  assert.match(status.stdout, /devlxd: +enabled, not serving: .*--allow-all/);
-  assert.equal(await agent.stop(), 0);
+  const dir = `/dev/lxd-vsock-test-${crypto.randomUUID().slice(0, 8)}`;
+  const socket = `${dir}/sock`;
+  try {
+    await using w = await world({ port: HOST_PORT, devlxd: true });
+    w.host();
+    const agent = w.agent([`--devlxd-socket=${socket}`]);
+    await w.serial.waitFor("CONNECTED");
+    await agent.waitForLog(new RegExp(`msg="serving devlxd".*${dir}/sock`));
+    assert.equal(await sh(`stat -c '%F %a' ${socket}`).then((r) => r.stdout), "socket 600");
+    assert.equal(await sh(`stat -c '%F' ${dir}`).then((r) => r.stdout), "directory");
+
+    // Deno's fetch cannot reach a socket under /dev without --allow-all either: FFI + own HTTP.
+    const connection = await connectUnix(socket);
+    const answer = await httpRequest(
+      connection,
+      new Request("http://lxd/1.0", { headers: { connection: "close" } }),
+      { timeout: 10_000 },
+    );
+    assert.equal(answer.status, 200);
+    assert.equal((await answer.json()).location, "testhost");
+    connection.destroy();
+
+    const status = await runAgentCommand(["--status", `--state-file=${w.paths.stateFile}`]);
+    assert.match(status.stdout, new RegExp(`devlxd: +serving ${socket}`));
+    assert.doesNotMatch(agent.stderr, /cannot serve devlxd/);
+    assert.equal(await agent.stop(), 0);
+    assert.equal(
+      (await sh(`test -e ${socket} || test -e ${dir}`)).code,
+      1,
+      "socket and dir removed",
+    );
+  } finally {
+    await sh(`rm -rf ${dir}`);
+  }
 });
