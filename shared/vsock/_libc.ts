@@ -5,9 +5,10 @@
  * Provides thin synchronous wrappers over the socket, epoll and eventfd system
  * calls used by `shared/vsock/`, and the few path calls (`mkdir`, `chmod`,
  * `unlink`, `rmdir`, `statx`) a unix socket under `/dev` needs: Deno 2.9's
- * own file system API refuses most paths under `/dev` without `--allow-all`. Every wrapper returns the call's result, or
- * `-errno` when the call failed: errno is read synchronously, on the calling
- * thread, right after the failing call. The only `nonblocking` symbol is
+ * own file system API refuses most paths under `/dev` without `--allow-all`.
+ * Every wrapper returns the call's result, or `-errno` when the call failed:
+ * errno is read synchronously, on the calling thread, right after the failing
+ * call. The only `nonblocking` symbol is
  * `epoll_wait`, used by the single waiter in `_reactor.ts`; it reports failure
  * as `-1` only, since its errno belongs to another thread. (`epoll_poll` is
  * the same function called synchronously with a zero timeout.)
