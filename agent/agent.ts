@@ -377,9 +377,10 @@ export class Agent {
     this.#listener?.close();
     for (const socket of this.#connections) socket.destroy();
     await this.#acceptLoop;
-    await this.#relay.close();
+    // Guests first: their streams end because the server stops (a WebSocket gets 1001).
     await this.#devlxdChange;
     await this.#devlxd.stop();
+    await this.#relay.close();
     await this.#serial?.close();
   }
 
