@@ -233,11 +233,20 @@ export class Child implements AsyncDisposable {
   }
 }
 
+/**
+ * Deno flags for the daemon processes, from `BENCH_DAEMON_FLAGS` (e.g.
+ * `--cpu-prof --cpu-prof-dir=/tmp/prof` to profile the host under a benchmark).
+ */
+function daemonFlags(): string[] {
+  return (Deno.env.get("BENCH_DAEMON_FLAGS") ?? "").split(" ").filter(Boolean);
+}
+
 /** Starts the host daemon (unix transport) on `stateDir`. */
 export function startDaemon(stateDir: string, extra: string[] = []): Child {
   return new Child([
     "run",
     "-P=host",
+    ...daemonFlags(),
     join(ROOT, "host/main.ts"),
     "daemon",
     "--state-dir",

@@ -26,7 +26,9 @@
 import "reflect-metadata";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
+import { httpRequest } from "../../shared/http/mod.ts";
 import { generateKeyPair } from "../../shared/tls/mod.ts";
+import { connectUnix } from "../../shared/vsock/mod.ts";
 import { ensureServerCertificate } from "../../host/daemon.ts";
 import { InstanceService, type KeyPair } from "../../host/instance_service.ts";
 import { Registry } from "../../host/registry.ts";
@@ -129,7 +131,7 @@ async function keyPool(count: number, parallel = 32): Promise<KeyPair[]> {
 }
 
 /** Registers `count` instances through the host's InstanceService, before any daemon runs. */
-async function register(dir: string, stateDir: string, count: number): Promise<void> {
+export async function register(dir: string, stateDir: string, count: number): Promise<void> {
   const paths = await prepareStateDir(stateDir);
   const registry = Registry.open(paths.registry);
   try {
@@ -158,17 +160,21 @@ async function register(dir: string, stateDir: string, count: number): Promise<v
   }
 }
 
-/** One request to the daemon's admin API (plain HTTP on its unix socket). */
+/**
+ * One request to the daemon's admin API (plain HTTP on its unix socket), with
+ * the project's HTTP client: `fetch` through `Deno.createHttpClient` on a unix
+ * socket stalls 5 s on some requests (Deno 2.9.6, seen here; curl does not).
+ */
 async function admin(stateDir: string, path: string, init: RequestInit = {}): Promise<Response> {
-  const client = Deno.createHttpClient({
-    proxy: { transport: "unix", path: join(stateDir, "admin.sock") },
-  });
+  const socket = await connectUnix(join(stateDir, "admin.sock"), { timeout: 10_000 });
   try {
-    const response = await fetch(`http://admin${path}`, { ...init, client });
+    const response = await httpRequest(socket, new Request(`http://admin${path}`, init), {
+      timeout: 30_000,
+    });
     const body = new Uint8Array(await response.arrayBuffer());
     return new Response(body, { status: response.status });
   } finally {
-    client.close();
+    socket.destroy();
   }
 }
 
@@ -323,9 +329,41 @@ export async function benchFleet(options: BenchFleetOptions = {}): Promise<Recor
     await sleep(2000);
     figures.fleet_host_rss_streams_mb = round((await procOne(daemon.pid)).rssKb / 1024, 1);
 
+    if (Deno.env.get("FLEET_DEBUG")) {
+      for (let i = 0; i < 10; i++) {
+        const a = performance.now();
+        const r = await admin(stateDir, `/1.0/instances/vm${i}/config/user.dbg`, {
+          method: "PUT",
+          body: JSON.stringify({ value: `d${i}` }),
+        });
+        const b = performance.now();
+        const out = await new Deno.Command("curl", {
+          args: [
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{time_total}",
+            "--unix-socket",
+            join(stateDir, "admin.sock"),
+            "-X",
+            "PUT",
+            "-d",
+            `{"value":"e${i}"}`,
+            `http://admin/1.0/instances/vm${i}/config/user.dbg2`,
+          ],
+        }).output();
+        log(
+          `   debug PUT fetch ${r.status} ${(b - a).toFixed(1)} ms; curl ${
+            new TextDecoder().decode(out.stdout)
+          } s`,
+        );
+      }
+    }
     // One config change per instance, through the admin API, 16 at a time.
     log(`   config change → ${n} event streams …`);
     const sentAt: number[] = [];
+    const putMs: number[] = [];
     let next = 0;
     const t0 = performance.timeOrigin + performance.now();
     await Promise.all(Array.from({ length: 16 }, async () => {
@@ -337,6 +375,7 @@ export async function benchFleet(options: BenchFleetOptions = {}): Promise<Recor
           body: JSON.stringify({ value: "changed" }),
         });
         if (r.status !== 200) throw new Error(`config change on vm${i}: ${r.status}`);
+        putMs.push(performance.timeOrigin + performance.now() - sentAt[i]);
       }
     }));
     const deadline2 = Date.now() + 60_000;
@@ -350,6 +389,8 @@ export async function benchFleet(options: BenchFleetOptions = {}): Promise<Recor
       .sort((a, b) => a - b);
     figures.fleet_event_p50_ms = round(percentile(latencies, 50), 1);
     figures.fleet_event_p99_ms = round(percentile(latencies, 99), 1);
+    putMs.sort((a, b) => a - b);
+    figures.fleet_config_put_p50_ms = round(percentile(putMs, 50), 1);
     figures.fleet_host_rss_final_mb = round((await procOne(daemon.pid)).rssKb / 1024, 1);
     figures.fleet_host_rss_hwm_mb = round((await procOne(daemon.pid)).hwmKb / 1024, 1);
 
@@ -370,13 +411,20 @@ if (import.meta.main) {
       instances: { type: "string", default: "1000" },
       workers: { type: "string", default: "4" },
       idle: { type: "string", default: "30" },
+      "register-only": { type: "string" },
     },
   });
+  if (values["register-only"] !== undefined) {
+    // Leaves a state directory with the fleet registered (for profiling the daemon).
+    const dir = values["register-only"];
+    await register(dir, join(dir, "state"), Number(values.instances));
+    Deno.exit(0);
+  }
   const figures = await benchFleet({
     instances: Number(values.instances),
     workers: Number(values.workers),
     idleSeconds: Number(values.idle),
-    log: (line) => console.error(line),
+    log: (line) => console.error(`${new Date().toISOString().slice(11, 23)} ${line}`),
   });
   console.log(JSON.stringify(figures, null, 2));
 }
