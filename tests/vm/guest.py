@@ -1,0 +1,284 @@
+#!/usr/bin/python3
+"""guest.py stock|ours CONTROL_PORT AGENT_LOG: the L2 side of tests/vm/topology.py.
+
+Runs in L2 (the VM). Sets the agent up as LXD does (lxd-agent-setup copies the config
+drive, 9p tag "config", to /run/lxd_agent), starts the agent: Debian's stock lxd-agent
+5.0.2, or ours (deno run --no-check $AGENT_PERMISSIONS agent/main.ts, -P=agent unless
+set), its output to AGENT_LOG (a file L1 can read). Then connects to L1 over vsock
+(CID 2, CONTROL_PORT) and does what L1 asks, one JSON object a line each way:
+
+  {"id":1,"op":"http","method":"GET","path":"/1.0"}      a request on /dev/lxd/sock (curl
+                                                          when present, else python)
+  {"id":2,"op":"wait_socket","timeout":60}               until /dev/lxd/sock accepts
+  {"id":3,"op":"events_open"}, {"op":"events_wait","match":{...},"timeout":60}
+  {"id":4,"op":"bench","n":100,"path":"/1.0"}            N sequential GETs, python client
+  {"id":5,"op":"stop_agent","timeout":60}                SIGTERM, exit code
+  {"id":6,"op":"exit"}                                    end (the VM powers off)
+
+Answers {"id":N,"ok":true,"result":...} or {"id":N,"ok":false,"error":"..."}; unasked:
+{"event":"hello","uptime":S} on connect and {"event":"agent-exited","rc":N} if the agent
+stops before stop_agent. Exits 1 if it cannot reach L1 within 120 s.
+"""
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+LXD_AGENT_DIR = f"{REPO}/.cache/vm/lxd-agent"
+DEVLXD = "/dev/lxd/sock"
+
+
+class UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("lxd", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        s.connect(self.unix_path)
+        self.sock = s
+
+
+def py_request(method: str, path: str, body: str | None = None, timeout: float = 60) -> dict:
+    conn = UnixConnection(DEVLXD, timeout)
+    try:
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        conn.request(method, path, body=body, headers=headers)
+        r = conn.getresponse()
+        return {"status": r.status, "content_type": r.getheader("Content-Type", ""),
+                "body": r.read().decode(errors="replace"), "client": "python"}
+    finally:
+        conn.close()
+
+
+def curl_request(method: str, path: str, body: str | None = None, timeout: float = 60) -> dict:
+    cmd = ["curl", "-sS", "--max-time", str(int(timeout)), "--unix-socket", DEVLXD, "-X", method,
+           "-w", "\n%{http_code} %{content_type}"]
+    if body is not None:
+        cmd += ["-H", "Content-Type: application/json", "--data-binary", body]
+    cmd.append(f"lxd{path}")
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 10)
+    if p.returncode != 0:
+        raise RuntimeError(f"curl exited {p.returncode}: {p.stderr.strip()}")
+    text, _, tail = p.stdout.rpartition("\n")
+    code, _, ctype = tail.partition(" ")
+    return {"status": int(code), "content_type": ctype, "body": text, "client": "curl"}
+
+
+class Events:
+    """Follows GET /1.0/events on /dev/lxd/sock in a thread; keeps every JSON object."""
+
+    def __init__(self) -> None:
+        self.items: list[dict] = []
+        self.cond = threading.Condition()
+        self.error: str | None = None
+        self.conn = UnixConnection(DEVLXD, 60)
+        self.conn.request("GET", "/1.0/events")
+        self.resp = self.conn.getresponse()
+        if self.resp.status != 200:
+            raise RuntimeError(f"GET /1.0/events -> {self.resp.status}: {self.resp.read()[:200]!r}")
+        self.conn.sock.settimeout(None)
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        buf, dec = "", json.JSONDecoder()
+        try:
+            while chunk := self.resp.read1(65536):
+                buf += chunk.decode(errors="replace")
+                while True:
+                    buf = buf.lstrip()
+                    if not buf:
+                        break
+                    try:
+                        obj, end = dec.raw_decode(buf)
+                    except json.JSONDecodeError:
+                        break
+                    buf = buf[end:]
+                    with self.cond:
+                        self.items.append(obj)
+                        self.cond.notify_all()
+            self.error = "the events stream ended"
+        except Exception as e:  # noqa: BLE001 - reported to L1
+            self.error = f"the events stream failed: {e}"
+        with self.cond:
+            self.cond.notify_all()
+
+    def wait(self, match: dict, timeout: float) -> dict:
+        def matches(obj: dict) -> bool:
+            for k, v in match.items():
+                cur = obj
+                for part in k.split("."):
+                    cur = cur.get(part) if isinstance(cur, dict) else None
+                if cur != v:
+                    return False
+            return True
+
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for obj in self.items:
+                    if matches(obj):
+                        return obj
+                if self.error:
+                    raise RuntimeError(f"{self.error}; got {self.items}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RuntimeError(f"no event matching {match} in {timeout}s; got {self.items}")
+                self.cond.wait(left)
+
+
+class Guest:
+    def __init__(self, kind: str, port: int, log_path: str) -> None:
+        self.kind = kind
+        self.port = port
+        self.log_path = log_path
+        self.agent: subprocess.Popen | None = None
+        self.stopping = False
+        self.sock: socket.socket | None = None
+        self.wlock = threading.Lock()
+        self.events: Events | None = None
+        self.curl = shutil.which("curl") is not None
+
+    def send(self, obj: dict) -> None:
+        with self.wlock:
+            if self.sock is not None:
+                self.sock.sendall(json.dumps(obj).encode() + b"\n")
+
+    def start_agent(self) -> None:
+        setup = subprocess.run([f"{LXD_AGENT_DIR}/lib/systemd/lxd-agent-setup"],
+                               capture_output=True, text=True)
+        log = open(self.log_path, "a", buffering=1)
+        log.write(f"guest: lxd-agent-setup exit {setup.returncode} {setup.stdout}{setup.stderr}"
+                  f"guest: /run/lxd_agent holds {sorted(os.listdir('/run/lxd_agent'))}\n")
+        if self.kind == "stock":
+            cmd, cwd = [f"{LXD_AGENT_DIR}/usr/bin/lxd-agent", "--debug"], "/run/lxd_agent"
+        else:
+            perms = os.environ.get("AGENT_PERMISSIONS", "-P=agent").split()
+            cmd = [f"{REPO}/node_modules/.bin/deno", "run", "--no-check", *perms, "agent/main.ts",
+                   "--config-dir", "/run/lxd_agent", "--log-level", "debug"]
+            cwd = REPO
+        log.write(f"guest: starting {' '.join(cmd)}\n")
+        env = dict(os.environ, NO_COLOR="1", DENO_NO_UPDATE_CHECK="1")
+        self.agent = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log,
+                                      stderr=subprocess.STDOUT, env=env)
+        threading.Thread(target=self._watch_agent, daemon=True).start()
+
+    def _watch_agent(self) -> None:
+        rc = self.agent.wait()
+        if not self.stopping:
+            self.send({"event": "agent-exited", "rc": rc})
+
+    def connect(self) -> None:
+        deadline = time.monotonic() + 120
+        while True:
+            s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+            s.settimeout(10)
+            try:
+                s.connect((2, self.port))
+                s.settimeout(None)
+                self.sock = s
+                return
+            except OSError:
+                s.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def request(self, method: str, path: str, body: str | None = None,
+                client: str = "auto") -> dict:
+        use_curl = client == "curl" or (client == "auto" and self.curl)
+        return (curl_request if use_curl else py_request)(method, path, body)
+
+    def handle(self, msg: dict):
+        op = msg.get("op")
+        if op == "http":
+            return self.request(msg.get("method", "GET"), msg["path"], msg.get("body"),
+                                msg.get("client", "auto"))
+        if op == "wait_socket":
+            t0 = time.monotonic()
+            while True:
+                try:
+                    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    s.connect(DEVLXD)
+                    s.close()
+                    return {"waited": time.monotonic() - t0}
+                except OSError as e:
+                    s.close()
+                    if time.monotonic() - t0 > msg.get("timeout", 60):
+                        raise RuntimeError(f"{DEVLXD} does not accept connections: {e}")
+                    if self.agent.poll() is not None:
+                        raise RuntimeError(f"the agent exited ({self.agent.returncode})")
+                    time.sleep(0.1)
+        if op == "events_open":
+            self.events = Events()
+            return {"open": True}
+        if op == "events_wait":
+            return self.events.wait(msg["match"], msg.get("timeout", 60))
+        if op == "bench":
+            n, path = msg.get("n", 100), msg.get("path", "/1.0")
+            for _ in range(msg.get("warmup", 5)):
+                py_request("GET", path)
+            times = []
+            for _ in range(n):
+                t = time.perf_counter()
+                r = py_request("GET", path)
+                times.append((time.perf_counter() - t) * 1000)
+                if r["status"] != 200:
+                    raise RuntimeError(f"GET {path} -> {r['status']} {r['body'][:200]}")
+            times.sort()
+            return {"n": n, "p50_ms": times[n // 2], "p90_ms": times[n * 9 // 10],
+                    "min_ms": times[0], "max_ms": times[-1]}
+        if op == "stop_agent":
+            self.stopping = True
+            self.agent.send_signal(signal.SIGTERM)
+            return {"rc": self.agent.wait(msg.get("timeout", 60))}
+        if op == "uptime":
+            return float(open("/proc/uptime").read().split()[0])
+        raise RuntimeError(f"unknown op {op!r}")
+
+    def serve(self) -> None:
+        self.send({"event": "hello", "uptime": float(open("/proc/uptime").read().split()[0]),
+                   "curl": self.curl})
+        f = self.sock.makefile("rb")
+        for line in f:
+            msg = json.loads(line)
+            if msg.get("op") == "exit":
+                self.send({"id": msg.get("id"), "ok": True, "result": None})
+                return
+            try:
+                self.send({"id": msg.get("id"), "ok": True, "result": self.handle(msg)})
+            except Exception as e:  # noqa: BLE001 - reported to L1
+                self.send({"id": msg.get("id"), "ok": False, "error": f"{type(e).__name__}: {e}"})
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3 or argv[0] not in ("stock", "ours"):
+        print(__doc__, file=sys.stderr)
+        return 2
+    g = Guest(argv[0], int(argv[1]), argv[2])
+    g.start_agent()
+    g.connect()
+    try:
+        g.serve()
+    finally:
+        if g.agent.poll() is None:
+            g.stopping = True
+            g.agent.send_signal(signal.SIGTERM)
+            try:
+                g.agent.wait(30)
+            except subprocess.TimeoutExpired:
+                g.agent.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,497 @@
+#!/usr/bin/python3
+"""topology.py [--narrate] [--bench N] ours|stock...: the full topology, run inside L1.
+
+L1 runs `lxd-vsock-host daemon` (deno run --no-check -P=host host/main.ts) and QEMU; L2
+(tests/vm/l2: nested KVM, vhost-vsock guest-cid 3, virtio-serial port backed by a 16-byte
+ringbuf the daemon reads over QMP) boots with the host's config drive and runs
+tests/vm/guest.py, which starts the agent (ours, or Debian's stock lxd-agent 5.0.2) and
+acts for this script inside the VM over a vsock control connection. Asserted in order:
+
+  boot -> the host sees STARTED (QMP) -> announces (PUT /1.0 to 3:8443) -> CONNECTED ->
+  /dev/lxd/sock in L2 answers GET /1.0, config, meta-data, devices as set on the host ->
+  config and device events reach a /1.0/events follower in L2 -> PATCH Ready -> the host
+  shows ready (instance list) -> N x GET /1.0 timed -> host restarted on a new port ->
+  the agent is re-announced and reaches it, ready kept -> agent SIGTERM -> host sees
+  STOPPED -> VM powers off.
+
+Prints each step with its time, "figure:" lines (boot, STARTED->CONNECTED, restart->
+re-announced, p50 of GET /1.0) and, on failure, what the host, the agent and L2 logged.
+--narrate prints only a short story (for tests/vm/demo). Exit 0 when every step passed.
+"""
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+DENO = f"{REPO}/node_modules/.bin/deno"
+HOST = [DENO, "run", "--no-check", "-q", "-P=host", "host/main.ts"]
+CONTROL_PORT = 7100
+NAME = "vm1"
+BOOT_TIMEOUT = 240.0
+STEP_TIMEOUT = 120.0
+
+
+class Fail(Exception):
+    pass
+
+
+def now() -> float:
+    return time.monotonic()
+
+
+def logfmt(line: str) -> dict:
+    """`level=info msg="agent state" state=STARTED` -> {"level": "info", "msg": ...}."""
+    out = {}
+    for key, value in re.findall(r'([\w.-]+)=("(?:[^"\\]|\\.)*"|\S*)', line):
+        if value.startswith('"'):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        out[key] = value
+    return out
+
+
+class Daemon:
+    """One `lxd-vsock-host daemon` process; its log lines, timestamped as they arrive."""
+
+    def __init__(self, state: str, port: int) -> None:
+        self.port = port
+        self.started = now()
+        self.lines: list[tuple[float, str]] = []
+        self.cond = threading.Condition()
+        self.proc = subprocess.Popen(
+            HOST + ["daemon", "--state-dir", state, "--port", str(port), "--log-level", "debug"],
+            cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env=dict(os.environ, NO_COLOR="1", DENO_NO_UPDATE_CHECK="1"))
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for raw in self.proc.stderr:
+            with self.cond:
+                self.lines.append((now(), raw.decode(errors="replace").rstrip("\n")))
+                self.cond.notify_all()
+        with self.cond:
+            self.cond.notify_all()
+
+    def find(self, msg: str, fields: dict, start: int = 0):
+        """The first line from `start` with this msg and these field values: (index, time, line)."""
+        for i in range(start, len(self.lines)):
+            got = logfmt(self.lines[i][1])
+            if got.get("msg") == msg and all(got.get(k) == str(v) for k, v in fields.items()):
+                return i, self.lines[i][0], self.lines[i][1]
+        return None
+
+    def wait(self, msg: str, fields: dict, what: str, timeout: float = STEP_TIMEOUT,
+             start: int = 0, check=lambda: None):
+        deadline = now() + timeout
+        with self.cond:
+            while True:
+                hit = self.find(msg, fields, start)
+                if hit:
+                    return hit
+                if self.proc.poll() is not None:
+                    raise Fail(f"{what}: the host daemon exited ({self.proc.returncode})")
+                check()
+                left = deadline - now()
+                if left <= 0:
+                    raise Fail(f"{what}: not seen in the host log within {timeout:.0f}s")
+                self.cond.wait(min(left, 0.5))
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise Fail(f"the host daemon did not exit within {timeout:.0f}s of SIGTERM")
+
+
+class Control:
+    """The vsock control connection from guest.py in L2."""
+
+    def __init__(self, port: int) -> None:
+        self.srv = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        self.srv.bind((socket.VMADDR_CID_ANY, port))
+        self.srv.listen(1)
+        self.srv.settimeout(0.5)
+        self.sock: socket.socket | None = None
+        self.cond = threading.Condition()
+        self.replies: dict[int, dict] = {}
+        self.events: list[dict] = []
+        self.closed = False
+        self.next_id = 0
+
+    def accept(self, timeout: float, check) -> dict:
+        deadline = now() + timeout
+        while self.sock is None:
+            try:
+                self.sock, peer = self.srv.accept()
+            except socket.timeout:
+                check()
+                if now() > deadline:
+                    raise Fail(f"L2 did not connect to the control port within {timeout:.0f}s")
+                continue
+            if peer[0] != 3:
+                raise Fail(f"control connection from CID {peer[0]}, expected 3")
+        threading.Thread(target=self._pump, daemon=True).start()
+        return self.wait_event("hello", timeout, check)
+
+    def _pump(self) -> None:
+        try:
+            for line in self.sock.makefile("rb"):
+                obj = json.loads(line)
+                with self.cond:
+                    if "event" in obj:
+                        self.events.append(obj)
+                    else:
+                        self.replies[obj["id"]] = obj
+                    self.cond.notify_all()
+        except OSError:
+            pass
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    def agent_exit(self):
+        for e in self.events:
+            if e["event"] == "agent-exited":
+                return e["rc"]
+        return None
+
+    def wait_event(self, name: str, timeout: float, check) -> dict:
+        deadline = now() + timeout
+        with self.cond:
+            while True:
+                for e in self.events:
+                    if e["event"] == name:
+                        return e
+                if self.closed:
+                    raise Fail(f"the control connection closed before {name}")
+                check()
+                left = deadline - now()
+                if left <= 0:
+                    raise Fail(f"no {name} from L2 within {timeout:.0f}s")
+                self.cond.wait(min(left, 0.5))
+
+    def call(self, op: str, timeout: float = STEP_TIMEOUT, check=lambda: None, **args):
+        self.next_id += 1
+        rid = self.next_id
+        self.sock.sendall(json.dumps({"id": rid, "op": op, **args}).encode() + b"\n")
+        deadline = now() + timeout
+        with self.cond:
+            while rid not in self.replies:
+                if self.closed:
+                    raise Fail(f"{op}: the control connection closed")
+                if op != "stop_agent":
+                    check()
+                left = deadline - now()
+                if left <= 0:
+                    raise Fail(f"{op}: no answer from L2 within {timeout:.0f}s")
+                self.cond.wait(min(left, 0.5))
+            reply = self.replies.pop(rid)
+        if not reply["ok"]:
+            raise Fail(f"{op} in L2 failed: {reply['error']}")
+        return reply["result"]
+
+
+class Run:
+    def __init__(self, kind: str, narrate: bool, bench: int) -> None:
+        self.kind = kind
+        self.label = "our agent" if kind == "ours" else "stock lxd-agent"
+        self.narrate = narrate
+        self.bench_n = bench
+        self.base = f"/run/topology-{kind}"
+        self.state = f"{self.base}/state"
+        self.ctl = f"{self.base}/ctl"
+        self.qmp = f"{self.base}/qmp.sock"
+        self.agent_log = f"{self.ctl}/agent.log"
+        self.daemons: list[Daemon] = []
+        self.control: Control | None = None
+        self.qemu_pid: int | None = None
+        self.t0 = now()
+        self.figures: dict[str, float] = {}
+
+    # --- output -------------------------------------------------------------------
+    def step(self, text: str) -> None:
+        if not self.narrate:
+            print(f"[{self.kind} {now() - self.t0:6.1f}s] {text}", flush=True)
+
+    def tell(self, text: str) -> None:
+        if self.narrate:
+            print(text, flush=True)
+        else:
+            self.step(text)
+
+    def figure(self, key: str, value: float) -> None:
+        self.figures[key] = value
+        if not self.narrate:
+            print(f"figure: {self.kind} {key}={value:.3f}", flush=True)
+
+    # --- helpers ------------------------------------------------------------------
+    @property
+    def daemon(self) -> Daemon:
+        return self.daemons[-1]
+
+    def check(self) -> None:
+        if self.control is not None and (rc := self.control.agent_exit()) is not None:
+            raise Fail(f"the agent in L2 exited with status {rc}")
+        if self.qemu_pid is not None and os.path.exists(f"{self.ctl}/rc"):
+            raise Fail(f"L2's command ended (exit {open(f'{self.ctl}/rc').read().strip()})")
+
+    def cli(self, *args: str) -> str:
+        p = subprocess.run(HOST + list(args) + ["--state-dir", self.state], cwd=REPO,
+                           capture_output=True, text=True, timeout=STEP_TIMEOUT,
+                           env=dict(os.environ, NO_COLOR="1", DENO_NO_UPDATE_CHECK="1"))
+        if p.returncode != 0:
+            raise Fail(f"lxd-vsock-host {' '.join(args)} exited {p.returncode}: {p.stderr.strip()}")
+        return p.stdout
+
+    def instance(self) -> dict:
+        for i in json.loads(self.cli("instance", "list", "--format", "json")):
+            if i["name"] == NAME:
+                return i
+        raise Fail(f"instance list has no {NAME}")
+
+    def http(self, method: str, path: str, body=None, status: int = 200) -> dict:
+        r = self.control.call("http", check=self.check, method=method, path=path,
+                              **({} if body is None else {"body": json.dumps(body)}))
+        if r["status"] != status:
+            raise Fail(f"{method} {path} on /dev/lxd/sock -> {r['status']} (expected {status}): "
+                       f"{r['body'][:300]}")
+        return r
+
+    def json_get(self, path: str):
+        r = self.http("GET", path)
+        try:
+            return json.loads(r["body"])
+        except ValueError:
+            raise Fail(f"GET {path}: not JSON: {r['body'][:300]!r}") from None
+
+    def expect(self, cond: bool, what: str) -> None:
+        if not cond:
+            raise Fail(what)
+
+    # --- the run ------------------------------------------------------------------
+    def run(self) -> None:
+        os.makedirs(self.ctl, exist_ok=True)
+        self.step("registering the instance (CID 3, QMP ring buffer, config drive)")
+        self.cli("instance", "add", NAME, "--cid", "3", "--qmp", self.qmp, "--chardev", "vserial",
+                 "-c", "user.foo=bar", "-c", "user.meta-data=#cloud-config\nfoo: 1")
+        self.cli("device", "add", NAME, "eth0", "type=nic", "network=lxdbr0", "name=eth0")
+        port1 = random.randint(20000, 40000)
+        self.control = Control(CONTROL_PORT)
+        self.daemons.append(Daemon(self.state, port1))
+        self.daemon.wait("listening", {"port": port1}, "host listening", check=self.check)
+        self.step(f"host daemon listening on vsock port {port1} "
+                  f"({now() - self.daemon.started:.1f}s after start)")
+
+        t_boot = now()
+        out = subprocess.run(
+            [f"{HERE}/l2", "--detach", "--quiet", "--ctl", self.ctl, "--qmp", self.qmp,
+             "--config-drive", f"{self.state}/instances/{NAME}/config", "--timeout", "900", "--",
+             "/usr/bin/python3", "tests/vm/guest.py", self.kind, str(CONTROL_PORT),
+             self.agent_log], check=True, capture_output=True, text=True)
+        self.qemu_pid = int(out.stdout.strip())
+        hello = self.control.accept(BOOT_TIMEOUT, self.check)
+        self.figure("l2_boot_s", now() - t_boot)
+        self.figure("l2_uptime_at_guest_script_s", hello["uptime"])
+        self.tell(f"VM booted: L2 (nested KVM, vsock CID 3) up in {now() - t_boot:.1f}s "
+                  f"(its kernel uptime {hello['uptime']:.1f}s); {self.label} starting")
+
+        i, t_started, _ = self.daemon.wait("agent state", {"instance": NAME, "state": "STARTED"},
+                                           "STARTED read from the ring buffer over QMP",
+                                           BOOT_TIMEOUT, check=self.check)
+        self.figure("boot_to_started_s", t_started - t_boot)
+        self.tell(f"agent STARTED (the host read it from the QMP ring buffer "
+                  f"{t_started - t_boot:.1f}s after QEMU started)")
+        _, t_ann, line = self.daemon.wait("announced", {"instance": NAME, "port": port1},
+                                          "announce (PUT /1.0 to 3:8443)", start=i,
+                                          check=self.check)
+        _, t_conn, _ = self.daemon.wait("agent state", {"instance": NAME, "state": "CONNECTED"},
+                                        "CONNECTED", start=i, check=self.check)
+        self.figure("started_to_connected_s", t_conn - t_started)
+        self.tell(f"host announced port {port1} to the agent (PUT /1.0 at 3:8443); CONNECTED "
+                  f"{t_conn - t_started:.2f}s after STARTED")
+        if not self.narrate:
+            status = json.loads(self.cli("status", NAME, "--format", "json"))
+            self.step(f"host status: runtime={status.get('runtime')} reading={status.get('reading')}")
+
+        waited = self.control.call("wait_socket", check=self.check)["waited"]
+        r = self.http("GET", "/1.0")
+        doc = json.loads(r["body"])
+        self.step(f"/dev/lxd/sock GET /1.0 ({r['client']}, socket up after {waited:.1f}s): {r['body']}")
+        self.expect(doc.get("api_version") == "1.0" and
+                    doc.get("instance_type") == "virtual-machine" and
+                    doc.get("state") == "Started", f"GET /1.0: unexpected {doc}")
+        self.tell(f"/dev/lxd/sock answered (curl in L2): {r['body'].strip()}")
+        keys = self.json_get("/1.0/config")
+        self.expect("/1.0/config/user.foo" in keys, f"GET /1.0/config lacks user.foo: {keys}")
+        value = self.http("GET", "/1.0/config/user.foo")["body"]
+        self.expect(value == "bar", f"GET /1.0/config/user.foo: {value!r}, expected 'bar'")
+        meta = self.http("GET", "/1.0/meta-data")["body"]
+        self.expect(f"local-hostname: {NAME}" in meta and "foo: 1" in meta,
+                    f"GET /1.0/meta-data: {meta!r}")
+        devices = self.json_get("/1.0/devices")
+        self.expect(devices.get("eth0", {}).get("type") == "nic", f"GET /1.0/devices: {devices}")
+        self.http("GET", "/1.0/config/security.devlxd", status=403)
+        self.step(f"config {keys}, user.foo={value!r}, meta-data {meta!r}, devices {devices}")
+
+        self.control.call("events_open", check=self.check)
+        self.cli("config", "set", NAME, "user.foo", "baz")
+        ev = self.control.call("events_wait", check=self.check, match={
+            "type": "config", "metadata.key": "user.foo", "metadata.value": "baz"})
+        self.step(f"config event in L2: {json.dumps(ev)}")
+        self.cli("device", "add", NAME, "eth1", "type=nic", "network=lxdbr0", "name=eth1")
+        ev = self.control.call("events_wait", check=self.check, match={
+            "type": "device", "metadata.name": "eth1", "metadata.action": "added"})
+        self.step(f"device event in L2: {json.dumps(ev)}")
+        value = self.http("GET", "/1.0/config/user.foo")["body"]
+        self.expect(value == "baz", f"GET /1.0/config/user.foo after set: {value!r}")
+
+        t_ready = now()
+        self.http("PATCH", "/1.0", {"state": "Ready"})
+        inst = self.instance()
+        self.expect(inst["runtime"].get("ready") is True,
+                    f"instance list does not show ready: {inst['runtime']}")
+        doc = self.json_get("/1.0")
+        self.expect(doc.get("state") == "Ready", f"GET /1.0 after PATCH: {doc}")
+        self.tell(f"guest PATCHed Ready; host shows ready (instance list) "
+                  f"{now() - t_boot:.1f}s after boot")
+
+        if self.bench_n > 0:
+            b = self.control.call("bench", timeout=600, check=self.check, n=self.bench_n)
+            self.figure("get_1.0_p50_ms", b["p50_ms"])
+            self.step(f"GET /1.0 x{b['n']} over /dev/lxd/sock (python, new connection each): "
+                      f"p50 {b['p50_ms']:.1f} ms, p90 {b['p90_ms']:.1f} ms, "
+                      f"min {b['min_ms']:.1f}, max {b['max_ms']:.1f}")
+
+        port2 = port1 + 1
+        rc = self.daemon.stop()
+        self.expect(rc == 0, f"the host daemon exited {rc} on SIGTERM")
+        self.step("host daemon stopped (exit 0); starting it again on a new port")
+        self.daemons.append(Daemon(self.state, port2))
+        t_restart = self.daemon.started
+        _, t_listen, _ = self.daemon.wait("listening", {"port": port2},
+                                          "restarted host listening", check=self.check)
+        i, t_ann2, _ = self.daemon.wait("announced", {"instance": NAME, "port": port2},
+                                        "re-announce after the restart", check=self.check)
+        hit = self.daemon.find("agent connected", {"instance": NAME})
+        self.expect(hit is not None and hit[0] < i,
+                    "the agent did not reach the restarted host before the announce completed")
+        self.figure("restart_to_reannounced_s", t_ann2 - t_restart)
+        self.figure("listening_to_reannounced_ms", (t_ann2 - t_listen) * 1000)
+        doc = self.json_get("/1.0")
+        self.expect(doc.get("state") == "Ready", f"GET /1.0 after the host restart: {doc}")
+        inst = self.instance()
+        self.expect(inst["runtime"].get("ready") is True and
+                    inst["runtime"].get("agentState") == "CONNECTED",
+                    f"after the restart, instance list shows {inst['runtime']}")
+        self.tell(f"host restarted on port {port2} -> agent re-announced and CONNECTED in "
+                  f"{(t_ann2 - t_listen) * 1000:.0f} ms after it listened "
+                  f"({t_ann2 - t_restart:.1f}s after the process started); ready kept")
+
+        n = len(self.daemon.lines)
+        rc = self.control.call("stop_agent", check=self.check)["rc"]
+        self.step(f"agent stopped by SIGTERM (exit {rc})")
+        _, t_stop, _ = self.daemon.wait("agent state", {"instance": NAME, "state": "STOPPED"},
+                                        "STOPPED from the agent", start=n, timeout=60)
+        self.expect(rc == 0, f"the agent exited {rc} on SIGTERM")
+        self.control.call("exit")
+        deadline = now() + 60
+        while os.path.exists(f"/proc/{self.qemu_pid}") and now() < deadline:
+            time.sleep(0.1)
+        self.expect(not os.path.exists(f"/proc/{self.qemu_pid}"), "L2 did not power off in 60s")
+        l2rc = open(f"{self.ctl}/rc").read().strip() if os.path.exists(f"{self.ctl}/rc") else None
+        self.expect(l2rc == "0", f"L2's command exit code: {l2rc}")
+        self.qemu_pid = None
+        rc = self.daemon.stop()
+        self.expect(rc == 0, f"the host daemon exited {rc} on SIGTERM")
+        self.tell("agent stopped -> host saw STOPPED; VM powered off; host stopped")
+
+    def dump(self) -> None:
+        print(f"---- {self.kind}: what the host logged (last 80 lines of each daemon run)")
+        for n, d in enumerate(self.daemons):
+            for t, line in d.lines[-80:]:
+                print(f"  host#{n + 1} {t - self.t0:6.1f}s {line}")
+        for title, path, count in (("the agent's log in L2", self.agent_log, 80),
+                                   ("L2 console", f"{self.ctl}/console.log", 30),
+                                   ("L2 QEMU", f"{self.ctl}/qemu.log", 20)):
+            print(f"---- {self.kind}: {title} ({path})")
+            try:
+                with open(path, errors="replace") as f:
+                    for line in f.readlines()[-count:]:
+                        print(f"  {line.rstrip()}")
+            except OSError as e:
+                print(f"  ({e})")
+
+    def cleanup(self) -> None:
+        if self.qemu_pid is not None:
+            try:
+                os.kill(self.qemu_pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for d in self.daemons:
+            if d.proc.poll() is None:
+                d.proc.kill()
+                d.proc.wait()
+        if self.control is not None:
+            self.control.srv.close()
+            if self.control.sock is not None:
+                self.control.sock.close()
+
+
+def main(argv: list[str]) -> int:
+    narrate, bench, kinds = False, 100, []
+    args = list(argv)
+    while args:
+        a = args.pop(0)
+        if a == "--narrate":
+            narrate = True
+        elif a == "--bench":
+            bench = int(args.pop(0))
+        elif a in ("ours", "stock"):
+            kinds.append(a)
+        else:
+            print(__doc__, file=sys.stderr)
+            return 2
+    if not kinds:
+        print(__doc__, file=sys.stderr)
+        return 2
+    uptime = float(open("/proc/uptime").read().split()[0])
+    if narrate:
+        print(f"L1 (TCG VM on this machine, runs the host daemon and QEMU) up after {uptime:.1f}s")
+    else:
+        print(f"figure: l1_uptime_at_start_s={uptime:.1f}", flush=True)
+    results = {}
+    for kind in kinds:
+        r = Run(kind, narrate, bench)
+        try:
+            r.run()
+            results[kind] = r.figures
+            print(f"topology {kind}: ok", flush=True)
+        except Exception as e:  # noqa: BLE001 - every failure is reported with the logs
+            print(f"topology {kind}: FAIL: {type(e).__name__ + ': ' if not isinstance(e, Fail) else ''}{e}",
+                  flush=True)
+            r.dump()
+            results[kind] = None
+        finally:
+            r.cleanup()
+    if not narrate and all(results.get(k) for k in ("ours", "stock")):
+        ours, stock = results["ours"]["get_1.0_p50_ms"], results["stock"]["get_1.0_p50_ms"]
+        print(f"figure: p50 GET /1.0 ours/stock = {ours / stock:.2f}", flush=True)
+    return 0 if all(results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
