@@ -7,7 +7,8 @@
  * @module
  */
 
-import { unwrapEnvelope } from "../shared/http/envelope.ts";
+import { httpRequest, unwrapEnvelope } from "../shared/http/mod.ts";
+import { connectUnix } from "../shared/vsock/mod.ts";
 import { createAdminApp, type DaemonStatus } from "./admin_app.ts";
 import { type Command, VERSION } from "./cli.ts";
 import { ensureServerCertificate, generateInstanceKeyPair } from "./daemon.ts";
@@ -41,18 +42,27 @@ async function connectDaemon(socketPath: string): Promise<AdminConnection | unde
   } catch {
     return undefined;
   }
-  const client = Deno.createHttpClient({ proxy: { transport: "unix", path: socketPath } });
+  // One connection per request with the project's client (Deno's fetch over a
+  // unix-socket HttpClient was seen to stall for seconds on a reused connection).
   const connection: AdminConnection = {
     daemon: true,
-    fetch: (path, init) => fetch(`http://lxd-vsock-host${path}`, { ...init, client }),
-    [Symbol.asyncDispose]: () => Promise.resolve(client.close()),
+    fetch: async (path, init) => {
+      const socket = await connectUnix(socketPath, {
+        timeout: 3000,
+        signal: init?.signal ?? undefined,
+      });
+      return await httpRequest(socket, new Request(`http://lxd-vsock-host${path}`, init), {
+        timeout: 30_000,
+        signal: init?.signal ?? undefined,
+      });
+    },
+    [Symbol.asyncDispose]: () => Promise.resolve(),
   };
   try {
     const response = await connection.fetch("/1.0");
     await response.body?.cancel();
     return connection;
   } catch {
-    client.close();
     return undefined;
   }
 }
