@@ -242,7 +242,10 @@ export class DevlxdServer {
     // started. (Deno's node:tls throws an uncaught TypeError from
     // TLSSocket._start when a handshake fails on data already buffered at
     // construction, which would crash the daemon.)
-    const hello = await firstChunk(raw, handshakeTimeout, this.#shutdown.signal);
+    const hello = await firstChunk(raw, {
+      timeout: handshakeTimeout,
+      signal: this.#shutdown.signal,
+    });
     if (hello === undefined || !looksLikeTlsHandshake(hello)) {
       this.#logger.debug("connection dropped: no TLS handshake", { peer: connection.key });
       return;
