@@ -83,9 +83,9 @@ interface Connection {
  */
 function firstChunk(
   socket: Duplex,
-  timeout: number,
-  signal: AbortSignal,
+  options: { timeout: number; signal: AbortSignal },
 ): Promise<Uint8Array | undefined> {
+  const { timeout, signal } = options;
   return new Promise((resolve) => {
     const done = (chunk?: Uint8Array) => {
       clearTimeout(timer);
