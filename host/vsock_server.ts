@@ -16,6 +16,7 @@
  */
 
 import type { Duplex } from "node:stream";
+import { setImmediate } from "node:timers";
 import { errorResponse } from "../shared/http/envelope.ts";
 import { serveHttp } from "../shared/http/mod.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
@@ -256,9 +257,10 @@ export class DevlxdServer {
       handshakeTimeout,
       signal: this.#shutdown.signal,
     });
-    setTimeout(() => {
+    // After TLSSocket's start (a nextTick), before any timer: setImmediate.
+    setImmediate(() => {
       if (!raw.destroyed) raw.unshift(hello);
-    }, 0);
+    });
     const { socket: tls, peer } = await accepting;
     connection.socket = tls;
     // serveHttp notices a peer that goes away during a long response (an event
@@ -321,7 +323,7 @@ export class DevlxdServer {
       connection.inFlight--;
       if (connection.ending && connection.inFlight === 0) {
         // After serveHttp's synchronous write of the last bytes.
-        setTimeout(() => connection.socket.end(), 0);
+        setImmediate(() => connection.socket.end());
       }
     };
     const source = response.body;
