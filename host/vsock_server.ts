@@ -148,16 +148,22 @@ export class DevlxdServer {
       throw new Error("DevlxdServer is closed");
     }
     const loop = (async () => {
+      let pause = 50;
       while (true) {
         let socket: FdSocket;
         try {
           socket = await listener.accept();
         } catch (error) {
-          if (!this.#closed && this.#listeners.has(listener)) {
-            this.#logger.error("accept failed; listener stopped", { error });
-          }
-          return;
+          const stopped = this.#closed || !this.#listeners.has(listener) ||
+            (error as Error)?.name === "AbortError";
+          if (stopped) return;
+          // Transient (EMFILE, ENOBUFS, …): keep the listener, retry after a bounded pause.
+          this.#logger.error("accept failed; retrying", { error, retryMs: pause });
+          await new Promise((resolve) => setTimeout(resolve, pause));
+          pause = Math.min(pause * 2, 2000);
+          continue;
         }
+        pause = 50;
         this.#accept(socket, source);
       }
     })();
