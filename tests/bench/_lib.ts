@@ -11,7 +11,6 @@
 
 import "reflect-metadata";
 import { join } from "node:path";
-import { cpus } from "node:os";
 import { httpRequest } from "../../shared/http/mod.ts";
 import { connectUnix } from "../../shared/vsock/mod.ts";
 import { agentConnection, type AgentIdentity, bounded } from "../host_harness.ts";
@@ -65,12 +64,17 @@ export async function loadAverage(): Promise<string> {
   return new TextDecoder().decode(out.stdout).split(" ").slice(0, 3).join(" ");
 }
 
-/** A short description of this machine. */
-export function machine(): string {
-  const c = cpus();
-  return `${c.length} × ${
-    c[0]?.model ?? "unknown CPU"
-  }, Deno ${Deno.version.deno}, ${Deno.build.os}`;
+/** A short description of this machine (from /proc/cpuinfo and /proc/meminfo). */
+export async function machine(): Promise<string> {
+  const out = await new Deno.Command("cat", {
+    args: ["/proc/cpuinfo", "/proc/meminfo"],
+    stdout: "piped",
+  }).output();
+  const text = new TextDecoder().decode(out.stdout);
+  const cpus = text.match(/^processor\s*:/gm)?.length ?? 0;
+  const model = /^model name\s*:\s*(.*)$/m.exec(text)?.[1] ?? "unknown CPU";
+  const memKb = Number(/^MemTotal:\s+(\d+)/m.exec(text)?.[1] ?? 0);
+  return `${cpus} × ${model}, ${Math.round(memKb / 1024 / 1024)} GiB, Deno ${Deno.version.deno}`;
 }
 
 export function percentile(sorted: number[], p: number): number {
@@ -171,19 +175,28 @@ export class Child implements AsyncDisposable {
   #pump: Promise<void>;
   #waiters: { re: RegExp; resolve: (at: number) => void }[] = [];
 
-  constructor(args: string[], options: { stdout?: boolean; stdin?: boolean } = {}) {
-    this.#pipedStdout = options.stdout ?? false;
+  /**
+   * @param options.stdout pipe stdout for the caller to read
+   * @param options.stdoutToLog pipe stdout into `log` as well (e.g. `--trace-gc`)
+   */
+  constructor(
+    args: string[],
+    options: { stdout?: boolean; stdin?: boolean; stdoutToLog?: boolean } = {},
+  ) {
+    this.#pipedStdout = (options.stdout || options.stdoutToLog) ?? false;
     const child = new Deno.Command(Deno.execPath(), {
       args,
       cwd: ROOT,
       stdin: options.stdin ? "piped" : "null",
-      stdout: options.stdout ? "piped" : "null",
+      stdout: this.#pipedStdout ? "piped" : "null",
       stderr: "piped",
       env: { NO_COLOR: "1", DENO_NO_UPDATE_CHECK: "1" },
     }).spawn();
     this.process = child;
-    this.#pump = (async () => {
-      for await (const chunk of child.stderr.pipeThrough(new TextDecoderStream())) {
+    const streams = [child.stderr];
+    if (options.stdoutToLog) streams.push(child.stdout);
+    this.#pump = Promise.all(streams.map(async (stream) => {
+      for await (const chunk of stream.pipeThrough(new TextDecoderStream())) {
         const now = performance.now();
         this.log = (this.log + chunk).slice(-200_000);
         this.#waiters = this.#waiters.filter((w) => {
@@ -192,7 +205,7 @@ export class Child implements AsyncDisposable {
           return false;
         });
       }
-    })().catch(() => {});
+    })).then(() => {}, () => {});
   }
 
   get pid(): number {
@@ -228,8 +241,9 @@ export class Child implements AsyncDisposable {
     if (this.#pipedStdout) await this.process.stdout.cancel().catch(() => {});
   }
 
+  /** SIGTERM (so profiles are written), SIGKILL after 10 s. */
   async [Symbol.asyncDispose](): Promise<void> {
-    await this.stop("SIGKILL");
+    await this.stop("SIGTERM", 10_000);
   }
 }
 
@@ -243,10 +257,11 @@ function daemonFlags(): string[] {
 
 /** Starts the host daemon (unix transport) on `stateDir`. */
 export function startDaemon(stateDir: string, extra: string[] = []): Child {
+  const flags = daemonFlags();
   return new Child([
     "run",
     "-P=host",
-    ...daemonFlags(),
+    ...flags,
     join(ROOT, "host/main.ts"),
     "daemon",
     "--state-dir",
@@ -256,7 +271,7 @@ export function startDaemon(stateDir: string, extra: string[] = []): Child {
     "--log-level",
     "info",
     ...extra,
-  ]);
+  ], { stdoutToLog: flags.some((f) => f.includes("trace-gc")) });
 }
 
 /** The port from the daemon's "listening" line. */

@@ -29,6 +29,7 @@ import {
   directGet,
   type LoopFigures,
   procOne,
+  ROOT,
   round,
   runLoop,
   startAgent,
@@ -62,6 +63,31 @@ function put(figures: Record<string, number>, prefix: string, f: LoopFigures): v
   if (f.errors > 0) figures[`${prefix}_errors`] = f.errors;
 }
 
+/**
+ * RSS of a Deno process that only imports `modules` (with the agent's
+ * permission set) and idles: the memory floor under the agent's own.
+ */
+async function rssFloorMb(modules: string[]): Promise<number> {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-q", "-P=agent", join(ROOT, "tests/bench/_rss_probe.ts"), ...modules],
+    cwd: ROOT,
+    stdin: "piped",
+    stdout: "piped",
+    stderr: "null",
+  }).spawn();
+  try {
+    const reader = child.stdout.getReader();
+    await reader.read();
+    reader.releaseLock();
+    await new Promise((r) => setTimeout(r, 500));
+    return round((await procOne(child.pid)).rssKb / 1024, 1);
+  } finally {
+    await child.stdin.close();
+    await child.stdout.cancel();
+    await child.status;
+  }
+}
+
 /** Runs the guest-path, floor, host-capacity and agent-memory measurements. */
 export async function benchGuest(options: BenchGuestOptions = {}): Promise<Record<string, number>> {
   const durationMs = options.durationMs ?? 3000;
@@ -87,6 +113,8 @@ export async function benchGuest(options: BenchGuestOptions = {}): Promise<Recor
   // Let start-up work (announce, first validation) settle before sampling idle memory.
   await new Promise((r) => setTimeout(r, 1000));
   figures.agent_rss_idle_mb = round((await procOne(agent.pid)).rssKb / 1024, 1);
+  figures.deno_rss_floor_mb = await rssFloorMb([]);
+  figures.agent_imports_rss_floor_mb = await rssFloorMb(["../../agent/main.ts"]);
 
   const guest = () => devlxdGet(devlxdSocket);
   const floor = () => directGet(hybrid, port, id);

@@ -50,7 +50,7 @@ export interface BenchFleetOptions {
 }
 
 type WorkerMessage =
-  | { type: "ready" | "subscribed" | "stopped" }
+  | { type: "ready" | "subscribed" | "stopped" | "diverted" }
   | { type: "state"; i: number; state: string; t: number }
   | { type: "event"; i: number; t: number }
   | { type: "counters"; polls: number; connects: number }
@@ -218,6 +218,17 @@ export async function benchFleet(options: BenchFleetOptions = {}): Promise<Recor
     await register(dir, stateDir, n);
     figures.fleet_register_ms = Math.round(performance.now() - t);
 
+    // V8 heap after the last GC, when the daemon runs with --trace-gc (BENCH_DAEMON_FLAGS).
+    const heap = (phase: string) => {
+      const all = [
+        ...(daemon?.log ?? "").matchAll(/([\d.]+) \(([\d.]+)\) -> ([\d.]+) \(([\d.]+)\) MB/g),
+      ];
+      const last = all.at(-1);
+      if (last) {
+        figures[`fleet_host_v8_heap_${phase}_mb`] = Number(last[3]);
+        figures[`fleet_host_v8_heap_${phase}_committed_mb`] = Number(last[4]);
+      }
+    };
     let startMs;
     [startMs, daemon] = await timedStart(stateDir);
     figures.fleet_host_start_ms = Math.round(startMs);
@@ -290,6 +301,36 @@ export async function benchFleet(options: BenchFleetOptions = {}): Promise<Recor
     figures.fleet_qmp_polls_per_s = round((c1.polls - c0.polls) / (wall / 1000), 1);
     figures.fleet_probes_per_s = round((c1.connects - c0.connects) / (wall / 1000), 1);
     figures.fleet_idle_seconds = round(wall / 1000, 1);
+    heap("idle");
+
+    // The same idle window with the agents' probes kept off the host: QMP polling alone.
+    const divert = (on: boolean) =>
+      Promise.all(workers.map(async (w) => {
+        const next = w.next("diverted", 10_000);
+        await w.send({ type: "divert", on });
+        await next;
+      }));
+    await divert(true);
+    await sleep(3500);
+    const d0 = await counters();
+    const q0 = await procOne(daemon.pid);
+    const v0 = performance.now();
+    await sleep(idleSeconds * 1000);
+    const q1 = await procOne(daemon.pid);
+    const wall2 = performance.now() - v0;
+    const d1 = await counters();
+    await divert(false);
+    figures.fleet_host_poll_only_cpu_pct = round((q1.cpuUs - q0.cpuUs) / (wall2 * 1000) * 100, 2);
+    figures.fleet_poll_only_qmp_polls_per_s = round((d1.polls - d0.polls) / (wall2 / 1000), 1);
+    const probesPerS = figures.fleet_probes_per_s;
+    figures.fleet_host_cpu_us_per_probe = probesPerS > 0
+      ? Math.round(
+        (figures.fleet_host_idle_cpu_pct - figures.fleet_host_poll_only_cpu_pct) * 1e4 / probesPerS,
+      )
+      : Number.NaN;
+    figures.fleet_host_cpu_us_per_poll = Math.round(
+      figures.fleet_host_poll_only_cpu_pct * 1e4 / figures.fleet_poll_only_qmp_polls_per_s,
+    );
 
     // Restart: stop the host, let every agent notice (its probe), start it again.
     log("   host restart …");
@@ -328,6 +369,7 @@ export async function benchFleet(options: BenchFleetOptions = {}): Promise<Recor
     figures.fleet_event_streams = streams;
     await sleep(2000);
     figures.fleet_host_rss_streams_mb = round((await procOne(daemon.pid)).rssKb / 1024, 1);
+    heap("streams");
 
     if (Deno.env.get("FLEET_DEBUG")) {
       for (let i = 0; i < 10; i++) {

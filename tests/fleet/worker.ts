@@ -14,7 +14,7 @@
  *   its devlxd socket.
  *
  * Control: JSON lines. Reads commands on stdin (`subscribe`, `counters`,
- * `stop`); writes `{"type":"ready"}`, `{"type":"state","i":…,"state":…,"t":…}`
+ * `divert`, `stop`); writes `{"type":"ready"}`, `{"type":"state","i":…,"state":…,"t":…}`
  * on every agent transition, `{"type":"subscribed"}`, `{"type":"event","i":…,
  * "t":…}` for each `user.bench` config event a follower received, and
  * `{"type":"counters",…}`. Times `t` are `Date.now()`-based with µs fraction.
@@ -31,7 +31,12 @@ import { Agent } from "../../agent/agent.ts";
 import { AgentStatus } from "../../agent/agent_state.ts";
 import { readIdentity } from "../../agent/identity.ts";
 import { httpRequest } from "../../shared/http/mod.ts";
-import { connectUnix, hybridGuestTransport, type Transport } from "../../shared/vsock/mod.ts";
+import {
+  connectUnix,
+  hybridGuestTransport,
+  listenUnix,
+  type Transport,
+} from "../../shared/vsock/mod.ts";
 import { FakeQmpServer, FakeRingBuffer } from "../../host/monitor/_fake_qmp.ts";
 import { fleetPaths } from "./paths.ts";
 
@@ -104,11 +109,24 @@ async function main(): Promise<void> {
   const count = Number(countText);
   const sims: Sim[] = [];
   let connects = 0;
+  // While `divert` is on, the agents' dials go to a local listener instead of
+  // the host (only used while every agent is idle, when the dials are their
+  // liveness probes): the host's idle CPU without the probes.
+  let divert = false;
+  const dummyPath = `${dir}/dummy-${first}`;
+  const dummy = listenUnix(dummyPath);
+  (async () => {
+    try {
+      for await (const socket of dummy) socket.destroy();
+    } catch {
+      // closed
+    }
+  })();
   const counting = (inner: Transport): Transport => ({
     listen: (port) => inner.listen(port),
     connect: (cid, port, options) => {
       connects++;
-      return inner.connect(cid, port, options);
+      return divert ? connectUnix(dummyPath, options) : inner.connect(cid, port, options);
     },
   });
 
@@ -171,6 +189,9 @@ async function main(): Promise<void> {
           })();
         }));
         send({ type: "subscribed" });
+      } else if (command.type === "divert") {
+        divert = command.on === true;
+        send({ type: "diverted" });
       } else if (command.type === "counters") {
         const polls = sims.reduce((sum, s) => sum + s.qmp.commands.length, 0);
         send({ type: "counters", polls, connects });
@@ -182,6 +203,7 @@ async function main(): Promise<void> {
           await s.serial.close();
           await s.qmp.close();
         }));
+        dummy.close();
         send({ type: "stopped" });
         return;
       }
