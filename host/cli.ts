@@ -47,6 +47,8 @@ export interface DaemonCommand {
   shutdownTimeout: number;
   /** Run the status monitor / announcer. */
   monitor: boolean;
+  /** Status-channel poll periods by agent state, in ms (the monitor's defaults when unset). */
+  intervals: { waiting?: number; stopped?: number; connected?: number };
 }
 
 export type Command =
@@ -94,7 +96,7 @@ USAGE
   ${PROGRAM} instance add|list|show|remove ...
   ${PROGRAM} config set|unset|get NAME KEY [VALUE]
   ${PROGRAM} device add|remove NAME DEVICE [KEY=VALUE...]
-  ${PROGRAM} status
+  ${PROGRAM} status [NAME]      (also: ${PROGRAM} --status [NAME])
   ${PROGRAM} events
 
 Registry commands talk to the running daemon through <state-dir>/admin.sock,
@@ -120,6 +122,11 @@ ${COMMON_OPTIONS}
   --max-connections-per-instance N   concurrent connections per VM (default: 32)
   --shutdown-timeout MS         time in-flight requests get after SIGTERM (default: 5000)
   --no-monitor                  do not watch status channels nor announce the host to agents
+  --poll-waiting MS             status-channel poll period while waiting for an agent that was
+                                told to connect (default: 500)
+  --poll-stopped MS             poll period while the agent is STOPPED (default: 3000)
+  --poll-connected MS           poll period once CONNECTED (default: 10000); each ring-buffer
+                                poll also runs after every QMP event
   --log-level ${LOG_LEVELS.join("|")}  (default: info)`,
   instance: `USAGE
   ${PROGRAM} instance add NAME --cid N [--qmp PATH [--chardev ID] [--ring-size N]
@@ -252,6 +259,8 @@ export function parseConfig(args: string[], env: CliEnvironment): Command {
     return { kind: "help", text: HELP.main };
   }
   if (group === "--version" || group === "version") return { kind: "version" };
+  // `--status [NAME]` is `status [NAME]`: the ring-buffer state as the host reads it.
+  if (group === "--status") return parseConfig(["status", ...rest], env);
   const stateDirOf = (v: { "state-dir"?: string | boolean | (string | boolean)[] }) =>
     typeof v["state-dir"] === "string" ? v["state-dir"] : defaultStateDir(env);
 
@@ -266,6 +275,9 @@ export function parseConfig(args: string[], env: CliEnvironment): Command {
         "shutdown-timeout": { type: "string" },
         "log-level": { type: "string" },
         "no-monitor": { type: "boolean" },
+        "poll-waiting": { type: "string" },
+        "poll-stopped": { type: "string" },
+        "poll-connected": { type: "string" },
       }, help);
       if (values.help) return { kind: "help", text: help };
       positionals(pos, [], help);
@@ -301,7 +313,17 @@ export function parseConfig(args: string[], env: CliEnvironment): Command {
         maxConnectionsPerInstance: max,
         shutdownTimeout,
         monitor: !values["no-monitor"],
+        intervals: {},
       };
+      for (const state of ["waiting", "stopped", "connected"] as const) {
+        const value = values[`poll-${state}`];
+        if (value === undefined) continue;
+        const ms = integer(value, `--poll-${state}`, help);
+        if (ms < 50 || ms > 3_600_000) {
+          throw new UsageError(`Invalid --poll-${state} ${ms}: use 50-3600000 ms`, help);
+        }
+        command.intervals[state] = ms;
+      }
       if (values["images-dir"] !== undefined) command.imagesDir = values["images-dir"];
       return command;
     }

@@ -35,6 +35,7 @@ Deno.test("parseConfig() daemon: defaults and every flag", () => {
     maxConnectionsPerInstance: 32,
     shutdownTimeout: 5000,
     monitor: true,
+    intervals: {},
   });
   assert.deepEqual(
     parseConfig([
@@ -54,6 +55,12 @@ Deno.test("parseConfig() daemon: defaults and every flag", () => {
       "--shutdown-timeout",
       "100",
       "--no-monitor",
+      "--poll-waiting",
+      "250",
+      "--poll-stopped",
+      "2000",
+      "--poll-connected",
+      "30000",
     ], user),
     {
       kind: "daemon",
@@ -65,6 +72,7 @@ Deno.test("parseConfig() daemon: defaults and every flag", () => {
       maxConnectionsPerInstance: 4,
       shutdownTimeout: 100,
       monitor: false,
+      intervals: { waiting: 250, stopped: 2000, connected: 30000 },
     },
   );
 });
@@ -77,6 +85,8 @@ Deno.test("parseConfig() daemon refuses bad ports, levels, transports and unknow
   usage(["daemon", "--transport", "tcp"], /Invalid --transport/);
   usage(["daemon", "--bogus"], /bogus/);
   usage(["daemon", "extra"], /Unexpected argument "extra"/);
+  usage(["daemon", "--poll-connected", "10"], /Invalid --poll-connected 10: use 50-3600000 ms/);
+  usage(["daemon", "--poll-waiting", "soon"], /Invalid --poll-waiting "soon": not an integer/);
 });
 
 Deno.test("parseConfig() instance add: status channels, hybrid, config drive, initial config", () => {
@@ -193,4 +203,9 @@ Deno.test("parseConfig() help and version; unknown commands are usage errors", (
   usage(["instance", "frob"], /Unknown instance command/);
   usage(["config", "set", "vm", "user.a"], /Missing VALUE/);
   usage(["device", "add", "vm", "eth0"], /Missing type=TYPE/);
+});
+
+Deno.test("parseConfig() --status [NAME] is the status command", () => {
+  assert.deepEqual(parseConfig(["--status", "vm1"], user), parseConfig(["status", "vm1"], user));
+  assert.deepEqual(parseConfig(["--status"], user), parseConfig(["status"], user));
 });

@@ -37,7 +37,7 @@ import { InstanceService, type KeyPairGenerator } from "./instance_service.ts";
 import { Registry } from "./registry.ts";
 import { defaultConfigDrive, prepareStateDir, type StatePaths } from "./state_dir.ts";
 import { DevlxdServer } from "./vsock_server.ts";
-import { Coordinator } from "./monitor/coordinator.ts";
+import { Coordinator, type CoordinatorIntervals } from "./monitor/coordinator.ts";
 
 /** The host's TLS identity: generated once, 0600 in the state directory. */
 export async function ensureServerCertificate(
@@ -82,6 +82,8 @@ export interface DaemonOptions {
    * host to agents, pushing events to agents). @default true
    */
   monitor?: boolean;
+  /** Status-channel poll periods by agent state, ms (the coordinator's defaults when unset). */
+  intervals?: CoordinatorIntervals;
   /** `location` in devlxd `GET /1.0`. @default Deno.hostname() */
   location?: string;
   logger?: Logger;
@@ -264,6 +266,7 @@ export class Daemon {
             : connectHybrid(instance.hybrid, AGENT_API_PORT, { timeout, signal }),
         // An agent holding GET /1.0/events gets the event there; else it is pushed.
         deliverViaStream: (name) => events.subscriberCount(name) > 0,
+        intervals: options.intervals,
         logger: logger.with({ component: "monitor" }),
       });
       daemon.#coordinator = monitor = coordinator;
