@@ -14,7 +14,10 @@
  * Benchmarks print figures; nothing here asserts a timing.
  *
  * Usage: deno run -P=test tests/bench/main.ts [--json] [--seconds N]
- *        [--fleet N] [--skip transport,guest,fleet]
+ *        [--fleet N] [--skip transport,guest,fleet] | --from-json FILE
+ * `BENCH_DAEMON_FLAGS` adds Deno flags to the host daemon processes, e.g.
+ * `--v8-flags=--trace-gc` (V8 heap figures beside RSS) or `--cpu-prof
+ * --cpu-prof-dir=DIR` (profiles written when each daemon exits).
  * Permissions: the "test" set.
  * @module
  */
@@ -243,11 +246,21 @@ async function main(): Promise<number> {
       fleet: { type: "string", default: "1000" },
       skip: { type: "string", default: "" },
       help: { type: "boolean", short: "h", default: false },
+      "from-json": { type: "string" },
     },
   });
+  if (values["from-json"] !== undefined) {
+    // Re-renders the table of an earlier `--json` run.
+    const saved = JSON.parse(await Deno.readTextFile(values["from-json"]));
+    console.log(`${saved.date}, ${saved.machine}`);
+    console.log(markdown(rowsOf(saved.figures, saved.figures.fleet_instances ?? 0)));
+    console.log(`\nload average before ${saved.load.before}, after ${saved.load.after}`);
+    return 0;
+  }
   if (values.help) {
     console.log(
-      "Usage: deno task bench [--json] [--seconds N] [--fleet N] [--skip transport,guest,fleet]",
+      "Usage: deno task bench [--json] [--seconds N] [--fleet N] [--skip transport,guest,fleet]\n" +
+        "       deno task bench --from-json FILE   (the table of an earlier --json run)",
     );
     return 0;
   }
