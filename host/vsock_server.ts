@@ -78,40 +78,6 @@ interface Connection {
   ending: boolean;
 }
 
-/**
- * Reads the connection's first bytes (bounded by `timeout`) and leaves the
- * socket paused. Resolves undefined when it ends or errors first.
- */
-function firstChunk(
-  socket: Duplex,
-  options: { timeout: number; signal: AbortSignal },
-): Promise<Uint8Array | undefined> {
-  const { timeout, signal } = options;
-  return new Promise((resolve) => {
-    const done = (chunk?: Uint8Array) => {
-      clearTimeout(timer);
-      socket.off("data", onData);
-      socket.off("end", onEnd);
-      socket.off("error", onEnd);
-      signal.removeEventListener("abort", onEnd);
-      socket.pause();
-      resolve(chunk);
-    };
-    const onData = (chunk: Uint8Array) => done(chunk);
-    const onEnd = () => done();
-    const timer = setTimeout(onEnd, timeout);
-    socket.on("data", onData);
-    socket.once("end", onEnd);
-    socket.once("error", onEnd);
-    signal.addEventListener("abort", onEnd, { once: true });
-  });
-}
-
-/** TLS record type 22 (handshake), version major 3: what a ClientHello starts with. */
-function looksLikeTlsHandshake(chunk: Uint8Array): boolean {
-  return chunk[0] === 0x16 && (chunk.length < 2 || chunk[1] === 0x03);
-}
-
 function unauthorized(): Response {
   return errorResponse(401, "Unauthorized");
 }
@@ -243,31 +209,14 @@ export class DevlxdServer {
   ): Promise<void> {
     const o = this.#options;
     const raw = connection.socket;
-    const handshakeTimeout = o.handshakeTimeout ?? 5000;
-    // Read the first bytes ourselves: anything but a TLS handshake record is
-    // dropped here, and the bytes are replayed only after the TLS socket has
-    // started. (Deno's node:tls throws an uncaught TypeError from
-    // TLSSocket._start when a handshake fails on data already buffered at
-    // construction, which would crash the daemon.)
-    const hello = await firstChunk(raw, {
-      timeout: handshakeTimeout,
-      signal: this.#shutdown.signal,
-    });
-    if (hello === undefined || !looksLikeTlsHandshake(hello)) {
-      this.#logger.debug("connection dropped: no TLS handshake", { peer: connection.key });
-      return;
-    }
-    const accepting = acceptTls(raw, {
+    // A peer that sends anything but a TLS 1.3 ClientHello is refused by the
+    // handshake itself (acceptTls rejects; the connection is destroyed).
+    const { socket: tls, peer } = await acceptTls(raw, {
       cert: o.cert,
       key: o.key,
-      handshakeTimeout,
+      handshakeTimeout: o.handshakeTimeout ?? 5000,
       signal: this.#shutdown.signal,
     });
-    // After TLSSocket's start (a nextTick), before any timer: setImmediate.
-    setImmediate(() => {
-      if (!raw.destroyed) raw.unshift(hello);
-    });
-    const { socket: tls, peer } = await accepting;
     connection.socket = tls;
     // serveHttp notices a peer that goes away during a long response (an event
     // stream) only at its next write; its end tells us at once, so handlers see

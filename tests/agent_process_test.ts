@@ -4,6 +4,7 @@
  */
 
 import assert from "node:assert/strict";
+import * as tls from "node:tls";
 import {
   type AgentPaths,
   agentPaths,
@@ -22,7 +23,8 @@ import {
   writeConfigDir,
 } from "./agent_harness.ts";
 import { httpRequest } from "../shared/http/mod.ts";
-import { connectUnix } from "../shared/vsock/mod.ts";
+import { connectHybrid, connectUnix } from "../shared/vsock/mod.ts";
+import { readToEnd } from "../shared/vsock/_testing.ts";
 
 const HOST_PORT = 40001;
 
@@ -249,6 +251,68 @@ Deno.test("agent: a client without the pinned certificate is refused by the agen
   );
   const status = JSON.parse(await Deno.readTextFile(w.paths.stateFile));
   assert.equal(status.host, null, "nothing was applied");
+});
+
+/**
+ * The agent logged the refused connection without an uncaught exception
+ * (main.ts would log one and go on), and its API still answers over mutual TLS.
+ */
+async function refusedCleanly(
+  agent: AgentProcess,
+  w: { paths: AgentPaths; pairs: Pairs },
+): Promise<void> {
+  // Written synchronously after anything thrown during the handshake.
+  await agent.waitForLog(/agent API connection refused or failed/);
+  assert.doesNotMatch(agent.stderr, /uncaught exception|unhandled rejection/);
+  const response = await callAgent(
+    hybridAgent(w.paths.uds),
+    w.pairs.hostClient,
+    w.pairs.agent.cert,
+    new Request("http://agent/1.0"),
+  );
+  assert.equal(response.status, 200);
+  await response.body?.cancel();
+}
+
+Deno.test("agent: garbage already buffered when the agent API starts its TLS handshake closes that connection without an uncaught exception", async () => {
+  await using w = await world();
+  const agent = w.agent();
+  await agent.waitForLog(/agent started/);
+  // One write: the mux hands the agent the connection with the garbage already read.
+  const raw = await connectUnix(w.paths.uds, { timeout: 5000 });
+  raw.write("CONNECT 8443\nGET /1.0 HTTP/1.1\r\nHost: x\r\n\r\n\x00\x01garbage");
+  const text = String(await readToEnd(raw));
+  raw.destroy();
+  assert.match(text, /^OK \d+\n/);
+  assert.doesNotMatch(text, /HTTP\//);
+  await refusedCleanly(agent, w);
+});
+
+Deno.test("agent: a TLS 1.2 client is refused by the agent API without an uncaught exception; it goes on serving", async () => {
+  await using w = await world();
+  const agent = w.agent();
+  await agent.waitForLog(/agent started/);
+  const raw = await connectHybrid(w.paths.uds, 8443, { timeout: 5000 });
+  const old = tls.connect({
+    socket: raw as never,
+    ...w.pairs.hostClient,
+    rejectUnauthorized: false,
+    maxVersion: "TLSv1.2",
+  });
+  await assert.rejects(
+    within(
+      new Promise((resolve, reject) => {
+        old.once("secureConnect", resolve);
+        old.once("error", reject);
+        old.once("close", () => reject(new Error("closed")));
+      }),
+      "the refusal",
+      10_000,
+    ),
+  );
+  old.destroy();
+  raw.destroy();
+  await refusedCleanly(agent, w);
 });
 
 Deno.test("agent: events pushed by the host and pulled from it reach a guest subscriber once each", async () => {

@@ -150,6 +150,7 @@ export function acceptTls(
     requestCert: true,
     rejectUnauthorized: false,
   });
+  guardStart(secure);
   return handshake(secure, socket, "secure", options, () => {
     const der = peerDer(secure);
     let validity: CertificateValidity | undefined;
@@ -196,6 +197,29 @@ export function connectTls(socket: Duplex, options: ConnectTlsOptions): Promise<
     checkValidity(expected, "Server");
     return secure;
   });
+}
+
+/**
+ * A server-side `TLSSocket` in Deno 2.9.6 starts its handshake in a nextTick
+ * (`TLSSocket._start`). When bytes the Duplex already holds (or the kernel
+ * hands over synchronously, as an `FdSocket` does) make the handshake fail
+ * inside `start()` — garbage, a TLS 1.2 ClientHello — the socket is destroyed
+ * there, and `_start` goes on to use the handle it just lost: a TypeError
+ * thrown from the nextTick queue, which would end the process. Whatever
+ * `_start` throws becomes the socket's error instead, which the handshake
+ * reports as a refused connection.
+ */
+function guardStart(secure: tls.TLSSocket): void {
+  const socket = secure as tls.TLSSocket & { _start?: () => void };
+  const start = socket._start;
+  if (typeof start !== "function") return;
+  socket._start = function (this: tls.TLSSocket) {
+    try {
+      start.call(this);
+    } catch (error) {
+      if (!this.destroyed) this.destroy(error as Error);
+    }
+  };
 }
 
 function peerDer(secure: tls.TLSSocket): Uint8Array {

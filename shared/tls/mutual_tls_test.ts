@@ -1,10 +1,12 @@
 import assert from "node:assert/strict";
 import * as tls from "node:tls";
 import { once } from "node:events";
+import type { Duplex } from "node:stream";
+import { setImmediate } from "node:timers";
 import { acceptTls, CertificateError, connectTls } from "./mutual_tls.ts";
 import { generateKeyPair } from "./key_pair.ts";
 import { certificateFingerprint } from "./certificate.ts";
-import { closed, unixSocketPair, whenClosed } from "./_testing.ts";
+import { closed, fdSocketPair, unixSocketPair, whenClosed } from "./_testing.ts";
 
 const server = await generateKeyPair({ commonName: "host" });
 const client = await generateKeyPair({ commonName: "agent" });
@@ -18,6 +20,35 @@ const notYetValid = await generateKeyPair({
   notBefore: new Date(Date.now() + DAY),
   notAfter: new Date(Date.now() + 10 * DAY),
 });
+
+/** The first record a TLS 1.2-only client sends: its ClientHello. */
+async function tls12ClientHello(): Promise<Uint8Array> {
+  await using pair = await unixSocketPair();
+  const old = tls.connect({
+    socket: pair.client,
+    rejectUnauthorized: false,
+    maxVersion: "TLSv1.2",
+  });
+  old.on("error", () => {});
+  const [hello] = await once(pair.server, "data");
+  old.destroy();
+  return new Uint8Array(hello);
+}
+
+const notTls = {
+  garbage: new TextEncoder().encode("GET /1.0 HTTP/1.1\r\nHost: x\r\n\r\n\x00\x01garbage"),
+  "a TLS 1.2 ClientHello": await tls12ClientHello(),
+};
+
+/** Resolves once `socket` reads its end (an FdSocket stays half open) or closes. */
+function whenEnded(socket: Duplex): Promise<void> {
+  socket.on("error", () => {});
+  socket.resume();
+  return new Promise((resolve) => {
+    socket.once("end", resolve);
+    socket.once("close", resolve);
+  });
+}
 
 function isCertificateError(code: string) {
   return (error: unknown) => {
@@ -198,4 +229,57 @@ Deno.test("connectTls() rejects a pinned value that is not PEM and closes the so
   const serverSide = whenClosed(pair.server);
   await assert.rejects(connectTls(pair.client, { ...client, pinned: "nope" }), SyntaxError);
   await serverSide;
+});
+
+// On an FdSocket (what the daemon and the agent accept), Deno 2.9.6's node:tls
+// used to throw an uncaught TypeError from TLSSocket._start when the first
+// bytes were already there: any local peer could end the process.
+for (const [what, bytes] of Object.entries(notTls)) {
+  Deno.test(`acceptTls() on an FdSocket refuses ${what} already buffered, and the process goes on`, async () => {
+    await using pair = await fdSocketPair();
+    const clientSide = whenEnded(pair.client);
+    pair.client.write(bytes);
+    await once(pair.server, "readable");
+    assert.ok(pair.server.readableLength > 0, "the bytes are buffered before acceptTls()");
+    await assert.rejects(acceptTls(pair.server, server), /TLS handshake failed/);
+    await clientSide;
+    assert.equal(pair.server.destroyed, true);
+  });
+
+  Deno.test(`acceptTls() on an FdSocket refuses ${what} that arrives after the TLS socket started`, async () => {
+    await using pair = await fdSocketPair();
+    const clientSide = whenEnded(pair.client);
+    const accepting = acceptTls(pair.server, server);
+    // A macrotask: the TLS socket has started (a nextTick) before the bytes are sent.
+    setImmediate(() => pair.client.write(bytes));
+    await assert.rejects(accepting, /TLS handshake failed/);
+    await clientSide;
+    assert.equal(pair.server.destroyed, true);
+  });
+}
+
+Deno.test("acceptTls() on an FdSocket completes a handshake whose ClientHello was buffered before the call", async () => {
+  await using pair = await fdSocketPair();
+  const connecting = connectTls(pair.client, { ...client, pinned: server.cert });
+  await once(pair.server, "readable");
+  assert.ok(pair.server.readableLength > 0, "the ClientHello is buffered before acceptTls()");
+  const [accepted, connected] = await Promise.all([
+    acceptTls(pair.server, { ...server, pinned: client.cert }),
+    connecting,
+  ]);
+  connected.write("ping");
+  assert.equal(String((await once(accepted.socket, "data"))[0]), "ping");
+  await Promise.all([closed(accepted.socket), closed(connected)]);
+});
+
+Deno.test("acceptTls() on a net.Socket refuses a TLS 1.2 ClientHello already buffered", async () => {
+  await using pair = await unixSocketPair();
+  const clientSide = whenClosed(pair.client);
+  pair.client.resume();
+  pair.client.write(notTls["a TLS 1.2 ClientHello"]);
+  await once(pair.server, "readable");
+  assert.ok(pair.server.readableLength > 0, "the bytes are buffered before acceptTls()");
+  await assert.rejects(acceptTls(pair.server, server), /TLS handshake failed/);
+  await clientSide;
+  assert.equal(pair.server.destroyed, true);
 });
