@@ -339,11 +339,19 @@ export async function benchFleet(options: BenchFleetOptions = {}): Promise<Recor
     [startMs, daemon] = await timedStart(stateDir);
     figures.fleet_restart_listening_ms = Math.round(startMs);
     const spawnedAt = performance.timeOrigin + daemon.spawnedAt;
-    await waitAll(
-      (i) => states[i].state === "CONNECTED" && states[i].t >= spawnedAt,
-      120_000,
-      "agents CONNECTED after the restart",
-    );
+    try {
+      await waitAll(
+        (i) => states[i].state === "CONNECTED" && states[i].t >= spawnedAt,
+        120_000,
+        "agents CONNECTED after the restart",
+      );
+    } catch (error) {
+      const counts: Record<string, number> = {};
+      for (const s of states) counts[s.state] = (counts[s.state] ?? 0) + 1;
+      log(`   agents' states: ${JSON.stringify(counts)}; daemon log tail:`);
+      log(daemon.log.split("\n").filter((l) => !/ -> .* MB/.test(l)).slice(-40).join("\n"));
+      throw error;
+    }
     const last = Math.max(...states.map((s) => s.t));
     figures.fleet_restart_connected_ms = Math.round(last - spawnedAt);
     const sorted = states.map((s) => s.t - spawnedAt).sort((a, b) => a - b);
