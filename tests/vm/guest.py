@@ -10,7 +10,8 @@ set), its output to AGENT_LOG (a file L1 can read). Then connects to L1 over vso
   {"id":1,"op":"http","method":"GET","path":"/1.0"}      a request on /dev/lxd/sock (curl
                                                           when present, else python)
   {"id":2,"op":"wait_socket","timeout":60}               until /dev/lxd/sock accepts
-  {"id":3,"op":"events_open"}, {"op":"events_wait","match":{...},"timeout":60}
+  {"id":3,"op":"events_open","path":P}, {"op":"events_wait","path":P,"match":{...}}
+                                                          follow P (default /1.0/events)
   {"id":4,"op":"bench","n":100,"path":"/1.0"}            N sequential GETs, python client
   {"id":5,"op":"stop_agent","timeout":60}                SIGTERM, exit code
   {"id":6,"op":"exit"}                                    end (the VM powers off)
@@ -77,22 +78,25 @@ def curl_request(method: str, path: str, body: str | None = None, timeout: float
 class Events:
     """Follows GET /1.0/events on /dev/lxd/sock in a thread; keeps every JSON object."""
 
-    def __init__(self) -> None:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.raw = b""
         self.items: list[dict] = []
         self.cond = threading.Condition()
         self.error: str | None = None
-        self.conn = UnixConnection(DEVLXD, 60)
-        self.conn.request("GET", "/1.0/events")
+        # No timeout: the stream stays quiet between events (L1 bounds the wait for headers).
+        self.conn = UnixConnection(DEVLXD, None)
+        self.conn.request("GET", path)
         self.resp = self.conn.getresponse()
         if self.resp.status != 200:
-            raise RuntimeError(f"GET /1.0/events -> {self.resp.status}: {self.resp.read()[:200]!r}")
-        self.conn.sock.settimeout(None)
+            raise RuntimeError(f"GET {path} -> {self.resp.status}: {self.resp.read()[:200]!r}")
         threading.Thread(target=self._pump, daemon=True).start()
 
     def _pump(self) -> None:
         buf, dec = "", json.JSONDecoder()
         try:
             while chunk := self.resp.read1(65536):
+                self.raw = (self.raw + chunk)[-2000:]
                 buf += chunk.decode(errors="replace")
                 while True:
                     buf = buf.lstrip()
@@ -132,7 +136,8 @@ class Events:
                     raise RuntimeError(f"{self.error}; got {self.items}")
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise RuntimeError(f"no event matching {match} in {timeout}s; got {self.items}")
+                    raise RuntimeError(f"GET {self.path}: no event matching {match} in {timeout}s; "
+                                       f"got {self.items}; last bytes {self.raw[-600:]!r}")
                 self.cond.wait(left)
 
 
@@ -145,7 +150,7 @@ class Guest:
         self.stopping = False
         self.sock: socket.socket | None = None
         self.wlock = threading.Lock()
-        self.events: Events | None = None
+        self.events: dict[str, Events] = {}
         self.curl = shutil.which("curl") is not None
 
     def send(self, obj: dict) -> None:
@@ -219,10 +224,12 @@ class Guest:
                         raise RuntimeError(f"the agent exited ({self.agent.returncode})")
                     time.sleep(0.1)
         if op == "events_open":
-            self.events = Events()
-            return {"open": True}
+            path = msg.get("path", "/1.0/events")
+            self.events[path] = Events(path)
+            return {"open": path}
         if op == "events_wait":
-            return self.events.wait(msg["match"], msg.get("timeout", 60))
+            return self.events[msg.get("path", "/1.0/events")].wait(msg["match"],
+                                                                    msg.get("timeout", 60))
         if op == "bench":
             n, path = msg.get("n", 100), msg.get("path", "/1.0")
             for _ in range(msg.get("warmup", 5)):

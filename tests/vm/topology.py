@@ -221,6 +221,7 @@ class Run:
         self.qemu_pid: int | None = None
         self.t0 = now()
         self.figures: dict[str, float] = {}
+        self.ready = True  # whether this agent forwards PATCH /1.0 (stock 5.0.2 does not)
 
     # --- output -------------------------------------------------------------------
     def step(self, text: str) -> None:
@@ -325,7 +326,7 @@ class Run:
                   f"{t_conn - t_started:.2f}s after STARTED")
         if not self.narrate:
             status = json.loads(self.cli("status", NAME, "--format", "json"))
-            self.step(f"host status: runtime={status.get('runtime')} reading={status.get('reading')}")
+            self.step(f"host status: {json.dumps(status)[:600]}")
 
         waited = self.control.call("wait_socket", check=self.check)["waited"]
         r = self.http("GET", "/1.0")
@@ -347,27 +348,44 @@ class Run:
         self.http("GET", "/1.0/config/security.devlxd", status=403)
         self.step(f"config {keys}, user.foo={value!r}, meta-data {meta!r}, devices {devices}")
 
-        self.control.call("events_open", check=self.check)
+        # Two followers: the default stream and one asking for both types explicitly.
+        streams = ("/1.0/events", "/1.0/events?type=config,device")
+        for path in streams:
+            self.control.call("events_open", check=self.check, path=path)
         self.cli("config", "set", NAME, "user.foo", "baz")
-        ev = self.control.call("events_wait", check=self.check, match={
-            "type": "config", "metadata.key": "user.foo", "metadata.value": "baz"})
-        self.step(f"config event in L2: {json.dumps(ev)}")
+        for path in streams:
+            ev = self.control.call("events_wait", check=self.check, path=path, match={
+                "type": "config", "metadata.key": "user.foo", "metadata.value": "baz"})
+            self.step(f"config event in L2 on {path}: {json.dumps(ev)}")
         self.cli("device", "add", NAME, "eth1", "type=nic", "network=lxdbr0", "name=eth1")
-        ev = self.control.call("events_wait", check=self.check, match={
-            "type": "device", "metadata.name": "eth1", "metadata.action": "added"})
-        self.step(f"device event in L2: {json.dumps(ev)}")
+        device = {"type": "device", "metadata.name": "eth1", "metadata.action": "added"}
+        ev = self.control.call("events_wait", check=self.check, path=streams[1], match=device)
+        self.step(f"device event in L2 on {streams[1]}: {json.dumps(ev)}")
+        # Without ?type= the stock lxd-agent 5.0.2 sends config events only: noted, not asserted.
+        try:
+            self.control.call("events_wait", path=streams[0], match=device, timeout=2)
+            self.step(f"the device event also reached {streams[0]}")
+        except Fail:
+            self.step(f"the device event did not reach {streams[0]} (no ?type=)")
         value = self.http("GET", "/1.0/config/user.foo")["body"]
         self.expect(value == "baz", f"GET /1.0/config/user.foo after set: {value!r}")
 
         t_ready = now()
-        self.http("PATCH", "/1.0", {"state": "Ready"})
+        patch = self.http("PATCH", "/1.0", {"state": "Ready"})
         inst = self.instance()
-        self.expect(inst["runtime"].get("ready") is True,
-                    f"instance list does not show ready: {inst['runtime']}")
-        doc = self.json_get("/1.0")
-        self.expect(doc.get("state") == "Ready", f"GET /1.0 after PATCH: {doc}")
-        self.tell(f"guest PATCHed Ready; host shows ready (instance list) "
-                  f"{now() - t_boot:.1f}s after boot")
+        ready = inst["runtime"].get("ready") is True
+        if not ready and self.kind == "stock" and '"api_version"' in patch["body"]:
+            # lxd-agent 5.0.2 predates PATCH /1.0 on devlxd: it answers it as a GET (its log
+            # shows a GET /1.0 to the host) and never forwards it. Said, not asserted.
+            self.ready = False
+            self.tell("NOTE: stock lxd-agent 5.0.2 answered PATCH /1.0 like a GET "
+                      f"({patch['body'].strip()}) and did not forward it: no Ready with this agent")
+        else:
+            self.expect(ready, f"instance list does not show ready: {inst['runtime']}")
+            doc = self.json_get("/1.0")
+            self.expect(doc.get("state") == "Ready", f"GET /1.0 after PATCH: {doc}")
+            self.tell(f"guest PATCHed Ready; host shows ready (instance list) "
+                      f"{now() - t_boot:.1f}s after boot")
 
         if self.bench_n > 0:
             b = self.control.call("bench", timeout=600, check=self.check, n=self.bench_n)
@@ -391,15 +409,17 @@ class Run:
                     "the agent did not reach the restarted host before the announce completed")
         self.figure("restart_to_reannounced_s", t_ann2 - t_restart)
         self.figure("listening_to_reannounced_ms", (t_ann2 - t_listen) * 1000)
+        state = "Ready" if self.ready else "Started"
         doc = self.json_get("/1.0")
-        self.expect(doc.get("state") == "Ready", f"GET /1.0 after the host restart: {doc}")
+        self.expect(doc.get("state") == state, f"GET /1.0 after the host restart: {doc}")
         inst = self.instance()
-        self.expect(inst["runtime"].get("ready") is True and
+        self.expect(inst["runtime"].get("ready") is self.ready and
                     inst["runtime"].get("agentState") == "CONNECTED",
                     f"after the restart, instance list shows {inst['runtime']}")
         self.tell(f"host restarted on port {port2} -> agent re-announced and CONNECTED in "
                   f"{(t_ann2 - t_listen) * 1000:.0f} ms after it listened "
-                  f"({t_ann2 - t_restart:.1f}s after the process started); ready kept")
+                  f"({t_ann2 - t_restart:.1f}s after the process started)"
+                  f"{'; ready kept' if self.ready else ''}")
 
         n = len(self.daemon.lines)
         rc = self.control.call("stop_agent", check=self.check)["rc"]
@@ -431,7 +451,7 @@ class Run:
             try:
                 with open(path, errors="replace") as f:
                     for line in f.readlines()[-count:]:
-                        print(f"  {line.rstrip()}")
+                        print(f"  {line.rstrip()[:400]}")
             except OSError as e:
                 print(f"  ({e})")
 
