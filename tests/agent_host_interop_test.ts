@@ -9,71 +9,7 @@
 import assert from "node:assert/strict";
 import { cliOk, DaemonProcess } from "./host_harness.ts";
 import { agentPaths, AgentProcess, devlxd, runAgentCommand, within } from "./agent_harness.ts";
-
-/**
- * QEMU's `-chardev socket,server=on` on a virtserialport, seen from both
- * sides: the host connects to `hostPath`, the guest's port is `guestPath`;
- * bytes flow both ways while both are connected and are dropped otherwise.
- */
-class SerialRelay {
-  #host: Deno.UnixListener;
-  #guest: Deno.UnixListener;
-  #sides: { host?: Deno.UnixConn; guest?: Deno.UnixConn } = {};
-  #loops: Promise<void>[];
-  #conns = new Set<Deno.UnixConn>();
-
-  constructor(readonly hostPath: string, readonly guestPath: string) {
-    this.#host = Deno.listen({ transport: "unix", path: hostPath });
-    this.#guest = Deno.listen({ transport: "unix", path: guestPath });
-    this.#loops = [this.#accept(this.#host, "host"), this.#accept(this.#guest, "guest")];
-  }
-
-  async #accept(listener: Deno.UnixListener, side: "host" | "guest"): Promise<void> {
-    try {
-      for await (const conn of listener) {
-        this.#conns.add(conn);
-        this.#sides[side] = conn;
-        this.#pump(conn, side);
-      }
-    } catch {
-      // closed
-    }
-  }
-
-  async #pump(conn: Deno.UnixConn, side: "host" | "guest"): Promise<void> {
-    const buf = new Uint8Array(1024);
-    try {
-      for (;;) {
-        const n = await conn.read(buf);
-        if (n === null) break;
-        const other = this.#sides[side === "host" ? "guest" : "host"];
-        await other?.write(buf.slice(0, n)).catch(() => {});
-      }
-    } catch {
-      // closed
-    }
-    this.#conns.delete(conn);
-    if (this.#sides[side] === conn) delete this.#sides[side];
-    try {
-      conn.close();
-    } catch {
-      // closed
-    }
-  }
-
-  async close(): Promise<void> {
-    this.#host.close();
-    this.#guest.close();
-    for (const conn of this.#conns) {
-      try {
-        conn.close();
-      } catch {
-        // closed
-      }
-    }
-    await Promise.all(this.#loops);
-  }
-}
+import { SerialRelay } from "./serial_relay.ts";
 
 async function devlxdWhenUp(socket: string, path: string, agent: AgentProcess): Promise<Response> {
   const deadline = Date.now() + 20_000;

@@ -12,67 +12,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { bounded, cliOk, DaemonProcess } from "./host_harness.ts";
 import { agentPaths, AgentProcess, runAgentCommand } from "./agent_harness.ts";
-
-/** QEMU's `-chardev socket,server=on` seen from both ends: bytes flow while both are connected. */
-class SerialRelay {
-  #listeners: Deno.UnixListener[];
-  #sides: { host?: Deno.UnixConn; guest?: Deno.UnixConn } = {};
-  #conns = new Set<Deno.UnixConn>();
-  #loops: Promise<void>[];
-
-  constructor(readonly hostPath: string, guestPath: string) {
-    this.#listeners = [hostPath, guestPath].map((path) => Deno.listen({ transport: "unix", path }));
-    this.#loops = this.#listeners.map((l, i) => this.#accept(l, i === 0 ? "host" : "guest"));
-  }
-
-  async #accept(listener: Deno.UnixListener, side: "host" | "guest"): Promise<void> {
-    const pumps: Promise<void>[] = [];
-    try {
-      for await (const conn of listener) {
-        this.#conns.add(conn);
-        this.#sides[side] = conn;
-        pumps.push(this.#pump(conn, side));
-      }
-    } catch {
-      // closed
-    }
-    await Promise.all(pumps);
-  }
-
-  async #pump(conn: Deno.UnixConn, side: "host" | "guest"): Promise<void> {
-    const buf = new Uint8Array(1024);
-    try {
-      for (;;) {
-        const n = await conn.read(buf);
-        if (n === null) break;
-        await this.#sides[side === "host" ? "guest" : "host"]?.write(buf.slice(0, n)).catch(
-          () => {},
-        );
-      }
-    } catch {
-      // closed
-    }
-    this.#conns.delete(conn);
-    if (this.#sides[side] === conn) delete this.#sides[side];
-    try {
-      conn.close();
-    } catch {
-      // closed
-    }
-  }
-
-  async close(): Promise<void> {
-    for (const l of this.#listeners) l.close();
-    for (const conn of this.#conns) {
-      try {
-        conn.close();
-      } catch {
-        // closed
-      }
-    }
-    await Promise.all(this.#loops);
-  }
-}
+import { SerialRelay } from "./serial_relay.ts";
 
 Deno.test("an agent killed -9 and restarted with a stale host port is announced to again at its first STARTED", async () => {
   const paths = await agentPaths();

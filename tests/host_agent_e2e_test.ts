@@ -12,69 +12,9 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { bounded, cliOk, DaemonProcess, tempDir } from "./host_harness.ts";
+import { SerialRelay } from "./serial_relay.ts";
 
 const ROOT = new URL("..", import.meta.url).pathname;
-
-/**
- * The VMM's side of a socket-backed virtserialport: the guest end (the agent
- * connects, as to its port) and the host end (the daemon connects, as to
- * QEMU's `-chardev socket,server=on`); bytes are relayed while both are
- * connected, and dropped otherwise, as QEMU does.
- */
-class SerialRelay implements AsyncDisposable {
-  #guest: Deno.UnixListener;
-  #host: Deno.UnixListener;
-  #ends: { guest?: Deno.Conn; host?: Deno.Conn } = {};
-  #loops: Promise<void>[];
-  #closed = false;
-
-  constructor(guestPath: string, hostPath: string) {
-    this.#guest = Deno.listen({ transport: "unix", path: guestPath });
-    this.#host = Deno.listen({ transport: "unix", path: hostPath });
-    this.#loops = [
-      this.#serve(this.#guest, "guest", "host"),
-      this.#serve(this.#host, "host", "guest"),
-    ];
-  }
-
-  async #serve(listener: Deno.UnixListener, me: "guest" | "host", other: "guest" | "host") {
-    const pumps: Promise<void>[] = [];
-    try {
-      for await (const conn of listener) {
-        this.#ends[me]?.close();
-        this.#ends[me] = conn;
-        pumps.push((async () => {
-          const buffer = new Uint8Array(4096);
-          try {
-            for (let n; (n = await conn.read(buffer)) !== null;) {
-              await this.#ends[other]?.write(buffer.slice(0, n)).catch(() => {});
-            }
-          } catch {
-            // closed
-          }
-        })());
-      }
-    } catch {
-      // listener closed
-    }
-    await Promise.all(pumps);
-  }
-
-  async [Symbol.asyncDispose](): Promise<void> {
-    if (this.#closed) return;
-    this.#closed = true;
-    this.#guest.close();
-    this.#host.close();
-    for (const end of Object.values(this.#ends)) {
-      try {
-        end?.close();
-      } catch {
-        // already closed
-      }
-    }
-    await Promise.all(this.#loops);
-  }
-}
 
 /** Our agent as a child process, with the `agent` permission set. */
 function startAgent(args: string[]) {
@@ -109,7 +49,7 @@ function startAgent(args: string[]) {
 Deno.test("host daemon and our agent: announce, CONNECTED, devlxd proxied, events, Ready, STOPPED", async () => {
   await using dir = await tempDir("host-e2e-");
   const p = (name: string) => join(dir.path, name);
-  await using _relay = new SerialRelay(p("guest-serial.sock"), p("host-serial.sock"));
+  await using _relay = new SerialRelay(p("host-serial.sock"), p("guest-serial.sock"));
   await using daemon = await DaemonProcess.start(p("state"));
   await cliOk([
     "instance",
