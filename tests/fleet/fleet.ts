@@ -354,6 +354,8 @@ export async function benchFleet(options: BenchFleetOptions = {}): Promise<Recor
     }
     const last = Math.max(...states.map((s) => s.t));
     figures.fleet_restart_connected_ms = Math.round(last - spawnedAt);
+    // Host CPU from its spawn to the last agent CONNECTED (start-up included): robust to load.
+    figures.fleet_restart_host_cpu_ms = Math.round((await procOne(daemon.pid)).cpuUs / 1000);
     const sorted = states.map((s) => s.t - spawnedAt).sort((a, b) => a - b);
     figures.fleet_restart_connected_p50_ms = Math.round(percentile(sorted, 50));
 
