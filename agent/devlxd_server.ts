@@ -440,24 +440,18 @@ export class DevlxdServer {
       kill: new AbortController(),
       done: Promise.resolve(),
     };
-    let streaming = 0;
-    // A guest that leaves in the middle of an event stream is otherwise only
-    // noticed at the next event: cut the connection, which ends the stream.
-    socket.once("end", () => {
-      if (streaming > 0 && !connection.upgraded) socket.destroy();
-    });
+    // A guest that leaves mid-stream aborts its request's signal and cancels
+    // the stream at once (serveHttp); `track` only counts answers for stop().
     const track = (response: Response): Response => {
       const body = response.body;
       if (body === null) {
         this.#settled(connection);
         return response;
       }
-      streaming++;
       let finished = false;
       const finish = () => {
         if (finished) return;
         finished = true;
-        streaming--;
         this.#settled(connection);
       };
       const reader = body.getReader();

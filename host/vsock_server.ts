@@ -74,12 +74,15 @@ interface Connection {
   abort: AbortController;
   /** Requests whose response body has not been fully written. */
   inFlight: number;
-  /** End the connection once nothing is in flight (401 sent, shutdown). */
+  /** The server is closing: end the connection once nothing is in flight. */
   ending: boolean;
 }
 
+/** One 401 in the LXD envelope; serveHttp closes the connection after it. */
 function unauthorized(): Response {
-  return errorResponse(401, "Unauthorized");
+  const response = errorResponse(401, "Unauthorized");
+  response.headers.set("connection", "close");
+  return response;
 }
 
 function peerKey(source: ListenerSource, remote: SocketAddress): string | undefined {
@@ -218,13 +221,6 @@ export class DevlxdServer {
       signal: this.#shutdown.signal,
     });
     connection.socket = tls;
-    // serveHttp notices a peer that goes away during a long response (an event
-    // stream) only at its next write; its end tells us at once, so handlers see
-    // their request's signal abort (and event subscriptions end) right away.
-    const gone = new AbortController();
-    const onGone = () => gone.abort(new Error("Connection closed by the peer"));
-    tls.once("end", onGone);
-    tls.once("close", onGone);
     if (this.#closed) return;
     const httpOptions = {
       headersTimeout: o.headersTimeout ?? 3000,
@@ -239,24 +235,20 @@ export class DevlxdServer {
         peer: connection.key,
         fingerprint: peer.fingerprint,
       });
-      connection.ending = true;
-      await serveHttp(tls, () => this.#track(connection, unauthorized()), httpOptions);
+      await serveHttp(tls, unauthorized, httpOptions);
       return;
     }
     this.#logger.debug("agent connected", { instance: first.name, peer: connection.key });
     await serveHttp(tls, async (request) => {
       // Re-check on every request: the instance may have been removed or re-keyed.
       const instance = this.#match(source, remote, peer);
-      if (!instance || instance.name !== first.name) {
-        connection.ending = true;
-        return this.#track(connection, unauthorized());
-      }
+      if (!instance || instance.name !== first.name) return unauthorized();
       o.onAgentRequest?.(instance.name);
       connection.inFlight++;
       let response: Response;
       try {
-        const signal = AbortSignal.any([request.signal, gone.signal]);
-        response = await o.handler(new Request(request, { signal }), instance);
+        // Its signal aborts as soon as the agent goes away (serveHttp).
+        response = await o.handler(request, instance);
       } finally {
         connection.inFlight--;
       }
@@ -265,11 +257,23 @@ export class DevlxdServer {
   }
 
   /**
-   * Wraps `response` so the connection knows when its body has been handed to
-   * the socket; then, if the connection is ending (401, shutdown), its TLS side
-   * is ended gracefully after the write.
+   * Counts `response` as in flight until its body has been handed to the
+   * socket, for close(). A response of a closing server says
+   * `Connection: close` (serveHttp closes after it); a body still streaming
+   * when close() begins ends the connection once it is complete.
    */
   #track(connection: Connection, response: Response): Response {
+    if (connection.ending) {
+      const headers = new Headers(response.headers);
+      headers.set("connection", "close");
+      return new Response(response.body, {
+        status: response.status,
+        statusText: response.statusText,
+        headers,
+      });
+    }
+    const source = response.body;
+    if (source === null) return response;
     connection.inFlight++;
     let finished = false;
     const done = () => {
@@ -281,14 +285,6 @@ export class DevlxdServer {
         setImmediate(() => connection.socket.end());
       }
     };
-    const source = response.body;
-    if (source === null) {
-      done();
-      if (connection.ending) {
-        return new Response("", { status: response.status, headers: response.headers });
-      }
-      return response;
-    }
     const reader = source.getReader();
     const body = new ReadableStream<Uint8Array>({
       async pull(controller) {

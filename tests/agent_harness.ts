@@ -143,9 +143,6 @@ export class TestHost {
         this.connections++;
         this.changed.notify();
         this.#sockets.add(socket);
-        // The agent never half-closes: its end means it is gone (serveHttp would
-        // otherwise notice only at the next write of a streamed answer).
-        socket.once("end", () => socket.destroy());
         (async () => {
           try {
             const { socket: tlsSocket } = await acceptTls(socket, {

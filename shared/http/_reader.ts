@@ -15,6 +15,14 @@ const HIGH_WATER = 64 * 1024;
 
 const EMPTY = Buffer.alloc(0);
 
+/** Callbacks of {@linkcode SocketReader}. */
+export interface SocketReaderCallbacks {
+  /** No more bytes can arrive: the peer ended, the socket errored or closed. Runs once. */
+  onGone?: (reason: Error) => void;
+  /** The socket closed. */
+  onClose?: () => void;
+}
+
 export class SocketReader {
   readonly socket: Duplex;
   /** Bytes received and not yet consumed. */
@@ -26,11 +34,17 @@ export class SocketReader {
   /** The socket's error, if any. */
   error: Error | undefined;
   #wake: (() => void) | undefined;
+  #onGone: ((reason: Error) => void) | undefined;
   #onClose: (() => void) | undefined;
 
-  constructor(socket: Duplex, onClose?: () => void) {
+  /**
+   * `onGone` runs once, when no more bytes can arrive (the peer ended its
+   * side, the socket errored or closed); `onClose` when the socket closes.
+   */
+  constructor(socket: Duplex, callbacks: SocketReaderCallbacks = {}) {
     this.socket = socket;
-    this.#onClose = onClose;
+    this.#onGone = callbacks.onGone;
+    this.#onClose = callbacks.onClose;
     socket.on("data", this.#onData);
     socket.on("end", this.#onEnd);
     socket.on("error", this.#onError);
@@ -48,11 +62,13 @@ export class SocketReader {
   #onEnd = () => {
     this.ended = true;
     this.#notify();
+    this.#gone(new Error("Connection closed by the peer"));
   };
 
   #onError = (error: Error) => {
     this.error ??= error;
     this.#notify();
+    this.#gone(error);
   };
 
   #onCloseEvent = () => {
@@ -60,8 +76,15 @@ export class SocketReader {
     this.closed = true;
     this.ended = true;
     this.#notify();
+    this.#gone(new Error("Connection closed"));
     this.#onClose?.();
   };
+
+  #gone(reason: Error): void {
+    const onGone = this.#onGone;
+    this.#onGone = undefined;
+    onGone?.(reason);
+  }
 
   #notify(): void {
     const wake = this.#wake;

@@ -74,7 +74,11 @@ export interface ServeHttpOptions {
   signal?: AbortSignal;
 }
 
-/** Request handler; the request's `signal` aborts when the connection closes. */
+/**
+ * Request handler; the request's `signal` aborts when the peer goes away (it
+ * ends its side, or the connection errors or closes). A `Connection: close`
+ * response header closes the connection once the response is written.
+ */
 export type HttpHandler = (request: Request) => Response | Promise<Response>;
 
 /**
@@ -141,6 +145,8 @@ class HttpConnection {
   #closed: Promise<void>;
   /** Resolves to CLOSED with #closed, for races. */
   #closedMarker: Promise<typeof CLOSED>;
+  /** Resolves to CLOSED once the peer is gone: ended its side, errored or closed. */
+  #goneMarker: Promise<typeof CLOSED>;
   #timer: ReturnType<typeof setTimeout> | undefined;
   /** Our side is ended; the connection closes when the peer closes or after a grace period. */
   #ending = false;
@@ -160,10 +166,20 @@ class HttpConnection {
     const { promise, resolve } = Promise.withResolvers<void>();
     this.#closed = promise;
     this.#closedMarker = promise.then((): typeof CLOSED => CLOSED);
-    this.#reader = new SocketReader(socket, () => {
-      this.#clearTimer();
-      this.#lifetime.abort(new Error("Connection closed"));
-      resolve();
+    const gone = Promise.withResolvers<typeof CLOSED>();
+    this.#goneMarker = gone.promise;
+    this.#reader = new SocketReader(socket, {
+      // A half-open socket (a TLS socket over an FdSocket) only ends when the
+      // peer goes away: handlers and response streams must hear of it then,
+      // not at the next write.
+      onGone: (reason) => {
+        this.#lifetime.abort(reason);
+        gone.resolve(CLOSED);
+      },
+      onClose: () => {
+        this.#clearTimer();
+        resolve();
+      },
     });
   }
 
@@ -432,6 +448,8 @@ class HttpConnection {
     for (const [name, value] of response.headers) {
       if (!HOP_BY_HOP.has(name)) head += `${name}: ${value}\r\n`;
     }
+    // The handler may close the connection after its answer (`Connection: close`).
+    keepAlive &&= !hasCloseToken(response.headers.get("connection"));
     head += keepAlive ? "" : "Connection: close\r\n";
     const body = response.body;
     const noBody = status === 204 || status === 304 || status < 200;
@@ -492,7 +510,7 @@ class HttpConnection {
     for (;;) {
       let result: ReadableStreamReadResult<Uint8Array> | typeof CLOSED;
       try {
-        result = await Promise.race([pending, this.#closedMarker]);
+        result = await Promise.race([pending, this.#goneMarker]);
       } catch {
         // The body stream failed mid-way: a chunked body cannot say so, so cut the connection.
         this.#socket.destroy();
@@ -500,7 +518,8 @@ class HttpConnection {
       }
       // A destroyed socket's "close" event may still be queued behind this
       // microtask loop: check the flag, or an eager stream would spin forever.
-      if (result === CLOSED || this.#socket.destroyed) {
+      // A peer that ended its side is gone too: nobody reads the rest.
+      if (result === CLOSED || this.#socket.destroyed || this.#reader.done) {
         await reader.cancel(new Error("Connection closed")).catch(() => {});
         return false;
       }
@@ -520,6 +539,12 @@ class HttpConnection {
 }
 
 const CLOSED = Symbol("closed");
+
+/** Whether a `Connection` header value holds the `close` option (RFC 9110 7.6.1). */
+function hasCloseToken(value: string | null): boolean {
+  if (value === null) return false;
+  return value.split(",").some((option) => option.trim().toLowerCase() === "close");
+}
 
 /**
  * `promise`'s result if it settles within a few microtask turns, else

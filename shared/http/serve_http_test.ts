@@ -1,9 +1,10 @@
 import assert from "node:assert/strict";
-import type * as net from "node:net";
+import type { Duplex } from "node:stream";
 import { type HttpHandler, serveHttp, type ServeHttpOptions } from "./serve_http.ts";
 import { httpRequest } from "./http_request.ts";
-import { unixSocketPair, whenClosed } from "../tls/_testing.ts";
+import { closed, fdSocketPair, unixSocketPair, whenClosed } from "../tls/_testing.ts";
 import { acceptTls, connectTls, generateKeyPair } from "../tls/mod.ts";
+import { within } from "../vsock/_testing.ts";
 
 /** Everything the peer receives, with a way to wait until a condition on it holds. */
 class Received {
@@ -11,7 +12,7 @@ class Received {
   closed = false;
   #waiters: (() => void)[] = [];
 
-  constructor(socket: net.Socket) {
+  constructor(socket: Duplex) {
     socket.setEncoding("latin1");
     socket.on("data", (chunk: string) => {
       this.text += chunk;
@@ -371,5 +372,123 @@ Deno.test("serveHttp() resolves when the peer closes during a handler that never
   s.client.write("GET /hang HTTP/1.1\r\nHost: h\r\n\r\n");
   await entered;
   s.client.destroy();
+  await s.served;
+});
+
+/** A response body that sends one event, then nothing until cancelled (an event stream). */
+function endlessEvents(onCancel: (reason: unknown) => void): ReadableStream<Uint8Array> {
+  return new ReadableStream<Uint8Array>({
+    start(controller) {
+      controller.enqueue(new TextEncoder().encode("first event\n"));
+    },
+    cancel: onCancel,
+  });
+}
+
+Deno.test("serveHttp() on a half-open socket aborts the request signal and cancels a stream as soon as the peer ends its side", async () => {
+  await using pair = await fdSocketPair(); // FdSockets stay half open: 'end' without 'close'
+  const cancelled = Promise.withResolvers<unknown>();
+  const aborted = Promise.withResolvers<unknown>();
+  const served = serveHttp(pair.server, (request) => {
+    request.signal.addEventListener("abort", () => aborted.resolve(request.signal.reason));
+    return new Response(endlessEvents(cancelled.resolve));
+  });
+  const received = new Received(pair.client);
+  pair.client.write("GET /1.0/events HTTP/1.1\r\nHost: h\r\n\r\n");
+  await received.until((text) => text.includes("first event"));
+  pair.client.end();
+  const reason = await within(aborted.promise, 5000, "the request signal to abort");
+  assert.match(String(reason), /closed by the peer/);
+  await within(cancelled.promise, 5000, "the stream to be cancelled");
+  await within(served, 5000, "serveHttp() to resolve");
+  assert.equal(pair.server.destroyed, true);
+});
+
+Deno.test("serveHttp() on a half-open socket aborts the request signal when the peer ends during the handler", async () => {
+  await using pair = await fdSocketPair();
+  const entered = Promise.withResolvers<void>();
+  const served = serveHttp(pair.server, (request) => {
+    entered.resolve();
+    return new Promise<Response>((resolve) =>
+      request.signal.addEventListener("abort", () => resolve(new Response("too late")))
+    );
+  });
+  const received = new Received(pair.client);
+  pair.client.write("GET /slow HTTP/1.1\r\nHost: h\r\n\r\n");
+  await entered.promise;
+  pair.client.end();
+  await within(served, 5000, "serveHttp() to resolve");
+  // The answer still reaches a peer that only ended its side, and says it closes.
+  const text = await received.all();
+  assert.match(text, /^HTTP\/1\.1 200 OK\r\n/);
+  assert.match(text, /\r\n\r\ntoo late$/);
+});
+
+Deno.test("serveHttp() over mutual TLS on FdSockets stops an event stream when the peer's TLS side ends", async () => {
+  const server = await generateKeyPair({ curve: "P-256" });
+  const client = await generateKeyPair({ curve: "P-256" });
+  await using pair = await fdSocketPair();
+  const cancelled = Promise.withResolvers<unknown>();
+  const aborted = Promise.withResolvers<void>();
+  const serving = acceptTls(pair.server, { ...server, pinned: client.cert }).then(({ socket }) =>
+    serveHttp(socket, (request) => {
+      request.signal.addEventListener("abort", () => aborted.resolve());
+      return new Response(endlessEvents(cancelled.resolve));
+    })
+  );
+  const secure = await connectTls(pair.client, { ...client, pinned: server.cert });
+  const response = await httpRequest(secure, new Request("http://h/1.0/events"));
+  const reader = response.body!.getReader();
+  assert.equal(new TextDecoder().decode((await reader.read()).value), "first event\n");
+  secure.end(); // close_notify and FIN; the server's TLS socket sees 'end' only
+  await within(aborted.promise, 5000, "the request signal to abort");
+  await within(cancelled.promise, 5000, "the stream to be cancelled");
+  await within(serving, 5000, "serveHttp() to resolve");
+  await reader.cancel().catch(() => {});
+  await closed(secure);
+});
+
+Deno.test("serveHttp() honours a handler's Connection: close: sends it and closes after the response", async () => {
+  let calls = 0;
+  await using s = await serving(() => {
+    calls++;
+    return new Response("bye", { headers: { connection: "close", "x-kept": "yes" } });
+  });
+  // A second request is already there: it must not be served on a closing connection.
+  s.client.write("GET /a HTTP/1.1\r\nHost: h\r\n\r\nGET /b HTTP/1.1\r\nHost: h\r\n\r\n");
+  const text = await within(s.received.all(), 5000, "the connection to close");
+  assert.equal(count(text, "HTTP/1.1 "), 1);
+  assert.equal(count(text.toLowerCase(), "connection: close\r\n"), 1);
+  assert.match(text, /x-kept: yes\r\n/);
+  assert.ok(text.endsWith("\r\n\r\nbye"));
+  assert.equal(calls, 1);
+  await s.served;
+});
+
+Deno.test("serveHttp() honours Connection: close on a streamed response, after its last chunk", async () => {
+  let push: (chunk: string | null) => void = () => {};
+  await using s = await serving(() =>
+    new Response(
+      new ReadableStream<Uint8Array>({
+        start(controller) {
+          push = (chunk) =>
+            chunk === null
+              ? controller.close()
+              : controller.enqueue(new TextEncoder().encode(chunk));
+        },
+      }),
+      { headers: { Connection: "keep-alive, Close" } },
+    )
+  );
+  s.client.write("GET /stream HTTP/1.1\r\nHost: h\r\n\r\n");
+  await s.received.until((text) => text.includes("\r\n\r\n"));
+  push("one\n");
+  await s.received.until((text) => text.includes("one\n"));
+  assert.equal(s.received.closed, false);
+  push(null);
+  const text = await within(s.received.all(), 5000, "the connection to close");
+  assert.match(text, /transfer-encoding: chunked\r\n/i);
+  assert.match(text, /connection: close\r\n/i);
+  assert.ok(text.endsWith("\r\n0\r\n\r\n"));
   await s.served;
 });
