@@ -714,7 +714,10 @@ export class Coordinator implements AsyncDisposable {
         kind,
         error: message(failure),
       });
-      const status = entry.status === "STOPPED" ? "STOPPED" : "STARTED";
+      // An agent that reached us while we were announcing (it had the address
+      // already: agent.conf, a CONNECT line) is connected whatever the PUT did.
+      const seen = entry.lastSeen !== undefined && entry.lastSeen >= startedAt;
+      const status = seen || entry.status === "STOPPED" ? entry.status : "STARTED";
       this.#setStatus(entry, status, `announce failed: ${message(failure)}`);
       // Without a status channel nothing else will prompt a retry.
       if (instance.status.kind === "none" && entry.failures < 8) {

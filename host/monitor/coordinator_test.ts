@@ -352,6 +352,39 @@ Deno.test("Coordinator records a refused announce as lastError and retries at a 
   assert.equal(coordinator.status("vm1")!.lastError, undefined);
 });
 
+Deno.test("Coordinator keeps an agent CONNECTED when it reached the host during an announce that then failed", async () => {
+  await using dir = await tempDir();
+  const ring = new FakeRingBuffer();
+  await using _qemu = new FakeQmpServer(`${dir.path}/qmp`, { rings: { vserial: ring } });
+  const vm = makeInstance("vm1", 10, {
+    kind: "qmp",
+    path: `${dir.path}/qmp`,
+    chardev: "vserial",
+    size: 16,
+  });
+  const { api, changes, coordinator, store } = setup([vm]);
+  await using _c = coordinator;
+  const release = Promise.withResolvers<void>();
+  api.gate = release.promise;
+  api.announceError = new AgentCallError("timeout", "vsock connect timed out after 3000 ms");
+  coordinator.start();
+  ring.write("STARTED\n");
+  assert.equal(await api.entered.next(), "vm1");
+  // A slow nested VM: the agent reaches us before the announce's connect gives up.
+  coordinator.agentSeen("vm1");
+  await changes.until((c) => c.state === "CONNECTED");
+  release.resolve();
+  const failed = await changes.until((c) => c.error !== undefined);
+  assert.equal(failed.state, "CONNECTED");
+  assert.match(failed.error!, /announce failed: vsock connect timed out/);
+  assert.deepEqual(changes.all.map((c) => c.state), ["STARTED", "CONNECTED", "CONNECTED"]);
+  const status = coordinator.status("vm1")!;
+  assert.equal(status.agentState, "CONNECTED");
+  assert.equal(status.pollInterval, INTERVALS.connected);
+  assert.match(status.lastError!, /announce failed/);
+  assert.equal(store.get("vm1")!.runtime.agentState, "CONNECTED");
+});
+
 Deno.test("Coordinator.start() announces to every agent last known up, with bounded concurrency", async () => {
   const vms = Array.from(
     { length: 6 },
