@@ -168,7 +168,9 @@ function rowsOf(f: Record<string, number>, fleetSize: number): Row[] {
       },
       {
         section: "4 fleet",
-        figure: `host RSS, ${n} instances and ${fmt(f.fleet_event_streams)} /1.0/events streams`,
+        figure: `host RSS, ${n} instances and ${
+          fmt(f.fleet_instances - (f.fleet_event_streams_failed ?? 0))
+        } /1.0/events streams (${fmt(f.fleet_event_streams)} host connections)`,
         value: `${fmt(f.fleet_host_rss_streams_mb, " MB", 1)}${heap("streams")}`,
         target: "≤ 80 MB",
         met: f.fleet_host_rss_streams_mb <= 80,

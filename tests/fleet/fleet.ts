@@ -50,7 +50,8 @@ export interface BenchFleetOptions {
 }
 
 type WorkerMessage =
-  | { type: "ready" | "subscribed" | "stopped" | "diverted" }
+  | { type: "ready" | "stopped" | "diverted" }
+  | { type: "subscribed"; failed: number }
   | { type: "state"; i: number; state: string; t: number }
   | { type: "event"; i: number; t: number }
   | { type: "counters"; polls: number; connects: number }
@@ -362,18 +363,25 @@ export async function benchFleet(options: BenchFleetOptions = {}): Promise<Recor
     // Event streams: one guest follower per instance (each agent then pulls from the host).
     log(`   opening ${n} /1.0/events streams …`);
     await sleep(3000);
-    await Promise.all(workers.map(async (w) => {
-      const next = w.next("subscribed", 120_000);
+    const subscribed = await Promise.all(workers.map(async (w) => {
+      const next = w.next("subscribed", 180_000);
       await w.send({ type: "subscribe" });
-      await next;
+      return await next as { failed?: number };
     }));
+    figures.fleet_event_streams_failed = subscribed.reduce((a, m) => a + (m.failed ?? 0), 0);
     let streams = 0;
     const deadline = Date.now() + 60_000;
     while (Date.now() < deadline) {
-      const status = await (await admin(stateDir, "/1.0")).json();
-      const connections = status.metadata?.connections ?? {};
-      streams = Object.values(connections as Record<string, number>).reduce((a, b) => a + b, 0);
-      if (streams >= n) break;
+      try {
+        const status = await (await admin(stateDir, "/1.0")).json();
+        const connections = status.metadata?.connections ?? {};
+        streams = Object.values(connections as Record<string, number>).reduce((a, b) => a + b, 0);
+        if (streams >= n) break;
+      } catch (error) {
+        // A host too busy to answer in 30 s: noted, and asked again.
+        log(`   admin GET /1.0: ${(error as Error).message}`);
+        figures.fleet_admin_timeouts = (figures.fleet_admin_timeouts ?? 0) + 1;
+      }
       await sleep(500);
     }
     figures.fleet_event_streams = streams;

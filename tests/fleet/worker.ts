@@ -148,6 +148,39 @@ async function main(): Promise<void> {
     });
     sims.push({ agent, qmp, serial });
   }
+  /** One guest process following `/1.0/events` on instance `i`'s devlxd socket. */
+  const follow = async (sim: Sim, i: number): Promise<void> => {
+    const socket = await connectUnix(fleetPaths(dir, stateDir, i).devlxd, {
+      timeout: 10_000,
+    });
+    let response: Response;
+    try {
+      response = await httpRequest(socket, new Request("http://lxd/1.0/events"), {
+        timeout: 30_000,
+      });
+    } catch (error) {
+      socket.destroy();
+      throw error;
+    }
+    if (response.status !== 200 || response.body === null) {
+      socket.destroy();
+      throw new Error(`events on instance ${i}: ${response.status}`);
+    }
+    sim.follower = { socket };
+    (async () => {
+      const decoder = new TextDecoder();
+      try {
+        for await (const part of response.body!) {
+          if (decoder.decode(part as Uint8Array | Buffer).includes("user.bench")) {
+            send({ type: "event", i, t: now() });
+          }
+        }
+      } catch {
+        // stream ended
+      }
+    })();
+  };
+
   // Start in small batches: a VM fleet does not boot in one instant either.
   for (let k = 0; k < sims.length; k += 10) {
     await Promise.all(sims.slice(k, k + 10).map((s) => s.agent.start()));
@@ -163,32 +196,17 @@ async function main(): Promise<void> {
       const command = JSON.parse(buffer.slice(0, nl));
       buffer = buffer.slice(nl + 1);
       if (command.type === "subscribe") {
+        let failed = 0;
         await Promise.all(sims.map(async (sim, k) => {
           const i = first + k;
-          const socket = await connectUnix(fleetPaths(dir, stateDir, i).devlxd, {
-            timeout: 10_000,
-          });
-          const response = await httpRequest(socket, new Request("http://lxd/1.0/events"), {
-            timeout: 30_000,
-          });
-          if (response.status !== 200 || response.body === null) {
-            throw new Error(`events on instance ${i}: ${response.status}`);
+          try {
+            await follow(sim, i);
+          } catch (error) {
+            failed++;
+            send({ type: "error", error: `events on instance ${i}: ${(error as Error).message}` });
           }
-          sim.follower = { socket };
-          (async () => {
-            const decoder = new TextDecoder();
-            try {
-              for await (const part of response.body!) {
-                if (decoder.decode(part as Uint8Array | Buffer).includes("user.bench")) {
-                  send({ type: "event", i, t: now() });
-                }
-              }
-            } catch {
-              // stream ended
-            }
-          })();
         }));
-        send({ type: "subscribed" });
+        send({ type: "subscribed", failed });
       } else if (command.type === "divert") {
         divert = command.on === true;
         send({ type: "diverted" });
