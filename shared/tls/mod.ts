@@ -9,5 +9,6 @@
  */
 
 export * from "./certificate.ts";
+export * from "./context_cache.ts";
 export * from "./key_pair.ts";
 export * from "./mutual_tls.ts";

@@ -26,6 +26,7 @@ import {
   certificateValidity,
   sameCertificate,
 } from "./certificate.ts";
+import { SecureContextCache, type SecureContextCacheStats } from "./context_cache.ts";
 
 /** Why a peer's certificate was refused. */
 export type CertificateErrorCode = "NO_CERTIFICATE" | "EXPIRED" | "NOT_YET_VALID" | "NOT_PINNED";
@@ -103,23 +104,17 @@ function pin(pem: string): Pin {
 
 // Building a SecureContext validates and re-encodes the key in JavaScript: reusing one
 // per (cert, key) halves the CPU of a handshake (tests/bench/tls.ts). One cache per
-// role, so that a context never serves both ends.
-const CONTEXT_CACHE_LIMIT = 256;
-const serverContexts = new Map<string, { key: string; context: tls.SecureContext }>();
-const clientContexts = new Map<string, { key: string; context: tls.SecureContext }>();
+// role, so that a context never serves both ends; each holds a whole fleet (one
+// client identity per instance on the host) and evicts the least recently used.
+const serverContexts = new SecureContextCache();
+const clientContexts = new SecureContextCache();
 
-function secureContext(
-  cache: Map<string, { key: string; context: tls.SecureContext }>,
-  cert: string,
-  key: string,
-): tls.SecureContext {
-  const cached = cache.get(cert);
-  if (cached !== undefined && cached.key === key) return cached.context;
-  // minVersion must live in the context: Deno reads the protocol range from it.
-  const context = tls.createSecureContext({ cert, key, minVersion: "TLSv1.3" });
-  if (cache.size >= CONTEXT_CACHE_LIMIT) cache.clear();
-  cache.set(cert, { key, context });
-  return context;
+/** Counters of the server-side and client-side `SecureContext` caches. */
+export function secureContextCacheStats(): {
+  server: SecureContextCacheStats;
+  client: SecureContextCacheStats;
+} {
+  return { server: serverContexts.stats(), client: clientContexts.stats() };
 }
 
 /**
@@ -139,7 +134,7 @@ export function acceptTls(
     if (options.pinned !== undefined) {
       pins = (Array.isArray(options.pinned) ? options.pinned : [options.pinned]).map(pin);
     }
-    context = secureContext(serverContexts, options.cert, options.key);
+    context = serverContexts.get(options.cert, options.key);
   } catch (error) {
     socket.destroy();
     return Promise.reject(error);
@@ -179,7 +174,7 @@ export function connectTls(socket: Duplex, options: ConnectTlsOptions): Promise<
   let context: tls.SecureContext;
   try {
     expected = pin(options.pinned);
-    context = secureContext(clientContexts, options.cert, options.key);
+    context = clientContexts.get(options.cert, options.key);
   } catch (error) {
     socket.destroy();
     return Promise.reject(error);
