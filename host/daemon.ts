@@ -11,11 +11,11 @@
  * @module
  */
 
-import "reflect-metadata";
 import { join } from "node:path";
 import type { DevlxdEvent } from "../shared/api.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
-import { generateKeyPair, readKeyPair, writeKeyPair } from "../shared/tls/mod.ts";
+import { certificateDer, certificateFingerprint } from "../shared/tls/certificate.ts";
+import { generateKeyPair, readKeyPair, writeKeyPair } from "../shared/tls/key_pair.ts";
 import {
   connectHybrid,
   connectVsock,
@@ -29,7 +29,7 @@ import {
 import { AGENT_API_PORT } from "../shared/api.ts";
 import { createAdminApp, type DaemonStatus } from "./admin_app.ts";
 import { VERSION } from "./cli.ts";
-import { agentConf, readConfigDrive, writeFileAtomic } from "./config_drive.ts";
+import { agentConf, writeFileAtomic } from "./config_drive.ts";
 import { createDevlxdApp } from "./devlxd_app.ts";
 import { EventHub, type LifecycleEvent } from "./event_hub.ts";
 import type { Instance } from "./instance.ts";
@@ -89,6 +89,9 @@ export interface DaemonOptions {
   logger?: Logger;
 }
 
+/** Registry meta key: "<port> <server cert fingerprint>" the config drives were last refreshed for. */
+const CONFIG_DRIVES_META = "config_drives";
+
 function randomPort(): number {
   return RANDOM_PORT_MIN + Math.floor(Math.random() * (RANDOM_PORT_MAX - RANDOM_PORT_MIN + 1));
 }
@@ -109,6 +112,11 @@ export class Daemon {
   /** The host server certificate (PEM), what agents pin. */
   readonly serverCert: string;
   readonly startedAt = new Date();
+  /**
+   * Settles once every default-location config drive's `agent.conf` names this
+   * daemon's port and certificate (started after the "listening" line; never rejects).
+   */
+  configDrivesRefreshed: Promise<void> = Promise.resolve();
   #server: DevlxdServer;
   #coordinator: Coordinator | undefined;
   #hybrid = new Map<string, { path: string; listener: Listener }>();
@@ -291,9 +299,7 @@ export class Daemon {
         hooks.add((name) => coordinator.agentSeen(name));
       }
       daemon.#unsubscribe = () => unsubscribes.forEach((u) => u());
-      await daemon.#refreshConfigDrives();
       await daemon.#serveAdmin();
-      coordinator?.start();
       logger.info("listening", {
         transport,
         cid: cid ?? undefined,
@@ -302,6 +308,11 @@ export class Daemon {
         stateDir: paths.dir,
         admin: paths.adminSocket,
       });
+      // Neither needs to precede the line: agents can connect already (the
+      // listeners are open), `instance add` writes a current drive itself, and
+      // an agent whose drive is stale learns the port from the announce.
+      daemon.configDrivesRefreshed = daemon.#refreshConfigDrives();
+      coordinator?.start();
       return daemon;
     } catch (error) {
       vsock?.close();
@@ -347,20 +358,42 @@ export class Daemon {
     this.#server.unserve(entry.listener).catch(() => {});
   }
 
-  /** Rewrites `agent.conf` in default-location config drives whose port or certificate is stale. */
+  /**
+   * Rewrites `agent.conf` in default-location config drives whose port or
+   * certificate is stale, 8 at a time. Skipped when the registry's meta says
+   * the drives were last brought up to date for this port and certificate (a
+   * restart on the same port); recorded there once every drive is done.
+   */
   async #refreshConfigDrives(): Promise<void> {
+    const stamp = `${this.port} ${certificateFingerprint(certificateDer(this.serverCert))}`;
+    if (this.registry.getMeta(CONFIG_DRIVES_META) === stamp) return;
     const wanted = agentConf(this.serverCert, this.port);
-    for (const instance of this.registry.list()) {
-      const dir = defaultConfigDrive(this.paths, instance.name);
-      try {
-        const drive = await readConfigDrive(dir);
-        if (drive.info.port === wanted.port && drive.info.certificate === wanted.certificate) {
-          continue;
+    const text = JSON.stringify(wanted) + "\n";
+    const pending = this.registry.list();
+    let rewritten = 0;
+    const worker = async () => {
+      for (let instance = pending.pop(); instance; instance = pending.pop()) {
+        if (this.#closing) return;
+        const dir = defaultConfigDrive(this.paths, instance.name);
+        try {
+          const info = JSON.parse(await Deno.readTextFile(join(dir, "agent.conf")));
+          if (info?.port === wanted.port && info?.certificate === wanted.certificate) continue;
+          await writeFileAtomic(join(dir, "agent.conf"), text);
+          rewritten++;
+        } catch {
+          // Not there (custom location), unreadable or removed meanwhile: the announce covers it.
         }
-        await writeFileAtomic(join(dir, "agent.conf"), JSON.stringify(wanted) + "\n");
-      } catch {
-        // Not there (custom location) or unreadable: the announce covers it.
       }
+    };
+    try {
+      await Promise.all(Array.from({ length: 8 }, worker));
+      if (this.#closing) return;
+      this.registry.setMeta(CONFIG_DRIVES_META, stamp);
+      if (rewritten > 0) {
+        this.#logger.info("config drives refreshed", { rewritten, port: this.port });
+      }
+    } catch (error) {
+      this.#logger.error("cannot refresh config drives", { error });
     }
   }
 
@@ -415,6 +448,7 @@ export class Daemon {
     this.#closing ??= (async () => {
       this.#logger.info("shutting down", { open: Object.values(this.#server.connections).length });
       this.#unsubscribe();
+      await this.configDrivesRefreshed;
       await this.#coordinator?.close();
       this.#hybrid.clear();
       this.events.close();

@@ -7,7 +7,6 @@
  * @module
  */
 
-import "reflect-metadata";
 import { createLogger } from "../shared/log.ts";
 import { type Command, parseConfig, PROGRAM, UsageError, VERSION } from "./cli.ts";
 import { CommandError, runCommand } from "./commands.ts";
