@@ -14,7 +14,7 @@
 import type { Duplex } from "node:stream";
 import type { ConnectionInfo } from "../shared/api.ts";
 import { httpRequest } from "../shared/http/mod.ts";
-import { CertificateError, connectTls } from "../shared/tls/mod.ts";
+import { CertificateError, connectTls } from "../shared/tls/mutual_tls.ts";
 import { SocketError, type Transport } from "../shared/vsock/mod.ts";
 import { HostUnreachableError, type UnreachableReason } from "./host_fetch.ts";
 

@@ -18,7 +18,7 @@ import type { Duplex } from "node:stream";
 import type { ConnectionInfo, DevlxdEvent } from "../../shared/api.ts";
 import type { Instance } from "../instance.ts";
 import { httpRequest } from "../../shared/http/mod.ts";
-import { connectTls } from "../../shared/tls/mod.ts";
+import { connectTls } from "../../shared/tls/mutual_tls.ts";
 
 /** What is needed to talk to one agent: its pinned cert and our client identity. */
 export type AgentTarget = Pick<Instance, "name" | "agentCert" | "clientCert" | "clientKey">;
