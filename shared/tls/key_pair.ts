@@ -46,7 +46,7 @@ export interface GenerateKeyPairOptions {
   days?: number;
   /**
    * ECDSA curve; the signature hash follows it (SHA-384 for P-384, SHA-256 for P-256).
-   * @default "P-384" (as LXD)
+   * @default "P-384" (as LXD; the host daemon asks for P-256, a cheaper handshake)
    */
   curve?: "P-256" | "P-384";
   /**
