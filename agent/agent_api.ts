@@ -125,7 +125,9 @@ export function createAgentApi(options: AgentApiOptions): Hono {
     } catch (error) {
       throw new ApiError(500, `Failed connecting to the host: ${(error as Error).message}`);
     }
-    return syncResponse({});
+    // LXD answers {}; the pid spares the host a GET /1.0 (a third TLS connection)
+    // to learn which agent process it announced to.
+    return syncResponse({ environment: { server_pid: options.status().pid } });
   });
 
   app.post("/1.0/events", async (c) => {

@@ -49,7 +49,9 @@ Deno.test("agent API PUT /1.0 applies valid connection info and answers 200", as
   const info = { cid: 2, port: 51000, certificate: hostPair.cert, devlxd: true };
   const res = await app.request("/1.0", put(info));
   assert.equal(res.status, 200);
-  assert.equal((await res.json()).type, "sync");
+  const body = await res.json();
+  assert.equal(body.type, "sync");
+  assert.equal(body.metadata.environment.server_pid, Deno.pid);
   assert.deepEqual(applied, [info]);
 });
 

@@ -76,6 +76,11 @@ export interface AnnounceOptions extends AgentCallOptions {
 export interface AnnounceResult {
   /** Attempts made (1 when the first one succeeded). */
   attempts: number;
+  /**
+   * The agent's pid when its answer carries `environment.server_pid` (our
+   * agent; a stock lxd-agent answers `{}`).
+   */
+  pid?: number;
 }
 
 const REFUSED = new Set(["ECONNREFUSED", "ConnectionRefused"]);
@@ -280,8 +285,9 @@ export async function announce(
         { method: "PUT", path: "/1.0", body: info },
         options,
       );
-      await expectOk(target, "PUT /1.0", response);
-      return { attempts: attempt };
+      const metadata = await expectOk(target, "PUT /1.0", response);
+      const pid = serverPid(metadata);
+      return pid === undefined ? { attempts: attempt } : { attempts: attempt, pid };
     } catch (error) {
       if (!(error instanceof AgentCallError) || !error.retryable || attempt >= attempts) {
         throw error;
@@ -327,16 +333,18 @@ export async function probeAgent(
   const response = await callAgent(target, { method: "GET", path: "/1.0" }, options);
   const metadata = await expectOk(target, "GET /1.0", response);
   const m = (metadata ?? {}) as Record<string, unknown>;
-  const env = (m.environment ?? {}) as Record<string, unknown>;
   const conn = ("connection" in m ? m.connection : m.host) as Record<string, unknown> | null;
   let connection: AgentProbe["connection"];
   if (conn === null) connection = null;
   else if (typeof conn?.cid === "number" && typeof conn.port === "number") {
     connection = { cid: conn.cid, port: conn.port };
   }
-  return {
-    pid: typeof env.server_pid === "number" && env.server_pid > 0 ? env.server_pid : undefined,
-    connection,
-    metadata,
-  };
+  return { pid: serverPid(metadata), connection, metadata };
+}
+
+/** `environment.server_pid` of an agent's answer, when it is a positive number. */
+function serverPid(metadata: unknown): number | undefined {
+  const m = (metadata ?? {}) as Record<string, unknown>;
+  const env = (m.environment ?? {}) as Record<string, unknown>;
+  return typeof env.server_pid === "number" && env.server_pid > 0 ? env.server_pid : undefined;
 }

@@ -85,7 +85,12 @@ export interface CoordinatorIntervals {
 
 /** The three calls to an agent API, replaceable (tests, other transports). */
 export interface AgentApi {
-  announce(instance: Instance, info: ConnectionInfo, signal: AbortSignal): Promise<void>;
+  /** Resolves to the agent's pid when its answer tells it (else the coordinator probes). */
+  announce(
+    instance: Instance,
+    info: ConnectionInfo,
+    signal: AbortSignal,
+  ): Promise<{ pid?: number } | void>;
   pushEvent(instance: Instance, event: DevlxdEvent, signal: AbortSignal): Promise<void>;
   probe(instance: Instance, signal: AbortSignal): Promise<AgentProbe>;
 }
@@ -274,7 +279,8 @@ export class Coordinator implements AsyncDisposable {
     });
     return {
       announce: async (instance, info, signal) => {
-        await announce(instance, info, call(instance, signal));
+        const { pid } = await announce(instance, info, call(instance, signal));
+        return { pid };
       },
       pushEvent: (instance, event, signal) => pushEvent(instance, event, call(instance, signal)),
       probe: (instance, signal) => probeAgent(instance, call(instance, signal)),
@@ -676,8 +682,9 @@ export class Coordinator implements AsyncDisposable {
         devlxd: devlxdEnabled(instance),
       };
       let failure: unknown;
+      let announcedPid: number | undefined;
       try {
-        await this.#api.announce(instance, info, this.#abort.signal);
+        announcedPid = (await this.#api.announce(instance, info, this.#abort.signal))?.pid;
       } catch (error) {
         failure = error;
       }
@@ -697,7 +704,10 @@ export class Coordinator implements AsyncDisposable {
         entry.nextAnnounceAt = now +
           Math.min(this.#intervals.waiting * 2 ** entry.unanswered, this.#intervals.connected);
         this.#setStatus(entry, seen ? "CONNECTED" : "CONNECT sent", error);
-        if (failure === undefined) await this.#recordAgentPid(entry, generation);
+        // Our agent's answer carries its pid; only a stock agent's ({}) needs a
+        // GET /1.0, a third TLS connection per announce.
+        if (failure === undefined && announcedPid !== undefined) entry.agentPid = announcedPid;
+        else if (failure === undefined) await this.#recordAgentPid(entry, generation);
         this.#logger.info("announced", { instance: instance.name, reason, port });
         return;
       }

@@ -76,7 +76,10 @@ class FakeApi implements AgentApi {
   maxInFlight = 0;
   gate: Promise<void> | undefined;
 
-  async announce(instance: Instance, info: ConnectionInfo): Promise<void> {
+  /** Whether the PUT answer carries the agent's pid (our agent), sparing the probe. */
+  pidInAnnounce = false;
+
+  async announce(instance: Instance, info: ConnectionInfo): Promise<{ pid?: number } | void> {
     this.inFlight++;
     this.entered.push(instance.name);
     this.maxInFlight = Math.max(this.maxInFlight, this.inFlight);
@@ -85,6 +88,7 @@ class FakeApi implements AgentApi {
       if (this.announceError) throw this.announceError;
       if (this.validates) this.coordinator.agentSeen(instance.name);
       this.announces.push({ name: instance.name, info });
+      if (this.pidInAnnounce) return { pid: this.pids.get(instance.name) ?? 100 };
     } finally {
       this.inFlight--;
     }
@@ -216,6 +220,37 @@ Deno.test("Coordinator re-announces an agent that restarted without STOPPED at t
   const readsToNotice = qemu.commands.filter((c) => c === "ringbuf-read").length - readsAtCrash;
   assert.ok(readsToNotice <= 2, `noticed after ${readsToNotice} slow polls`);
   assert.equal(coordinator.status("vm1")!.agentState, "CONNECTED");
+});
+
+Deno.test("Coordinator takes the pid from an announce answer that carries it, without a probe, and still spots a restart", async () => {
+  await using dir = await tempDir();
+  const ring = new FakeRingBuffer();
+  await using qemu = new FakeQmpServer(`${dir.path}/qmp`, { rings: { vserial: ring } });
+  const vm = makeInstance("vm1", 10, {
+    kind: "qmp",
+    path: `${dir.path}/qmp`,
+    chardev: "vserial",
+    size: 16,
+  });
+  const { api, changes, coordinator } = setup([vm]);
+  await using _c = coordinator;
+  api.pidInAnnounce = true;
+  coordinator.start();
+  ring.write("STARTED\n");
+  await changes.until((c) => c.state === "CONNECTED");
+  await api.announces.next();
+  assert.equal(api.probes, 0, "no GET /1.0 after the announce");
+  api.pids.set("vm1", 200); // restarted without STOPPED
+  const readsAtCrash = qemu.commands.filter((c) => c === "ringbuf-read").length;
+  const rewrite = setInterval(() => ring.write("STARTED\n"), 5);
+  try {
+    await api.announces.next();
+  } finally {
+    clearInterval(rewrite);
+  }
+  const readsToNotice = qemu.commands.filter((c) => c === "ringbuf-read").length - readsAtCrash;
+  assert.ok(readsToNotice <= 2, `noticed after ${readsToNotice} slow polls`);
+  assert.ok(api.probes >= 1, "the stale check asked the agent");
 });
 
 Deno.test("Coordinator re-announces a connected agent whose GET /1.0 shows another host port", async () => {
