@@ -9,8 +9,10 @@
  *   `CONNECT <cid>:<port>` line) is stored, validated by one request to the
  *   host, and the guest's Ready flag is re-sent after it;
  * - while CONNECTED, a plain transport connect to the host port every
- *   `probeInterval` (3 s) notices a host that went away (back to STARTED, so a
- *   restarted host on a new port re-announces itself);
+ *   `probeInterval` (by default with each rewrite, 5 s) notices a host that
+ *   went away (back to STARTED, so a restarted host on a new port
+ *   re-announces itself; 5 s + the 2 s bound on the connect stays within a
+ *   restarted LXD's 10 s poll);
  * - any request that reaches the host makes the agent CONNECTED, any that
  *   cannot makes it STARTED.
  *
@@ -49,7 +51,11 @@ export interface AgentOptions {
   devlxdMode?: number;
   /** @default {5000} */
   rewriteInterval?: number;
-  /** @default {3000} */
+  /**
+   * Period of the host liveness probe while CONNECTED, in ms; keep it plus
+   * 2 s under 10 s (a restarted LXD's poll).
+   * @default {rewriteInterval}
+   */
   probeInterval?: number;
   /**
    * Bound on each dial to the host, in ms.
@@ -148,8 +154,18 @@ export class Agent {
     this.#logger.info("agent API listening", { port: options.agentPort });
     this.#acceptLoop = this.#accept(this.#listener);
 
-    this.#timers.push(setInterval(() => this.#rewrite(), options.rewriteInterval ?? 5000));
-    this.#timers.push(setInterval(() => this.#probe(), options.probeInterval ?? 3000));
+    const rewriteInterval = options.rewriteInterval ?? 5000;
+    const probeInterval = options.probeInterval ?? rewriteInterval;
+    if (probeInterval === rewriteInterval) {
+      // One timer: the probe rides on the periodic rewrite.
+      this.#timers.push(setInterval(() => {
+        this.#probe();
+        this.#rewrite();
+      }, rewriteInterval));
+    } else {
+      this.#timers.push(setInterval(() => this.#rewrite(), rewriteInterval));
+      this.#timers.push(setInterval(() => this.#probe(), probeInterval));
+    }
 
     const pending = options.identity.pendingHost;
     if (options.identity.connection === undefined && pending !== undefined) {

@@ -212,6 +212,10 @@ export class DevlxdServer {
   ): Promise<void> {
     const o = this.#options;
     const raw = connection.socket;
+    // A connection that ends before sending a byte (an agent's liveness probe:
+    // a plain connect every few seconds) costs an accept and a close, not a TLS
+    // socket set up and torn down.
+    if (!await firstBytes(raw, o.handshakeTimeout ?? 5000, this.#shutdown.signal)) return;
     // A peer that sends anything but a TLS 1.3 ClientHello is refused by the
     // handshake itself (acceptTls rejects; the connection is destroyed).
     const { socket: tls, peer } = await acceptTls(raw, {
@@ -349,4 +353,32 @@ export class DevlxdServer {
   async [Symbol.asyncDispose](): Promise<void> {
     await this.close();
   }
+}
+
+/**
+ * Resolves true once `socket` holds bytes to read (left buffered for the TLS
+ * handshake), false when it ends, closes or fails before any, after `timeout`
+ * ms, or on abort.
+ */
+function firstBytes(socket: Duplex, timeout: number, signal: AbortSignal): Promise<boolean> {
+  if (socket.readableLength > 0) return Promise.resolve(true);
+  if (socket.destroyed || socket.readableEnded || signal.aborted) return Promise.resolve(false);
+  return new Promise((resolve) => {
+    const done = (value: boolean) => {
+      clearTimeout(timer);
+      socket.off("readable", onReadable);
+      socket.off("close", onEnd);
+      socket.off("error", onEnd);
+      signal.removeEventListener("abort", onEnd);
+      resolve(value);
+    };
+    // "readable" with nothing buffered is the end of the stream.
+    const onReadable = () => done(socket.readableLength > 0);
+    const onEnd = () => done(false);
+    const timer = setTimeout(onEnd, timeout);
+    socket.on("readable", onReadable);
+    socket.once("close", onEnd);
+    socket.once("error", onEnd);
+    signal.addEventListener("abort", onEnd, { once: true });
+  });
 }

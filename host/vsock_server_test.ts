@@ -3,6 +3,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import type { Duplex } from "node:stream";
 import { httpRequest, syncResponse } from "../shared/http/mod.ts";
+import { createLogger } from "../shared/log.ts";
 import { connectTls, generateKeyPair, type KeyPair } from "../shared/tls/mod.ts";
 import { connectUnix, listenUnix } from "../shared/vsock/mod.ts";
 import type { Instance } from "./instance.ts";
@@ -158,4 +159,21 @@ Deno.test("DevlxdServer refuses connections over the per-instance cap at accept"
   await closed(raw);
   assert.deepEqual(t.server.connections, { "hybrid:vm1": 1 });
   assert.ok(!first.destroyed);
+});
+
+Deno.test("DevlxdServer closes a connection that ends before sending a byte without starting TLS, and goes on serving", async () => {
+  const lines: string[] = [];
+  await using t = await fixture({
+    logger: createLogger({ level: "debug", write: (line) => lines.push(line) }),
+  });
+  for (let i = 0; i < 3; i++) {
+    const probe = await connectUnix(t.path); // an agent's liveness probe
+    probe.end();
+    await closed(probe);
+  }
+  using c = await t.connect();
+  const response = await httpRequest(c, new Request("http://devlxd/1.0"));
+  assert.equal(response.status, 200);
+  await response.body?.cancel();
+  assert.deepEqual(lines.filter((line) => /TLS|ended with an error/.test(line)), []);
 });
