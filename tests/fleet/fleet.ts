@@ -27,9 +27,8 @@ import "reflect-metadata";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { httpRequest } from "../../shared/http/mod.ts";
-import { generateKeyPair } from "../../shared/tls/mod.ts";
 import { connectUnix } from "../../shared/vsock/mod.ts";
-import { ensureServerCertificate } from "../../host/daemon.ts";
+import { ensureServerCertificate, generateInstanceKeyPair } from "../../host/daemon.ts";
 import { InstanceService, type KeyPair } from "../../host/instance_service.ts";
 import { Registry } from "../../host/registry.ts";
 import { prepareStateDir } from "../../host/state_dir.ts";
@@ -116,14 +115,18 @@ class Worker implements AsyncDisposable {
   }
 }
 
-/** Key pairs generated ahead, `parallel` at a time (webcrypto runs off the main thread). */
+/**
+ * Key pairs generated ahead with the host's own generator
+ * (`generateInstanceKeyPair`), `parallel` at a time (webcrypto runs off the
+ * main thread).
+ */
 async function keyPool(count: number, parallel = 32): Promise<KeyPair[]> {
   const pool: KeyPair[] = [];
   for (let k = 0; k < count; k += parallel) {
     const batch = await Promise.all(
       Array.from(
         { length: Math.min(parallel, count - k) },
-        (_, j) => generateKeyPair({ commonName: `pool-${k + j}`, curve: "P-384", days: 3650 }),
+        (_, j) => generateInstanceKeyPair({ commonName: `pool-${k + j}` }),
       ),
     );
     pool.push(...batch);
