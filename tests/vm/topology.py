@@ -432,20 +432,20 @@ class Run:
         env_crash = False
         if rc != 0:
             segv = [l for l in stopped.get("dmesg", []) if "segfault" in l]
-            print(f"{self.label} exited {rc} on SIGTERM; L2 kernel: {segv or stopped.get('dmesg')}",
-                  flush=True)
+            self.step(f"{self.label} exited {rc} on SIGTERM; L2 kernel: "
+                      f"{segv or stopped.get('dmesg')}")
             if rc == -signal.SIGSEGV and self.kind == "ours":
                 probe = self.control.call("deno_sigterm_probe", check=self.check)
                 env_crash = probe["ready"] == "ready" and probe["rc"] == -signal.SIGSEGV
-                print(f"bare `deno eval` with a SIGTERM listener in this L2: exit {probe['rc']}; "
-                      f"L2 kernel: {probe['dmesg']}", flush=True)
+                self.step(f"bare `deno eval` with a SIGTERM listener in this L2: exit "
+                          f"{probe['rc']}; L2 kernel: {probe['dmesg']}")
             self.expect(env_crash, f"the agent exited {rc} on SIGTERM")
             # Deno itself, not the agent, dies on SIGTERM here: the agent's STOPPED line cannot
             # be checked in this VM; the host's STOPPED is checked when the VM powers off.
-            print("ENVIRONMENT: Deno 2.9.6 segfaults on SIGTERM in L2 (nested KVM inside TCG) "
-                  "whatever the script: the agent's STOPPED-on-SIGTERM is NOT checked here "
-                  "(in L1 the agent exits 0 on SIGTERM: tests/agent_vsock_test.ts); host STOPPED checked at power-off",
-                  flush=True)
+            self.tell("ENVIRONMENT: any Deno 2.9.6 process segfaults on SIGTERM in L2 (nested KVM "
+                      "inside TCG; a bare `deno eval` does too): the agent's STOPPED-on-SIGTERM is "
+                      "NOT checked here (in L1 the agent exits 0 on SIGTERM: "
+                      "tests/agent_vsock_test.ts); the host's STOPPED is checked at power-off")
         else:
             self.daemon.wait("agent state", {"instance": NAME, "state": "STOPPED"},
                              "STOPPED from the agent", start=n, timeout=60)
