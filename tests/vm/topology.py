@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""topology.py [--narrate] [--bench N] ours|stock...: the full topology, run inside L1.
+"""topology.py [--narrate] [--bench N] ours|stock: the full topology, run inside L1 (fresh).
 
 L1 runs QEMU and `lxd-vsock-host daemon` (deno run --no-check -P=host host/main.ts, started
 once L2's agent is set up, so the agent learns the host's port only from the announce); L2
@@ -511,7 +511,9 @@ def main(argv: list[str]) -> int:
         else:
             print(__doc__, file=sys.stderr)
             return 2
-    if not kinds:
+    if len(kinds) != 1:
+        # One topology per L1: a second L2 (same CID 3, same control port) in the same L1
+        # never reached the control port in a trial run (not investigated).
         print(__doc__, file=sys.stderr)
         return 2
     uptime = float(open("/proc/uptime").read().split()[0])
@@ -533,9 +535,6 @@ def main(argv: list[str]) -> int:
             results[kind] = None
         finally:
             r.cleanup()
-    if not narrate and all(results.get(k) for k in ("ours", "stock")):
-        ours, stock = results["ours"]["get_1.0_p50_ms"], results["stock"]["get_1.0_p50_ms"]
-        print(f"figure: p50 GET /1.0 ours/stock = {ours / stock:.2f}", flush=True)
     return 0 if all(results.values()) else 1
 
 
