@@ -14,6 +14,7 @@ import { acceptTls } from "../shared/tls/mod.ts";
 import { listenHybridMux } from "../shared/vsock/mod.ts";
 import { readConfigDrive } from "../host/config_drive.ts";
 import {
+  addHybridInstance,
   agentIdentity,
   agentRequest,
   bounded,
@@ -24,22 +25,9 @@ import {
 
 Deno.test("a STARTED line makes the daemon announce itself with PUT /1.0; the agent's request marks it CONNECTED", async () => {
   await using dir = await tempDir("host-announce-");
-  const hybrid = join(dir.path, "vm1.vsock");
   const statusFile = join(dir.path, "vm1.status");
   await Deno.writeTextFile(statusFile, "");
-  await cliOk([
-    "instance",
-    "add",
-    "vm1",
-    "--cid",
-    "10",
-    "--hybrid",
-    hybrid,
-    "--status-file",
-    statusFile,
-    "--state-dir",
-    dir.path,
-  ]);
+  const hybrid = await addHybridInstance(dir.path, ["--status-file", statusFile]);
   const drive = await readConfigDrive(join(dir.path, "instances", "vm1", "config"));
 
   // The agent API of the VM, as the VMM exposes it: <uds_path> + CONNECT 8443.

@@ -9,10 +9,15 @@
  */
 
 import "reflect-metadata";
-import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { httpRequest } from "../shared/http/mod.ts";
-import { agentConnection, agentIdentity, cliOk, DaemonProcess, tempDir } from "./host_harness.ts";
+import {
+  addHybridInstance,
+  agentConnection,
+  agentIdentity,
+  DaemonProcess,
+  tempDir,
+} from "./host_harness.ts";
 
 const { values } = parseArgs({
   args: Deno.args,
@@ -31,20 +36,7 @@ function report(label: string, latencies: number[], elapsed: number): void {
 }
 
 await using dir = await tempDir("host-bench-");
-const hybrid = join(dir.path, "vm1.vsock");
-await cliOk([
-  "instance",
-  "add",
-  "vm1",
-  "--cid",
-  "10",
-  "--hybrid",
-  hybrid,
-  "-c",
-  "user.foo=bar",
-  "--state-dir",
-  dir.path,
-]);
+const hybrid = await addHybridInstance(dir.path, ["-c", "user.foo=bar"]);
 await using daemon = await DaemonProcess.start(dir.path, ["--log-level", "info", "--no-monitor"]);
 const id = await agentIdentity(dir.path, "vm1");
 const request = () => new Request("http://devlxd/1.0/config/user.foo");

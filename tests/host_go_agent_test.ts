@@ -7,7 +7,7 @@
 
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { cliOk, DaemonProcess, tempDir } from "./host_harness.ts";
+import { addHybridInstance, DaemonProcess, tempDir } from "./host_harness.ts";
 
 const hasGo = await new Deno.Command("go", { args: ["version"], stdout: "null", stderr: "null" })
   .output().then((output) => output.success, () => false);
@@ -25,20 +25,7 @@ Deno.test({
     stderr: "piped",
   }).output();
   assert.ok(build.success, new TextDecoder().decode(build.stderr));
-  const hybrid = join(dir.path, "vm1.vsock");
-  await cliOk([
-    "instance",
-    "add",
-    "vm1",
-    "--cid",
-    "10",
-    "--hybrid",
-    hybrid,
-    "-c",
-    "user.foo=bar",
-    "--state-dir",
-    dir.path,
-  ]);
+  const hybrid = await addHybridInstance(dir.path, ["-c", "user.foo=bar"]);
   await using daemon = await DaemonProcess.start(dir.path);
   const output = await new Deno.Command(binary, {
     args: [

@@ -48,6 +48,27 @@ export async function cliOk(args: string[]): Promise<string> {
   return r.stdout;
 }
 
+/**
+ * Registers instance `vm1` (CID 10) on the hybrid path `<stateDir>/vm1.vsock`
+ * with `lxd-vsock-host instance add`, adding `args`; returns the hybrid path.
+ */
+export async function addHybridInstance(stateDir: string, args: string[] = []): Promise<string> {
+  const hybrid = join(stateDir, "vm1.vsock");
+  await cliOk([
+    "instance",
+    "add",
+    "vm1",
+    "--cid",
+    "10",
+    "--hybrid",
+    hybrid,
+    ...args,
+    "--state-dir",
+    stateDir,
+  ]);
+  return hybrid;
+}
+
 /** Rejects `promise` after `ms` with a message naming what was awaited. */
 export function bounded<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
   let timer: ReturnType<typeof setTimeout> | undefined;

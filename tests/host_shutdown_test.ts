@@ -7,10 +7,10 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { httpRequest } from "../shared/http/mod.ts";
 import {
+  addHybridInstance,
   agentConnection,
   agentIdentity,
   bounded,
-  cliOk,
   connectHybridListener,
   DaemonProcess,
   tempDir,
@@ -18,20 +18,7 @@ import {
 
 async function setup(prefix: string) {
   const dir = await tempDir(prefix);
-  const hybrid = join(dir.path, "vm1.vsock");
-  await cliOk([
-    "instance",
-    "add",
-    "vm1",
-    "--cid",
-    "10",
-    "--hybrid",
-    hybrid,
-    "--state-dir",
-    dir.path,
-    "-c",
-    "security.devlxd.images=true",
-  ]);
+  const hybrid = await addHybridInstance(dir.path, ["-c", "security.devlxd.images=true"]);
   return { dir, hybrid, id: await agentIdentity(dir.path, "vm1") };
 }
 
