@@ -5,7 +5,7 @@
  * `GET /1.0/config/user.foo` with a new connection (and TLS handshake) per
  * request, as LXD's agent and ours make them, sequential and 8 at a time.
  *
- *   node_modules/.bin/deno run -P=test tests/host_bench.ts [--seconds 5]
+ *   node_modules/deno/deno run -P=test tests/host_bench.ts [--seconds 5]
  */
 
 import "reflect-metadata";

@@ -12,7 +12,7 @@
 # Prints timings; exit 0 when it all worked. Needs tests/vm/setup's lxd-agent.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
-DENO=node_modules/.bin/deno
+DENO=node_modules/deno/deno
 AGENT_DIR=$PWD/.cache/vm/lxd-agent
 base=/run/host-stock-agent
 mkdir -p "$base"
