@@ -50,7 +50,7 @@ def main(argv: list[str]) -> int:
         cmd = setup + f"cd /run/lxd_agent && exec {AGENT_DIR}/usr/bin/lxd-agent --debug"
     else:
         perms = os.environ.get("AGENT_PERMISSIONS", "-P=agent")
-        cmd = setup + (f"cd {REPO} && exec node_modules/.bin/deno run {perms} agent/main.ts "
+        cmd = setup + (f"cd {REPO} && exec node_modules/deno/deno run {perms} agent/main.ts "
                        "--config-dir /run/lxd_agent --log-level debug")
     qmp_path = f"{base}/qmp.sock"
     t0 = time.monotonic()

@@ -168,7 +168,7 @@ class Guest:
             cmd, cwd = [f"{LXD_AGENT_DIR}/usr/bin/lxd-agent", "--debug"], "/run/lxd_agent"
         else:
             perms = os.environ.get("AGENT_PERMISSIONS", "-P=agent").split()
-            cmd = [f"{REPO}/node_modules/.bin/deno", "run", "--no-check", *perms, "agent/main.ts",
+            cmd = [f"{REPO}/node_modules/deno/deno", "run", "--no-check", *perms, "agent/main.ts",
                    "--config-dir", "/run/lxd_agent", "--log-level", "debug"]
             cwd = REPO
         log.write(f"guest: starting {' '.join(cmd)}\n")
@@ -257,7 +257,7 @@ class Guest:
             # Does a bare Deno with a SIGTERM listener survive SIGTERM here? (agent code ruled out)
             code = ('Deno.addSignalListener("SIGTERM", () => Deno.exit(0)); '
                     'setInterval(() => {}, 1000); console.log("ready");')
-            p = subprocess.Popen([f"{REPO}/node_modules/.bin/deno", "eval", code],
+            p = subprocess.Popen([f"{REPO}/node_modules/deno/deno", "eval", code],
                                  stdout=subprocess.PIPE, text=True)
             ready = p.stdout.readline().strip()
             p.send_signal(signal.SIGTERM)

@@ -32,7 +32,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-DENO = f"{REPO}/node_modules/.bin/deno"
+DENO = f"{REPO}/node_modules/deno/deno"
 HOST = [DENO, "run", "--no-check", "-q", "-P=host", "host/main.ts"]
 CONTROL_PORT = 7100
 NAME = "vm1"
