@@ -28,7 +28,7 @@ import {
 } from "./_fd.ts";
 import { FdSocket } from "./fd_socket.ts";
 import { encodeHybridLine, HYBRID_LINE_MAX, parseHybridLine } from "./hybrid_line.ts";
-import { FdListener, type Listener, listenerClosedError } from "./listener.ts";
+import { acceptUntilClosed, FdListener, type Listener, listenerClosedError } from "./listener.ts";
 import {
   checkU32,
   encodeSockaddrUn,
@@ -255,17 +255,8 @@ class HybridMuxListener implements Listener {
     this.close();
   }
 
-  async *[Symbol.asyncIterator](): AsyncIterator<FdSocket> {
-    while (!this.#closed) {
-      let socket: FdSocket;
-      try {
-        socket = await this.accept();
-      } catch (error) {
-        if (this.#closed) return;
-        throw error;
-      }
-      yield socket;
-    }
+  [Symbol.asyncIterator](): AsyncIterator<FdSocket> {
+    return acceptUntilClosed(this, () => this.#closed);
   }
 
   #describe(): string {

@@ -33,6 +33,26 @@ export function listenerClosedError(address: string): DOMException {
 }
 
 /** Options of {@linkcode FdListener}. */
+/**
+ * Yields `listener.accept()` results until `closed()` says the listener was
+ * closed (then ends quietly); any other accept error is thrown.
+ */
+export async function* acceptUntilClosed(
+  listener: { accept(): Promise<FdSocket> },
+  closed: () => boolean,
+): AsyncGenerator<FdSocket> {
+  while (!closed()) {
+    let socket: FdSocket;
+    try {
+      socket = await listener.accept();
+    } catch (error) {
+      if (closed()) return;
+      throw error;
+    }
+    yield socket;
+  }
+}
+
 export interface FdListenerOptions {
   /** The bound address (as getsockname reported it). */
   address: SocketAddress;
@@ -126,16 +146,7 @@ export class FdListener implements Listener {
   }
 
   /** Yields accepted connections until the listener is closed. */
-  async *[Symbol.asyncIterator](): AsyncIterator<FdSocket> {
-    while (!this.#closed) {
-      let socket: FdSocket;
-      try {
-        socket = await this.accept();
-      } catch (error) {
-        if (this.#closed) return;
-        throw error;
-      }
-      yield socket;
-    }
+  [Symbol.asyncIterator](): AsyncIterator<FdSocket> {
+    return acceptUntilClosed(this, () => this.#closed);
   }
 }
