@@ -8,7 +8,7 @@ DENO ?= $(shell command -v deno 2>/dev/null || echo node_modules/deno/deno)
 export DENO_NO_UPDATE_CHECK := 1
 DENO_VERSION := $(shell node -p 'require("./package.json").devDependencies.deno' 2>/dev/null)
 
-.PHONY: install run test check unit bench build e2e demo clean
+.PHONY: install run test check unit bench bench-vm build e2e demo clean
 
 install: node_modules/.installed
 
@@ -46,6 +46,14 @@ build: install
 
 e2e: install
 	bash tests/vm/run-e2e
+
+## bench-vm: GET /1.0 p50 through /dev/lxd/sock over real vsock in L2, our agent then the
+## stock lxd-agent, same python client (a first cut: sequential p50 only; see BENCHMARKS.md)
+bench-vm: install
+	@mkdir -p .cache
+	bash -o pipefail -c 'bash tests/vm/run-e2e l2-topology-ours l2-topology-stock | tee .cache/bench-vm.log'
+	@echo "== bench-vm: GET /1.0 via /dev/lxd/sock in L2 (100 sequential requests, new connection each)"
+	@grep -E '^figure: (ours|stock) get_1.0_p50_ms' .cache/bench-vm.log
 
 demo: install
 	bash tests/vm/demo
