@@ -2,27 +2,9 @@ import assert from "node:assert/strict";
 import { Hono } from "hono";
 import { createDevlxdApp, DevlxdServer, textError } from "./devlxd_server.ts";
 import { EventRelay } from "./event_relay.ts";
+import { errorResponse, syncResponse } from "../shared/http/envelope.ts";
 import { type HostFetch, HostUnreachableError } from "./host_fetch.ts";
 import { until, within } from "./_testing.ts";
-
-/** LXD's envelope, as the host answers over vsock. */
-function sync(metadata: unknown): Response {
-  return Response.json({
-    type: "sync",
-    status: "Success",
-    status_code: 200,
-    operation: "",
-    error_code: 0,
-    error: "",
-    metadata,
-  });
-}
-
-function error(status: number, message: string): Response {
-  return Response.json({ type: "error", error: message, error_code: status, metadata: null }, {
-    status,
-  });
-}
 
 /** A fake host devlxd API that records what it was asked. */
 function fakeHost() {
@@ -39,26 +21,31 @@ function fakeHost() {
   host.get(
     "/1.0",
     () =>
-      sync({
+      syncResponse({
         api_version: "1.0",
         location: "h1",
         instance_type: "virtual-machine",
         state: "Started",
       }),
   );
-  host.patch("/1.0", () => sync({}));
+  host.patch("/1.0", () => syncResponse({}));
   host.get(
     "/1.0/config",
     () =>
-      sync(["/1.0/config/user.foo", "/1.0/config/cloud-init.user-data", "/1.0/config/security.x"]),
+      syncResponse([
+        "/1.0/config/user.foo",
+        "/1.0/config/cloud-init.user-data",
+        "/1.0/config/security.x",
+      ]),
   );
   host.get(
     "/1.0/config/:key",
-    (c) => c.req.param("key") === "user.foo" ? sync("bar") : error(404, "not found"),
+    (c) =>
+      c.req.param("key") === "user.foo" ? syncResponse("bar") : errorResponse(404, "not found"),
   );
-  host.get("/1.0/meta-data", () => sync("instance-id: v1\nlocal-hostname: v1\n"));
-  host.get("/1.0/devices", () => sync({ eth0: { name: "eth0", type: "nic" } }));
-  host.get("/1.0/images/:fp/export", () => error(403, "Forbidden"));
+  host.get("/1.0/meta-data", () => syncResponse("instance-id: v1\nlocal-hostname: v1\n"));
+  host.get("/1.0/devices", () => syncResponse({ eth0: { name: "eth0", type: "nic" } }));
+  host.get("/1.0/images/:fp/export", () => errorResponse(403, "Forbidden"));
   const fetchHost: HostFetch = (request) => Promise.resolve(host.fetch(request));
   return { asked, fetchHost };
 }

@@ -10,7 +10,7 @@
 
 import { Hono } from "hono";
 import type { Duplex } from "node:stream";
-import { httpRequest, serveHttp } from "../shared/http/mod.ts";
+import { errorResponse, httpRequest, serveHttp, syncResponse } from "../shared/http/mod.ts";
 import { acceptTls, connectTls } from "../shared/tls/mod.ts";
 import { connectHybrid, type Listener, listenUnix } from "../shared/vsock/mod.ts";
 import { LineBuffer } from "../agent/serial_channel.ts";
@@ -20,24 +20,10 @@ export { makeTestPair, type TestPair, within };
 
 const encoder = new TextEncoder();
 
-/** LXD's envelope. */
-export function sync(metadata: unknown): Response {
-  return Response.json({
-    type: "sync",
-    status: "Success",
-    status_code: 200,
-    operation: "",
-    error_code: 0,
-    error: "",
-    metadata,
-  });
-}
+/** LXD's envelope (the project's own helpers, as the host answers). */
+export const sync = (metadata: unknown): Response => syncResponse(metadata);
 
-export function envelopeError(status: number, message: string): Response {
-  return Response.json({ type: "error", error: message, error_code: status, metadata: null }, {
-    status,
-  });
-}
+export const envelopeError = errorResponse;
 
 /** Every certificate of one test: the agent's, the host's server and client identities. */
 export interface Pairs {
