@@ -162,17 +162,8 @@ class Reactor {
     if (r < 0) {
       // Cannot watch this fd (closed, or not pollable): fail its waiters rather
       // than leave them hanging.
-      const error = socketError("epoll_ctl", -r, `Cannot wait on fd ${fd}`);
-      const waiters = [...state.readers, ...state.writers];
-      state.readers = [];
-      state.writers = [];
-      if (state.mask !== 0) {
-        this.#epollCtl(libc.EPOLL_CTL_DEL, fd, 0);
-        this.#registered--;
-      }
-      state.mask = 0;
+      this.#failFd(fd, state, socketError("epoll_ctl", -r, `Cannot wait on fd ${fd}`));
       this.#fds.delete(fd);
-      for (const waiter of waiters) waiter.reject(error);
       this.#afterChange();
       return;
     }
@@ -270,18 +261,21 @@ class Reactor {
   }
 
   #failAll(error: Error): void {
-    for (const [fd, state] of this.#fds) {
-      const waiters = [...state.readers, ...state.writers];
-      state.readers = [];
-      state.writers = [];
-      if (state.mask !== 0) {
-        this.#epollCtl(libc.EPOLL_CTL_DEL, fd, 0);
-        this.#registered--;
-      }
-      state.mask = 0;
-      for (const waiter of waiters) waiter.reject(error);
-    }
+    for (const [fd, state] of this.#fds) this.#failFd(fd, state, error);
     this.#fds.clear();
+  }
+
+  /** Unregisters `fd` from epoll and rejects everything waiting on it. */
+  #failFd(fd: number, state: FdState, error: Error): void {
+    const waiters = [...state.readers, ...state.writers];
+    state.readers = [];
+    state.writers = [];
+    if (state.mask !== 0) {
+      this.#epollCtl(libc.EPOLL_CTL_DEL, fd, 0);
+      this.#registered--;
+    }
+    state.mask = 0;
+    for (const waiter of waiters) waiter.reject(error);
   }
 }
 
