@@ -32,6 +32,7 @@
 
 import { Buffer } from "node:buffer";
 import type { Duplex } from "node:stream";
+import { drained } from "./_drain.ts";
 import { SocketReader } from "./_reader.ts";
 import {
   ChunkedDecoder,
@@ -194,7 +195,7 @@ class HttpConnection {
       while (!this.#reader.closed) {
         if (!await this.#serveOne(first)) break;
         first = false;
-        if (this.#socket.writableNeedDrain) await this.#drained();
+        if (this.#socket.writableNeedDrain) await drained(this.#socket);
       }
     } catch {
       // Socket-level failures end the connection; there is nobody to report to.
@@ -426,21 +427,6 @@ class HttpConnection {
     this.#setTimer(Math.min(this.#idleTimeout, 2000), () => this.#socket.destroy());
   }
 
-  /** Resolves on "drain", or at once/on "close" when the socket is (or gets) destroyed. */
-  #drained(): Promise<void> {
-    // A write to a destroyed socket returns false too, and its "close" may be past.
-    if (this.#socket.destroyed || !this.#socket.writableNeedDrain) return Promise.resolve();
-    return new Promise<void>((resolve) => {
-      const done = () => {
-        this.#socket.off("drain", done);
-        this.#socket.off("close", done);
-        resolve();
-      };
-      this.#socket.on("drain", done);
-      this.#socket.on("close", done);
-    });
-  }
-
   /** Writes `response`; false when the connection cannot carry another request. */
   async #writeResponse(response: Response, isHead: boolean, keepAlive: boolean): Promise<boolean> {
     const status = response.status;
@@ -531,7 +517,7 @@ class HttpConnection {
       if (chunk.byteLength > 0) {
         this.#socket.write(chunkHeader(chunk.byteLength));
         this.#socket.write(chunk);
-        if (!this.#socket.write(CRLF)) await this.#drained();
+        if (!this.#socket.write(CRLF)) await drained(this.#socket);
       }
       pending = reader.read();
     }

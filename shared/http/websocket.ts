@@ -16,6 +16,7 @@
 import { Buffer } from "node:buffer";
 import { createHash } from "node:crypto";
 import type { Duplex } from "node:stream";
+import { drained } from "./_drain.ts";
 import { upgradeResponse } from "./serve_http.ts";
 
 /** The GUID RFC 6455 appends to the client's key. */
@@ -217,15 +218,7 @@ export class ServerWebSocket {
   async send(text: string): Promise<boolean> {
     if (!this.open) return false;
     if (this.#socket.write(encodeFrame(OPCODE.text, new TextEncoder().encode(text)))) return true;
-    await new Promise<void>((resolve) => {
-      const done = () => {
-        this.#socket.off("drain", done);
-        this.#socket.off("close", done);
-        resolve();
-      };
-      this.#socket.on("drain", done);
-      this.#socket.on("close", done);
-    });
+    await drained(this.#socket);
     return this.open;
   }
 
