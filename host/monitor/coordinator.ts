@@ -42,6 +42,7 @@ import {
   HOST_CID,
 } from "../../shared/api.ts";
 import { type Logger, silentLogger } from "../../shared/log.ts";
+import { Slots } from "../../shared/slots.ts";
 import {
   type AgentStatus,
   devlxdEnabled,
@@ -199,27 +200,6 @@ interface Entry {
   announceTimer?: ReturnType<typeof setTimeout>;
   flushTimer?: ReturnType<typeof setTimeout>;
   removed: boolean;
-}
-
-/** A counting semaphore for the announce concurrency bound. */
-class Slots {
-  #free: number;
-  #waiters: Array<() => void> = [];
-  constructor(count: number) {
-    this.#free = Math.max(1, count);
-  }
-  async acquire(): Promise<void> {
-    if (this.#free > 0) {
-      this.#free--;
-      return;
-    }
-    await new Promise<void>((resolve) => this.#waiters.push(resolve));
-  }
-  release(): void {
-    const next = this.#waiters.shift();
-    if (next) next();
-    else this.#free++;
-  }
 }
 
 /** Channel failures that just mean "the VM is not running": no lastError. */
