@@ -26,6 +26,7 @@ import type { Duplex } from "node:stream";
 import type { ConnectionInfo } from "../shared/api.ts";
 import { serveHttp } from "../shared/http/mod.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
+import { Slots } from "../shared/slots.ts";
 import { certificateFingerprint } from "../shared/tls/certificate.ts";
 import { acceptTls } from "../shared/tls/mutual_tls.ts";
 import type { Listener, Transport } from "../shared/vsock/mod.ts";
@@ -67,6 +68,13 @@ export interface AgentOptions {
    * @default {10000}
    */
   responseTimeout?: number;
+  /**
+   * Connections to the host open at once; more requests wait their turn. Keep
+   * it under the host's per-instance cap (32 by default) so a burst in the
+   * guest queues here instead of being refused there.
+   * @default {16}
+   */
+  maxHostConnections?: number;
   /** Serial port polling/retry periods, in ms (tests shorten them). */
   serialPollInterval?: number;
   serialRetryInterval?: number;
@@ -101,11 +109,13 @@ export class Agent {
   #probing = false;
   #closed = false;
   #api: ReturnType<typeof createAgentApi>;
+  #hostSlots: Slots;
 
   constructor(options: AgentOptions) {
     this.#options = options;
     this.#logger = options.logger ?? silentLogger;
     this.#status = options.status;
+    this.#hostSlots = new Slots(options.maxHostConnections ?? 16);
     this.#relay = new EventRelay({
       fetchHost: (request, opts) => this.fetchHost(request, opts),
       canPull: () => this.#info !== undefined,
@@ -202,6 +212,7 @@ export class Agent {
         key: this.#options.identity.key,
         connectTimeout: this.#options.connectTimeout,
         responseTimeout: this.#options.responseTimeout,
+        slots: this.#hostSlots,
         signal: options.signal,
       });
       if (this.#info === info) {

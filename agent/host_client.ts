@@ -15,6 +15,7 @@ import type { Duplex } from "node:stream";
 import type { ConnectionInfo } from "../shared/api.ts";
 import { httpRequest } from "../shared/http/mod.ts";
 import { CertificateError, connectTls } from "../shared/tls/mutual_tls.ts";
+import type { Slots } from "../shared/slots.ts";
 import { SocketError, type Transport } from "../shared/vsock/mod.ts";
 import { HostUnreachableError, type UnreachableReason } from "./host_fetch.ts";
 
@@ -39,6 +40,11 @@ export interface HostRequestOptions {
    * @default {10000}
    */
   responseTimeout?: number;
+  /**
+   * Bounds this caller's open connections to the host: the request waits for a
+   * slot, held until its connection closes (response body read or cancelled).
+   */
+  slots?: Slots;
   signal?: AbortSignal;
 }
 
@@ -98,6 +104,19 @@ export async function hostRequest(
   request: Request,
   options: HostRequestOptions,
 ): Promise<Response> {
+  const slots = options.slots;
+  if (slots !== undefined) {
+    try {
+      await slots.acquire(options.signal);
+    } catch (error) {
+      throw classifyFailure(error, "request", info);
+    }
+  }
+  let released = false;
+  const release = () => {
+    if (!released && slots !== undefined) slots.release();
+    released = true;
+  };
   let socket: Duplex;
   try {
     socket = await options.transport.connect(info.cid, info.port, {
@@ -105,8 +124,10 @@ export async function hostRequest(
       signal: options.signal,
     });
   } catch (error) {
+    release();
     throw classifyFailure(error, "connect", info);
   }
+  socket.once("close", release);
   // Late errors (a reset after the answer) must not become uncaught exceptions.
   socket.on("error", () => {});
   let tlsSocket: Duplex;

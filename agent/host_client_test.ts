@@ -5,7 +5,8 @@ import { acceptTls } from "../shared/tls/mod.ts";
 import { hybridGuestTransport, type Listener, listenUnix } from "../shared/vsock/mod.ts";
 import { classifyFailure, hostRequest, probeHost } from "./host_client.ts";
 import { HostUnreachableError } from "./host_fetch.ts";
-import { makeTestPair, within } from "./_testing.ts";
+import { Slots } from "../shared/slots.ts";
+import { makeTestPair, until, within } from "./_testing.ts";
 
 const agent = await makeTestPair("agent");
 const host = await makeTestPair("host");
@@ -91,6 +92,57 @@ Deno.test("hostRequest() sends one request over one TLS connection pinning the h
     assert.equal(res.status, 200);
     assert.deepEqual(await res.json(), { type: "sync", metadata: "/1.0/devices" });
     assert.equal(connections, 1);
+  });
+});
+
+Deno.test("hostRequest() with slots keeps at most that many connections open, the rest queue", async () => {
+  // The host holds every answer until the test lets one go: without the bound,
+  // all six requests would be connected at once.
+  let open = 0;
+  let maxOpen = 0;
+  const held: Array<() => void> = [];
+  await withHost(async (socket) => {
+    open++;
+    maxOpen = Math.max(maxOpen, open);
+    socket.once("close", () => open--);
+    const { socket: tlsSocket } = await acceptTls(socket, {
+      cert: host.cert,
+      key: host.key,
+      pinned: agent.cert,
+    });
+    await serveHttp(tlsSocket, async () => {
+      await new Promise<void>((resolve) => held.push(resolve));
+      return Response.json({ type: "sync", metadata: {} });
+    });
+  }, async (uds, port) => {
+    const slots = new Slots(2);
+    const requests = Array.from(
+      { length: 6 },
+      () =>
+        hostRequest(info(port), new Request("http://lxd/1.0"), {
+          transport: hybridGuestTransport(uds),
+          ...agent,
+          slots,
+        }).then(async (res) => {
+          await res.body?.cancel();
+          return res.status;
+        }),
+    );
+    for (let answered = 0; answered < 6; answered++) {
+      await until(() => held.length > 0, "a request held by the host");
+      assert.ok(open <= 2, `${open} connections open at once`);
+      held.shift()!();
+    }
+    assert.deepEqual(await within(Promise.all(requests), "all six answers"), [
+      200,
+      200,
+      200,
+      200,
+      200,
+      200,
+    ]);
+    assert.equal(maxOpen, 2, "the host saw exactly two connections open at once");
+    assert.equal(slots.waiting, 0);
   });
 });
 
