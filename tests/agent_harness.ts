@@ -400,7 +400,7 @@ export class AgentProcess {
 
   constructor(args: string[]) {
     const child = new Deno.Command(Deno.execPath(), {
-      args: ["run", "-q", "-P=agent", "agent/main.ts", ...args],
+      args: ["run", "-q", "-P=agent", ...agentFlags(), "agent/main.ts", ...args],
       cwd: ROOT,
       stdin: "null",
       stdout: "piped",
@@ -495,4 +495,9 @@ export async function runAgentCommand(
   }).output();
   const decoder = new TextDecoder();
   return { code: out.code, stdout: decoder.decode(out.stdout), stderr: decoder.decode(out.stderr) };
+}
+
+/** Extra Deno flags for agent processes (`BENCH_AGENT_FLAGS`, e.g. `--v8-flags=...`). */
+function agentFlags(): string[] {
+  return (Deno.env.get("BENCH_AGENT_FLAGS") ?? "").split(" ").filter(Boolean);
 }
