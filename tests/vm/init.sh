@@ -131,6 +131,7 @@ done
 port_links $r
 [ -n "$run" ] || run=$ctl/run.sh
 log "running $run"
+cut -d" " -f1 /proc/uptime > "$r$ctl/started" 2>/dev/null
 chroot $r "$run"
 rc=$?
 log "exit code $rc"
