@@ -34,7 +34,7 @@ import { Registry } from "../../host/registry.ts";
 import { prepareStateDir } from "../../host/state_dir.ts";
 import { bounded } from "../host_harness.ts";
 import { Child, percentile, procOne, ROOT, round, startDaemon } from "../bench/_lib.ts";
-import { fleetPaths } from "./paths.ts";
+import { FLEET_SUBDIRS, fleetPaths } from "./paths.ts";
 
 /** Options of {@linkcode benchFleet}. */
 export interface BenchFleetOptions {
@@ -136,6 +136,8 @@ async function keyPool(count: number, parallel = 32): Promise<KeyPair[]> {
 
 /** Registers `count` instances through the host's InstanceService, before any daemon runs. */
 export async function register(dir: string, stateDir: string, count: number): Promise<void> {
+  // The directories the instances' hybrid, QMP and serial paths point into.
+  for (const sub of FLEET_SUBDIRS) await Deno.mkdir(join(dir, sub), { recursive: true });
   const paths = await prepareStateDir(stateDir);
   const registry = Registry.open(paths.registry);
   try {
@@ -203,8 +205,6 @@ export async function benchFleet(options: BenchFleetOptions = {}): Promise<Recor
   const children: AsyncDisposable[] = [];
   let daemon: Child | undefined;
   try {
-    for (const sub of ["v", "q", "s", "d", "a"]) await Deno.mkdir(join(dir, sub));
-
     // Baseline: an empty store (second start: the first one makes the server certificate).
     {
       const empty = join(dir, "empty");

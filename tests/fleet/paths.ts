@@ -22,6 +22,9 @@ export interface FleetPaths {
   configDrive: string;
 }
 
+/** The directories under the fleet directory that {@linkcode fleetPaths} points into. */
+export const FLEET_SUBDIRS = ["v", "q", "s", "d", "a"];
+
 export function fleetPaths(dir: string, stateDir: string, i: number): FleetPaths {
   const name = `vm${i}`;
   return {
