@@ -273,7 +273,8 @@ export class Daemon {
       });
       if (vsock) server.serve(vsock, { kind: "vsock" });
       vsock = undefined;
-      for (const instance of registry.list()) daemon.#openHybrid(instance);
+      // One line for all of them (a fleet host opens hundreds here); each at debug.
+      for (const instance of registry.list()) daemon.#openHybrid(instance, "debug");
       const coordinator = options.monitor === false ? undefined : new Coordinator({
         store: {
           list: () => registry.list(),
@@ -319,6 +320,7 @@ export class Daemon {
         cid: cid ?? undefined,
         port,
         instances: registry.size,
+        hybridListeners: daemon.#hybrid.size,
         stateDir: paths.dir,
         admin: paths.adminSocket,
       });
@@ -343,14 +345,14 @@ export class Daemon {
     return () => this.#hooks.delete(hook);
   }
 
-  #openHybrid(instance: Instance): void {
+  #openHybrid(instance: Instance, level: "info" | "debug" = "info"): void {
     if (instance.hybrid === undefined || this.#hybrid.has(instance.name)) return;
     const path = `${instance.hybrid}_${this.port}`;
     try {
       const listener = listenUnix(path, { replace: true });
       this.#hybrid.set(instance.name, { path, listener });
       this.#server.serve(listener, { kind: "hybrid", instance: instance.name });
-      this.#logger.info("hybrid listener", { instance: instance.name, path });
+      this.#logger[level]("hybrid listener", { instance: instance.name, path });
     } catch (error) {
       this.#logger.error("cannot listen for hybrid instance", {
         instance: instance.name,
