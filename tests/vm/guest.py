@@ -12,7 +12,11 @@ set), its output to AGENT_LOG (a file L1 can read). Then connects to L1 over vso
   {"id":2,"op":"wait_socket","timeout":60}               until /dev/lxd/sock accepts
   {"id":3,"op":"events_open","path":P}, {"op":"events_wait","path":P,"match":{...}}
                                                           follow P (default /1.0/events)
-  {"id":4,"op":"bench","n":100,"path":"/1.0"}            N sequential GETs, python client
+  {"id":4,"op":"bench","n":100,"path":"/1.0",           N sequential GETs (p50/p90/p99), then
+   "concurrency":[1,8,64],"budget":20}                    per level L: max(100, 4L) GETs from L
+                                                          threads (no new ones after BUDGET s):
+                                                          req/s, p50/p99, failed count; python
+                                                          client, a new connection each
   {"id":5,"op":"stop_agent","timeout":60}                SIGTERM, exit code
   {"id":6,"op":"exit"}                                    end (the VM powers off)
 
@@ -22,6 +26,7 @@ stops before stop_agent. Exits 1 if it cannot reach L1 within 120 s.
 """
 import http.client
 import json
+import math
 import os
 import shutil
 import signal
@@ -73,6 +78,78 @@ def curl_request(method: str, path: str, body: str | None = None, timeout: float
     text, _, tail = p.stdout.rpartition("\n")
     code, _, ctype = tail.partition(" ")
     return {"status": int(code), "content_type": ctype, "body": text, "client": "curl"}
+
+
+def percentile(sorted_ms: list[float], q: float) -> float | None:
+    """Nearest rank: the smallest value with at least q of the samples at or below it."""
+    if not sorted_ms:
+        return None
+    return sorted_ms[max(0, min(len(sorted_ms), math.ceil(q * len(sorted_ms))) - 1)]
+
+
+def timed_get(path: str) -> tuple[float, str | None]:
+    """One GET on a new connection: (milliseconds, None) on a 200, else (ms, what failed)."""
+    t = time.perf_counter()
+    try:
+        r = py_request("GET", path)
+        err = None if r["status"] == 200 else f"GET {path} -> {r['status']} {r['body'][:200]}"
+    except Exception as e:  # noqa: BLE001 - counted and reported, not raised
+        err = f"GET {path}: {type(e).__name__}: {e}"
+    return (time.perf_counter() - t) * 1000, err
+
+
+def bench_level(path: str, level: int, total: int, budget: float) -> dict:
+    """`total` GETs from `level` threads, none started after `budget` s. req/s counts the
+    200s over the wall time; p50/p99 are of the 200s; failures (non-200 or an exception)
+    are counted, the first one's text kept."""
+    lock = threading.Lock()
+    issued, times, errors, first_error = 0, [], 0, None
+    deadline = time.monotonic() + budget
+
+    def worker() -> None:
+        nonlocal issued, errors, first_error
+        while True:
+            with lock:
+                if issued >= total or time.monotonic() > deadline:
+                    return
+                issued += 1
+            ms, err = timed_get(path)
+            with lock:
+                if err is None:
+                    times.append(ms)
+                else:
+                    errors += 1
+                    first_error = first_error or err
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(level)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    times.sort()
+    return {"level": level, "n": issued, "ok": len(times), "errors": errors,
+            "first_error": first_error, "capped": issued < total, "wall_s": wall,
+            "rps": len(times) / wall, "p50_ms": percentile(times, 0.5),
+            "p99_ms": percentile(times, 0.99)}
+
+
+def bench(path: str, n: int, warmup: int, levels: list[int], budget: float) -> dict:
+    """N sequential GETs (raises on a non-200), then each concurrency level (counts failures)."""
+    for _ in range(warmup):
+        py_request("GET", path)
+    times = []
+    for _ in range(n):
+        ms, err = timed_get(path)
+        if err is not None:
+            raise RuntimeError(err)
+        times.append(ms)
+    times.sort()
+    return {"n": n, "p50_ms": percentile(times, 0.5), "p90_ms": percentile(times, 0.9),
+            "p99_ms": percentile(times, 0.99), "min_ms": times[0], "max_ms": times[-1],
+            "concurrency": [bench_level(path, level, max(100, 4 * level), budget)
+                            for level in levels]}
 
 
 class Events:
@@ -231,19 +308,8 @@ class Guest:
             return self.events[msg.get("path", "/1.0/events")].wait(msg["match"],
                                                                     msg.get("timeout", 60))
         if op == "bench":
-            n, path = msg.get("n", 100), msg.get("path", "/1.0")
-            for _ in range(msg.get("warmup", 5)):
-                py_request("GET", path)
-            times = []
-            for _ in range(n):
-                t = time.perf_counter()
-                r = py_request("GET", path)
-                times.append((time.perf_counter() - t) * 1000)
-                if r["status"] != 200:
-                    raise RuntimeError(f"GET {path} -> {r['status']} {r['body'][:200]}")
-            times.sort()
-            return {"n": n, "p50_ms": times[n // 2], "p90_ms": times[n * 9 // 10],
-                    "min_ms": times[0], "max_ms": times[-1]}
+            return bench(msg.get("path", "/1.0"), msg.get("n", 100), msg.get("warmup", 5),
+                         msg.get("concurrency", [1, 8, 64]), msg.get("budget", 20))
         if op == "stop_agent":
             self.stopping = True
             self.agent.send_signal(signal.SIGTERM)

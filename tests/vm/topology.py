@@ -16,7 +16,9 @@ acts for this script inside the VM over a vsock control connection. Asserted in 
   STOPPED -> VM powers off.
 
 Prints each step with its time, "figure:" lines (boot, STARTED->CONNECTED, restart->
-re-announced, p50 of GET /1.0) and, on failure, what the host, the agent and L2 logged.
+re-announced; GET /1.0: sequential p50/p99, then req/s, p50/p99 and failed requests at
+concurrency 1, 8 and 64, as get_1.0_p50_ms, c8_rps, c8_errors, ...) and, on failure,
+what the host, the agent and L2 logged.
 --narrate prints only a short story (for tests/vm/demo). Exit 0 when every step passed.
 """
 import json
@@ -240,6 +242,22 @@ class Run:
         if not self.narrate:
             print(f"figure: {self.kind} {key}={value:.3f}", flush=True)
 
+    def bench_level(self, c: dict) -> None:
+        """Figures and one line for a concurrency level of guest.py's bench."""
+        nan = float("nan")
+        key = f"c{c['level']}"
+        self.figure(f"{key}_n", c["n"])
+        self.figure(f"{key}_rps", c["rps"])
+        self.figure(f"{key}_p50_ms", nan if c["p50_ms"] is None else c["p50_ms"])
+        self.figure(f"{key}_p99_ms", nan if c["p99_ms"] is None else c["p99_ms"])
+        self.figure(f"{key}_errors", c["errors"])
+        lat = (f"p50 {c['p50_ms']:.1f} ms, p99 {c['p99_ms']:.1f} ms" if c["ok"] else
+               "no request succeeded")
+        self.step(f"GET /1.0 x{c['n']} from {c['level']} thread(s) (new connection each) in "
+                  f"{c['wall_s']:.1f}s{' (time budget hit)' if c['capped'] else ''}: "
+                  f"{c['rps']:.1f} req/s, {lat}, {c['errors']} failed"
+                  f"{'; first: ' + c['first_error'] if c['first_error'] else ''}")
+
     # --- helpers ------------------------------------------------------------------
     @property
     def daemon(self) -> Daemon:
@@ -394,9 +412,12 @@ class Run:
         if self.bench_n > 0:
             b = self.control.call("bench", timeout=600, check=self.check, n=self.bench_n)
             self.figure("get_1.0_p50_ms", b["p50_ms"])
+            self.figure("get_1.0_p99_ms", b["p99_ms"])
             self.step(f"GET /1.0 x{b['n']} over /dev/lxd/sock (python, new connection each): "
                       f"p50 {b['p50_ms']:.1f} ms, p90 {b['p90_ms']:.1f} ms, "
-                      f"min {b['min_ms']:.1f}, max {b['max_ms']:.1f}")
+                      f"p99 {b['p99_ms']:.1f} ms, min {b['min_ms']:.1f}, max {b['max_ms']:.1f}")
+            for c in b["concurrency"]:
+                self.bench_level(c)
 
         port2 = port1 + 1
         rc = self.daemon.stop()
