@@ -52,7 +52,7 @@ e2e: install
 ## of sequential p50/p99, req/s (p50/p99, failed) at concurrency 1/8/64, and stock p50 / ours p50
 bench-vm: install
 	@mkdir -p .cache
-	bash -o pipefail -c 'bash tests/vm/run-e2e l2-topology-ours l2-topology-stock | tee .cache/bench-vm.log'
+	TOPOLOGY_ARGS="--concurrency 1,8,64" bash -o pipefail -c 'bash tests/vm/run-e2e l2-topology-ours l2-topology-stock | tee .cache/bench-vm.log'
 	@/usr/bin/python3 tests/vm/bench_vm_table.py .cache/bench-vm.log
 
 demo: install

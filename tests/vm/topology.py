@@ -1,5 +1,6 @@
 #!/usr/bin/python3
-"""topology.py [--narrate] [--bench N] ours|stock: the full topology, run inside L1 (fresh).
+"""topology.py [--narrate] [--bench N] [--concurrency 1,8,64] ours|stock: the full topology,
+run inside L1 (fresh).
 
 L1 runs QEMU and `lxd-vsock-host daemon` (deno run --no-check -P=host host/main.ts, started
 once L2's agent is set up, so the agent learns the host's port only from the announce); L2
@@ -16,10 +17,11 @@ acts for this script inside the VM over a vsock control connection. Asserted in 
   STOPPED -> VM powers off.
 
 Prints each step with its time, "figure:" lines (boot, STARTED->CONNECTED, restart->
-re-announced; GET /1.0: sequential p50/p99, then req/s, p50/p99 and failed requests at
-concurrency 1, 8 and 64, as get_1.0_p50_ms, c8_rps, c8_errors, ...) and, on failure,
-what the host, the agent and L2 logged.
---narrate prints only a short story (for tests/vm/demo). Exit 0 when every step passed.
+re-announced; GET /1.0: N sequential (--bench, default 100) p50/p99, then with
+--concurrency req/s, p50/p99 and failed requests at each level, as get_1.0_p50_ms, c8_rps,
+c8_errors, ...) and, on failure, what the host, the agent and L2 logged.
+--narrate prints only a short story (for tests/vm/demo). Exit 0 when every step passed,
+125 when L2 itself failed (never reached the control port, or its QEMU died), else 1.
 """
 import json
 import os
@@ -44,6 +46,10 @@ STEP_TIMEOUT = 120.0
 
 class Fail(Exception):
     pass
+
+
+class VmFail(Fail):
+    """L2 itself failed (never booted, or its QEMU died): exit 125, which make e2e retries."""
 
 
 def now() -> float:
@@ -143,7 +149,7 @@ class Control:
             except socket.timeout:
                 check()
                 if now() > deadline:
-                    raise Fail(f"L2 did not connect to the control port within {timeout:.0f}s")
+                    raise VmFail(f"L2 did not connect to the control port within {timeout:.0f}s")
                 continue
             if peer[0] != 3:
                 raise Fail(f"control connection from CID {peer[0]}, expected 3")
@@ -209,11 +215,12 @@ class Control:
 
 
 class Run:
-    def __init__(self, kind: str, narrate: bool, bench: int) -> None:
+    def __init__(self, kind: str, narrate: bool, bench: int, concurrency: list[int]) -> None:
         self.kind = kind
         self.label = "our agent" if kind == "ours" else "stock lxd-agent"
         self.narrate = narrate
         self.bench_n = bench
+        self.concurrency = concurrency
         self.base = f"/run/topology-{kind}"
         self.state = f"{self.base}/state"
         self.ctl = f"{self.base}/ctl"
@@ -268,6 +275,8 @@ class Run:
             raise Fail(f"the agent in L2 exited with status {rc}")
         if self.qemu_pid is not None and os.path.exists(f"{self.ctl}/rc"):
             raise Fail(f"L2's command ended (exit {open(f'{self.ctl}/rc').read().strip()})")
+        if self.qemu_pid is not None and not os.path.exists(f"/proc/{self.qemu_pid}"):
+            raise VmFail("L2's QEMU exited without an exit code from its command (crashed?)")
 
     def cli(self, *args: str) -> str:
         p = subprocess.run(HOST + list(args) + ["--state-dir", self.state], cwd=REPO,
@@ -410,7 +419,8 @@ class Run:
                       f"{now() - t_boot:.1f}s after boot")
 
         if self.bench_n > 0:
-            b = self.control.call("bench", timeout=600, check=self.check, n=self.bench_n)
+            b = self.control.call("bench", timeout=600, check=self.check, n=self.bench_n,
+                                  concurrency=self.concurrency)
             self.figure("get_1.0_p50_ms", b["p50_ms"])
             self.figure("get_1.0_p99_ms", b["p99_ms"])
             self.step(f"GET /1.0 x{b['n']} over /dev/lxd/sock (python, new connection each): "
@@ -519,7 +529,7 @@ class Run:
 
 
 def main(argv: list[str]) -> int:
-    narrate, bench, kinds = False, 100, []
+    narrate, bench, concurrency, kinds = False, 100, [], []
     args = list(argv)
     while args:
         a = args.pop(0)
@@ -527,6 +537,8 @@ def main(argv: list[str]) -> int:
             narrate = True
         elif a == "--bench":
             bench = int(args.pop(0))
+        elif a == "--concurrency":
+            concurrency = [int(c) for c in args.pop(0).split(",") if c]
         elif a in ("ours", "stock"):
             kinds.append(a)
         else:
@@ -542,9 +554,9 @@ def main(argv: list[str]) -> int:
         print(f"L1 (TCG VM on this machine, runs the host daemon and QEMU) up after {uptime:.1f}s")
     else:
         print(f"figure: l1_uptime_at_start_s={uptime:.1f}", flush=True)
-    results = {}
+    results, vm_failed = {}, False
     for kind in kinds:
-        r = Run(kind, narrate, bench)
+        r = Run(kind, narrate, bench, concurrency)
         try:
             r.run()
             results[kind] = r.figures
@@ -554,9 +566,12 @@ def main(argv: list[str]) -> int:
                   flush=True)
             r.dump()
             results[kind] = None
+            vm_failed = isinstance(e, VmFail)
         finally:
             r.cleanup()
-    return 0 if all(results.values()) else 1
+    if all(results.values()):
+        return 0
+    return 125 if vm_failed else 1
 
 
 if __name__ == "__main__":
