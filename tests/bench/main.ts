@@ -18,6 +18,7 @@
  * `BENCH_DAEMON_FLAGS` adds Deno flags to the host daemon processes, e.g.
  * `--v8-flags=--trace-gc` (V8 heap figures beside RSS) or `--cpu-prof
  * --cpu-prof-dir=DIR` (profiles written when each daemon exits).
+ * `BENCH_AGENT_FLAGS` does the same for the agent processes of section 2 and 5.
  * Permissions: the "test" set.
  * @module
  */
