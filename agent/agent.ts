@@ -223,7 +223,8 @@ export class Agent {
       return response;
     } catch (error) {
       if (
-        error instanceof HostUnreachableError && this.#info === info && error.reason !== "error"
+        error instanceof HostUnreachableError && this.#info === info &&
+        error.reason !== "error" && error.reason !== "busy"
       ) {
         this.#status.failed(error.message);
       }

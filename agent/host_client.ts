@@ -45,6 +45,11 @@ export interface HostRequestOptions {
    * slot, held until its connection closes (response body read or cancelled).
    */
   slots?: Slots;
+  /**
+   * Bound on waiting for a slot, in ms; then a `busy` HostUnreachableError.
+   * @default {10000}
+   */
+  queueTimeout?: number;
   signal?: AbortSignal;
 }
 
@@ -106,10 +111,28 @@ export async function hostRequest(
 ): Promise<Response> {
   const slots = options.slots;
   if (slots !== undefined) {
+    const queueTimeout = options.queueTimeout ?? 10_000;
+    const waited = new AbortController();
+    const timer = setTimeout(() => waited.abort(), queueTimeout);
     try {
-      await slots.acquire(options.signal);
+      await slots.acquire(
+        options.signal === undefined
+          ? waited.signal
+          : AbortSignal.any([options.signal, waited.signal]),
+      );
     } catch (error) {
-      throw classifyFailure(error, "request", info);
+      if (!waited.signal.aborted || options.signal?.aborted) {
+        throw classifyFailure(error, "request", info);
+      }
+      throw new HostUnreachableError(
+        `Too many requests to the host at vsock ${where(info)} are in flight: this one waited ${
+          queueTimeout / 1000
+        } s for a connection.`,
+        "busy",
+        { cause: error },
+      );
+    } finally {
+      clearTimeout(timer);
     }
   }
   let released = false;

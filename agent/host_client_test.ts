@@ -146,6 +146,36 @@ Deno.test("hostRequest() with slots keeps at most that many connections open, th
   });
 });
 
+Deno.test("hostRequest() gives up waiting for a slot after queueTimeout, as 'busy'", async () => {
+  const held: Array<() => void> = [];
+  await withHost(async (socket) => {
+    const { socket: tlsSocket } = await acceptTls(socket, {
+      cert: host.cert,
+      key: host.key,
+      pinned: agent.cert,
+    });
+    await serveHttp(tlsSocket, async () => {
+      await new Promise<void>((resolve) => held.push(resolve));
+      return Response.json({ type: "sync", metadata: {} });
+    });
+  }, async (uds, port) => {
+    const slots = new Slots(1);
+    const options = { transport: hybridGuestTransport(uds), ...agent, slots, queueTimeout: 100 };
+    const first = hostRequest(info(port), new Request("http://lxd/1.0"), options);
+    await until(() => held.length > 0, "the first request held by the host");
+    await expectUnreachable(
+      hostRequest(info(port), new Request("http://lxd/1.0"), options),
+      "busy",
+      /^Too many requests to the host at vsock 2:5000 are in flight: this one waited 0.1 s/,
+    );
+    assert.equal(slots.waiting, 0, "the timed-out request left the queue");
+    held.shift()!();
+    const res = await within(first, "the first answer");
+    await res.body?.cancel();
+    assert.equal(res.status, 200);
+  });
+});
+
 Deno.test("hostRequest() reports a refused connection in one sentence", async () => {
   await withHost(undefined, async (uds, port) => {
     await expectUnreachable(

@@ -7,13 +7,17 @@
  * @module
  */
 
-/** Why the host could not be reached. */
+/**
+ * Why the host could not be reached. `busy`: the request waited too long for
+ * one of the agent's connections to the host (the host itself may be fine).
+ */
 export type UnreachableReason =
   | "no-host"
   | "refused"
   | "timeout"
   | "tls"
   | "closed"
+  | "busy"
   | "error";
 
 /** The host could not be reached or broke off its answer; callers answer 503. */
