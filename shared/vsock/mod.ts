@@ -18,6 +18,8 @@
  */
 
 export { type ReactorStats, reactorStats } from "./_reactor.ts";
+export { sendUnixDatagram } from "./datagram.ts";
+export { DeviceFd } from "./device.ts";
 export { FdSocket, type FdSocketOptions } from "./fd_socket.ts";
 export {
   connectHybrid,
