@@ -19,7 +19,7 @@
  * and speaks the same lines over the connection.
  *
  * Owns: the port fd or socket connection and its reader loop.
- * Permissions: `--allow-ffi` (open/read/write via the project's libc module,
+ * Permissions: `--allow-ffi` (open/read/write via `DeviceFd` of shared/vsock,
  * which works under /dev where Deno's own file APIs need --allow-all),
  * `--allow-read` (an inode check, skipped where refused), `--allow-net` (only
  * for the unix socket stand-in).
@@ -28,14 +28,7 @@
 
 import { type AgentState, MAX_CONNECT_LINE, parseConnectLine } from "../shared/api.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
-import * as libc from "../shared/vsock/_libc.ts";
-import { errnoReason } from "../shared/vsock/mod.ts";
-
-const O_RDWR = 2;
-const ENOENT = 2;
-const ENXIO = 6;
-const EAGAIN = 11;
-const EINTR = 4;
+import { DeviceFd, SocketError } from "../shared/vsock/mod.ts";
 
 /** Splits a byte stream into lines, dropping lines longer than `max` whole. */
 export class LineBuffer {
@@ -91,58 +84,52 @@ interface OpenPort {
   close(): void;
 }
 
-function inode(path: string): number | null | undefined {
-  try {
-    return Deno.statSync(path).ino;
-  } catch {
-    return undefined;
-  }
-}
-
 /** Failed reads in a row after which a device port is closed and reopened. */
 const MAX_READ_FAILURES = 20;
 
 class DevicePort implements OpenPort {
-  #fd: number;
-  #ino: number | null | undefined;
+  #device: DeviceFd;
   #failures = 0;
-  constructor(readonly path: string, fd: number) {
-    this.#fd = fd;
-    this.#ino = inode(path);
+  constructor(device: DeviceFd) {
+    this.#device = device;
+  }
+  get path(): string {
+    return this.#device.path;
   }
   read(buf: Uint8Array): Promise<number | null | undefined> {
-    if (this.#fd < 0) return Promise.resolve(null);
-    const n = libc.read(this.#fd, buf);
-    // 0: a virtio-serial port whose host end is not connected; nothing to read yet.
-    if (n === 0 || n === -EAGAIN || n === -EINTR) {
-      this.#failures = 0;
-      return Promise.resolve(undefined);
-    }
-    if (n < 0) {
+    if (this.#device.closed) return Promise.resolve(null);
+    let n: number | undefined;
+    try {
+      n = this.#device.read(buf);
+    } catch (error) {
       // An unplugged port shows as the path going away (checked at each poll);
       // until then an odd error is retried (one was seen once under QEMU TCG),
       // and only a run of them gives the port up.
       if (++this.#failures < MAX_READ_FAILURES && this.stillThere()) {
         return Promise.resolve(undefined);
       }
-      return Promise.reject(new Error(`Cannot read ${this.path}: ${errnoReason(-n)}`));
+      return Promise.reject(error);
     }
     this.#failures = 0;
-    return Promise.resolve(n);
+    // 0: a virtio-serial port whose host end is not connected; nothing to read yet.
+    // undefined: nothing there now (EAGAIN) or interrupted (EINTR).
+    return Promise.resolve(n === 0 ? undefined : n);
   }
   write(bytes: Uint8Array): Promise<boolean> {
-    if (this.#fd < 0) return Promise.reject(new Error(`${this.path} is closed`));
-    const n = libc.write(this.#fd, bytes);
-    if (n === -EAGAIN || n === -EINTR) return Promise.resolve(false);
-    if (n < 0) return Promise.reject(new Error(`Cannot write ${this.path}: ${errnoReason(-n)}`));
+    if (this.#device.closed) return Promise.reject(new Error(`${this.path} is closed`));
+    let n: number | undefined;
+    try {
+      n = this.#device.write(bytes);
+    } catch (error) {
+      return Promise.reject(error);
+    }
     return Promise.resolve(n === bytes.byteLength);
   }
   stillThere(): boolean {
-    return this.#fd >= 0 && inode(this.path) === this.#ino;
+    return this.#device.stillThere();
   }
   close(): void {
-    if (this.#fd >= 0) libc.close(this.#fd);
-    this.#fd = -1;
+    this.#device.close();
   }
 }
 
@@ -193,10 +180,12 @@ class SocketPort implements OpenPort {
  * fails with ENXIO: that is the test stand-in, connected to instead.
  */
 async function openPort(path: string): Promise<OpenPort | undefined> {
-  const fd = libc.openPath(path, O_RDWR | libc.O_NONBLOCK | libc.O_CLOEXEC);
-  if (fd >= 0) return new DevicePort(path, fd);
-  if (fd === -ENOENT) return undefined;
-  if (fd !== -ENXIO) throw new Error(`Cannot open ${path}: ${errnoReason(-fd)}`);
+  try {
+    const device = DeviceFd.open(path);
+    return device === undefined ? undefined : new DevicePort(device);
+  } catch (error) {
+    if (!(error instanceof SocketError && error.code === "ENXIO")) throw error;
+  }
   try {
     return new SocketPort(path, await Deno.connect({ transport: "unix", path }));
   } catch (error) {
