@@ -511,6 +511,11 @@ class Run:
                         print(f"  {line.rstrip()[:400]}")
             except OSError as e:
                 print(f"  ({e})")
+        # A QEMU that died by a signal (nested KVM under TCG) shows only in L1's kernel log.
+        print(f"---- {self.kind}: L1 kernel log (last 15 lines)")
+        k = subprocess.run(["dmesg"], capture_output=True, text=True)
+        for line in (k.stdout or k.stderr).strip().splitlines()[-15:]:
+            print(f"  {line.rstrip()[:400]}")
 
     def cleanup(self) -> None:
         if self.qemu_pid is not None:
