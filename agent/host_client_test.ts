@@ -95,16 +95,9 @@ Deno.test("hostRequest() sends one request over one TLS connection pinning the h
   });
 });
 
-Deno.test("hostRequest() with slots keeps at most that many connections open, the rest queue", async () => {
-  // The host holds every answer until the test lets one go: without the bound,
-  // all six requests would be connected at once.
-  let open = 0;
-  let maxOpen = 0;
-  const held: Array<() => void> = [];
-  await withHost(async (socket) => {
-    open++;
-    maxOpen = Math.max(maxOpen, open);
-    socket.once("close", () => open--);
+/** A host serving over TLS that holds each answer until the test calls its entry in `held`. */
+function holdingHost(held: Array<() => void>) {
+  return async (socket: Duplex) => {
     const { socket: tlsSocket } = await acceptTls(socket, {
       cert: host.cert,
       key: host.key,
@@ -114,6 +107,21 @@ Deno.test("hostRequest() with slots keeps at most that many connections open, th
       await new Promise<void>((resolve) => held.push(resolve));
       return Response.json({ type: "sync", metadata: {} });
     });
+  };
+}
+
+Deno.test("hostRequest() with slots keeps at most that many connections open, the rest queue", async () => {
+  // The host holds every answer until the test lets one go: without the bound,
+  // all six requests would be connected at once.
+  let open = 0;
+  let maxOpen = 0;
+  const held: Array<() => void> = [];
+  const serve = holdingHost(held);
+  await withHost((socket) => {
+    open++;
+    maxOpen = Math.max(maxOpen, open);
+    socket.once("close", () => open--);
+    return serve(socket);
   }, async (uds, port) => {
     const slots = new Slots(2);
     const requests = Array.from(
@@ -148,17 +156,7 @@ Deno.test("hostRequest() with slots keeps at most that many connections open, th
 
 Deno.test("hostRequest() gives up waiting for a slot after queueTimeout, as 'busy'", async () => {
   const held: Array<() => void> = [];
-  await withHost(async (socket) => {
-    const { socket: tlsSocket } = await acceptTls(socket, {
-      cert: host.cert,
-      key: host.key,
-      pinned: agent.cert,
-    });
-    await serveHttp(tlsSocket, async () => {
-      await new Promise<void>((resolve) => held.push(resolve));
-      return Response.json({ type: "sync", metadata: {} });
-    });
-  }, async (uds, port) => {
+  await withHost(holdingHost(held), async (uds, port) => {
     const slots = new Slots(1);
     const options = { transport: hybridGuestTransport(uds), ...agent, slots, queueTimeout: 100 };
     const first = hostRequest(info(port), new Request("http://lxd/1.0"), options);
