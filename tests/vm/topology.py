@@ -21,7 +21,8 @@ re-announced; GET /1.0: N sequential (--bench, default 100) p50/p99, then with
 --concurrency req/s, p50/p99 and failed requests at each level, as get_1.0_p50_ms, c8_rps,
 c8_errors, ...) and, on failure, what the host, the agent and L2 logged.
 --narrate prints only a short story (for tests/vm/demo). Exit 0 when every step passed,
-125 when L2 itself failed (never reached the control port, or its QEMU died), else 1.
+125 when L2 itself failed (never reached the control port, its QEMU died, or it stopped
+answering the control connection), else 1.
 """
 import json
 import os
@@ -206,6 +207,10 @@ class Control:
                     check()
                 left = deadline - now()
                 if left <= 0:
+                    if timeout >= STEP_TIMEOUT and op != "bench":
+                        # guest.py bounds each of these operations by 60 s: silence this
+                        # long means L2 itself (or the control connection) is frozen.
+                        raise VmFail(f"{op}: no answer from L2 within {timeout:.0f}s (L2 frozen?)")
                     raise Fail(f"{op}: no answer from L2 within {timeout:.0f}s")
                 self.cond.wait(min(left, 0.5))
             reply = self.replies.pop(rid)
@@ -570,6 +575,8 @@ def main(argv: list[str]) -> int:
             print(f"topology {kind}: FAIL: {type(e).__name__ + ': ' if not isinstance(e, Fail) else ''}{e}",
                   flush=True)
             r.dump()
+            # Again after the logs, so the last lines of the output say why.
+            print(f"topology {kind}: FAIL (logs above): {e}", flush=True)
             results[kind] = None
             vm_failed = isinstance(e, VmFail)
         finally:
