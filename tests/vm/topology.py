@@ -516,6 +516,10 @@ class Run:
                         print(f"  {line.rstrip()[:400]}")
             except OSError as e:
                 print(f"  ({e})")
+        try:  # the vm script's markers (timed-out, lockup, rc, ...) say who stopped L2
+            print(f"---- {self.kind}: L2 control directory: {sorted(os.listdir(self.ctl))}")
+        except OSError as e:
+            print(f"---- {self.kind}: L2 control directory: ({e})")
         # A QEMU that died by a signal (nested KVM under TCG) shows only in L1's kernel log.
         print(f"---- {self.kind}: L1 kernel log (last 15 lines)")
         k = subprocess.run(["dmesg"], capture_output=True, text=True)
