@@ -134,16 +134,32 @@ function event(value: string): DevlxdEvent {
   };
 }
 
-Deno.test("Coordinator announces when the agent shows STARTED and is CONNECTED once it reaches the host", async () => {
-  await using dir = await tempDir();
+/** A temp dir, a fake QEMU serving one ring buffer over QMP, and "vm1" (CID 10) watching it. */
+async function qmpVm() {
+  const dir = await tempDir();
   const ring = new FakeRingBuffer();
-  await using _qemu = new FakeQmpServer(`${dir.path}/qmp`, { rings: { vserial: ring } });
+  const qemu = new FakeQmpServer(`${dir.path}/qmp`, { rings: { vserial: ring } });
   const vm = makeInstance("vm1", 10, {
     kind: "qmp",
     path: `${dir.path}/qmp`,
     chardev: "vserial",
     size: 16,
   });
+  return {
+    dir,
+    ring,
+    qemu,
+    vm,
+    async [Symbol.asyncDispose]() {
+      await qemu[Symbol.asyncDispose]();
+      await dir[Symbol.asyncDispose]();
+    },
+  };
+}
+
+Deno.test("Coordinator announces when the agent shows STARTED and is CONNECTED once it reaches the host", async () => {
+  await using fixture = await qmpVm();
+  const { ring, vm } = fixture;
   const { api, changes, coordinator, store } = setup([vm]);
   await using _c = coordinator;
   coordinator.start();
@@ -161,15 +177,8 @@ Deno.test("Coordinator announces when the agent shows STARTED and is CONNECTED o
 });
 
 Deno.test("Coordinator does not re-announce on the periodic STARTED of a connected agent that is alive", async () => {
-  await using dir = await tempDir();
-  const ring = new FakeRingBuffer();
-  await using qemu = new FakeQmpServer(`${dir.path}/qmp`, { rings: { vserial: ring } });
-  const vm = makeInstance("vm1", 10, {
-    kind: "qmp",
-    path: `${dir.path}/qmp`,
-    chardev: "vserial",
-    size: 16,
-  });
+  await using fixture = await qmpVm();
+  const { ring, qemu, vm } = fixture;
   const { api, changes, coordinator } = setup([vm]);
   await using _c = coordinator;
   coordinator.start();
@@ -191,15 +200,8 @@ Deno.test("Coordinator does not re-announce on the periodic STARTED of a connect
 });
 
 Deno.test("Coordinator re-announces an agent that restarted without STOPPED at the next slow poll", async () => {
-  await using dir = await tempDir();
-  const ring = new FakeRingBuffer();
-  await using qemu = new FakeQmpServer(`${dir.path}/qmp`, { rings: { vserial: ring } });
-  const vm = makeInstance("vm1", 10, {
-    kind: "qmp",
-    path: `${dir.path}/qmp`,
-    chardev: "vserial",
-    size: 16,
-  });
+  await using fixture = await qmpVm();
+  const { ring, qemu, vm } = fixture;
   const { api, changes, coordinator } = setup([vm]);
   await using _c = coordinator;
   coordinator.start();
@@ -223,15 +225,8 @@ Deno.test("Coordinator re-announces an agent that restarted without STOPPED at t
 });
 
 Deno.test("Coordinator takes the pid from an announce answer that carries it, without a probe, and still spots a restart", async () => {
-  await using dir = await tempDir();
-  const ring = new FakeRingBuffer();
-  await using qemu = new FakeQmpServer(`${dir.path}/qmp`, { rings: { vserial: ring } });
-  const vm = makeInstance("vm1", 10, {
-    kind: "qmp",
-    path: `${dir.path}/qmp`,
-    chardev: "vserial",
-    size: 16,
-  });
+  await using fixture = await qmpVm();
+  const { ring, qemu, vm } = fixture;
   const { api, changes, coordinator } = setup([vm]);
   await using _c = coordinator;
   api.pidInAnnounce = true;
@@ -254,15 +249,8 @@ Deno.test("Coordinator takes the pid from an announce answer that carries it, wi
 });
 
 Deno.test("Coordinator re-announces a connected agent whose GET /1.0 shows another host port", async () => {
-  await using dir = await tempDir();
-  const ring = new FakeRingBuffer();
-  await using _qemu = new FakeQmpServer(`${dir.path}/qmp`, { rings: { vserial: ring } });
-  const vm = makeInstance("vm1", 10, {
-    kind: "qmp",
-    path: `${dir.path}/qmp`,
-    chardev: "vserial",
-    size: 16,
-  });
+  await using fixture = await qmpVm();
+  const { ring, vm } = fixture;
   const { api, changes, coordinator } = setup([vm]);
   await using _c = coordinator;
   api.connections.set("vm1", { cid: 2, port: 40001 });
@@ -283,15 +271,8 @@ Deno.test("Coordinator re-announces a connected agent whose GET /1.0 shows anoth
 });
 
 Deno.test("Coordinator checks an agent that went silent after its last request, then wrote STARTED once", async () => {
-  await using dir = await tempDir();
-  const ring = new FakeRingBuffer();
-  await using qemu = new FakeQmpServer(`${dir.path}/qmp`, { rings: { vserial: ring } });
-  const vm = makeInstance("vm1", 10, {
-    kind: "qmp",
-    path: `${dir.path}/qmp`,
-    chardev: "vserial",
-    size: 16,
-  });
+  await using fixture = await qmpVm();
+  const { ring, qemu, vm } = fixture;
   const { api, changes, coordinator } = setup([vm]);
   await using _c = coordinator;
   api.connections.set("vm1", { cid: 2, port: 40001 });
@@ -337,15 +318,8 @@ Deno.test("Coordinator checks a connected agent at once when STARTED arrives on 
 });
 
 Deno.test("Coordinator marks STOPPED on a STOPPED line, polls slower, and announces at the next STARTED", async () => {
-  await using dir = await tempDir();
-  const ring = new FakeRingBuffer();
-  await using _qemu = new FakeQmpServer(`${dir.path}/qmp`, { rings: { vserial: ring } });
-  const vm = makeInstance("vm1", 10, {
-    kind: "qmp",
-    path: `${dir.path}/qmp`,
-    chardev: "vserial",
-    size: 16,
-  });
+  await using fixture = await qmpVm();
+  const { ring, vm } = fixture;
   const { api, changes, coordinator } = setup([vm]);
   await using _c = coordinator;
   coordinator.start();
@@ -360,15 +334,8 @@ Deno.test("Coordinator marks STOPPED on a STOPPED line, polls slower, and announ
 });
 
 Deno.test("Coordinator records a refused announce as lastError and retries at a later STARTED", async () => {
-  await using dir = await tempDir();
-  const ring = new FakeRingBuffer();
-  await using _qemu = new FakeQmpServer(`${dir.path}/qmp`, { rings: { vserial: ring } });
-  const vm = makeInstance("vm1", 10, {
-    kind: "qmp",
-    path: `${dir.path}/qmp`,
-    chardev: "vserial",
-    size: 16,
-  });
+  await using fixture = await qmpVm();
+  const { ring, vm } = fixture;
   const { api, changes, coordinator } = setup([vm]);
   await using _c = coordinator;
   api.announceError = new AgentCallError("refused", "Agent refused the connection");
@@ -388,15 +355,8 @@ Deno.test("Coordinator records a refused announce as lastError and retries at a 
 });
 
 Deno.test("Coordinator keeps an agent CONNECTED when it reached the host during an announce that then failed", async () => {
-  await using dir = await tempDir();
-  const ring = new FakeRingBuffer();
-  await using _qemu = new FakeQmpServer(`${dir.path}/qmp`, { rings: { vserial: ring } });
-  const vm = makeInstance("vm1", 10, {
-    kind: "qmp",
-    path: `${dir.path}/qmp`,
-    chardev: "vserial",
-    size: 16,
-  });
+  await using fixture = await qmpVm();
+  const { ring, vm } = fixture;
   const { api, changes, coordinator, store } = setup([vm]);
   await using _c = coordinator;
   const release = Promise.withResolvers<void>();
