@@ -224,6 +224,18 @@ async function daemonStatus(fleet: Fleet): Promise<DaemonStatusJson> {
   return JSON.parse(await cliOk(["status", "--format", "json", "--state-dir", fleet.stateDir]));
 }
 
+/** `status` shows the host on `port`, every guest CONNECTED and announced there, and its listener. */
+async function assertStatusConnected(fleet: Fleet, port: number): Promise<void> {
+  const status = await daemonStatus(fleet);
+  assert.equal(status.port, port);
+  for (const g of fleet.guests) {
+    const m = status.monitor.find((m) => m.name === g.name);
+    assert.equal(m?.agentState, "CONNECTED", g.name);
+    assert.equal(m?.announcedPort, port, g.name);
+    assert.equal(status.hybridListeners[g.name], `${g.paths.uds}_${port}`);
+  }
+}
+
 /** A guest process's request on /dev/lxd/sock, bounded. */
 async function guestGet(guest: Guest, path: string): Promise<{ status: number; text: string }> {
   const response = await bounded(devlxd(guest.paths.devlxdSocket, path), STEP_MS, `GET ${path}`);
@@ -280,14 +292,7 @@ Deno.test("three agents and the host daemon: STARTED, announce, CONNECTED, guest
       );
       await assertAgentConnected(g, port1, false);
     }
-    const status1 = await daemonStatus(fleet);
-    assert.equal(status1.port, port1);
-    for (const g of fleet.guests) {
-      const m = status1.monitor.find((m) => m.name === g.name);
-      assert.equal(m?.agentState, "CONNECTED", g.name);
-      assert.equal(m?.announcedPort, port1, g.name);
-      assert.equal(status1.hybridListeners[g.name], `${g.paths.uds}_${port1}`);
-    }
+    await assertStatusConnected(fleet, port1);
 
     // 4. A guest request through /dev/lxd/sock is served by the host, and Ready is stored.
     for (const g of fleet.guests) {
@@ -337,14 +342,7 @@ Deno.test("three agents and the host daemon: STARTED, announce, CONNECTED, guest
       await daemonLine(daemon2, new RegExp(`msg="ready changed" .*instance=${g.name} ready=true`));
       await assertAgentConnected(g, port2, true);
     }
-    const status2 = await daemonStatus(fleet);
-    assert.equal(status2.port, port2);
-    for (const g of fleet.guests) {
-      const m = status2.monitor.find((m) => m.name === g.name);
-      assert.equal(m?.agentState, "CONNECTED", g.name);
-      assert.equal(m?.announcedPort, port2, g.name);
-      assert.equal(status2.hybridListeners[g.name], `${g.paths.uds}_${port2}`);
-    }
+    await assertStatusConnected(fleet, port2);
     for (const [name, i] of await instances(fleet)) {
       assert.equal(i.runtime.agentState, "CONNECTED", name);
       assert.equal(i.runtime.ready, true, name);
