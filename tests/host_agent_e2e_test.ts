@@ -11,7 +11,7 @@
 
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { bounded, cliOk, DaemonProcess, tempDir } from "./host_harness.ts";
+import { addHybridInstance, bounded, cliOk, DaemonProcess, tempDir } from "./host_harness.ts";
 import { SerialRelay } from "./serial_relay.ts";
 
 const ROOT = new URL("..", import.meta.url).pathname;
@@ -51,27 +51,18 @@ Deno.test("host daemon and our agent: announce, CONNECTED, devlxd proxied, event
   const p = (name: string) => join(dir.path, name);
   await using _relay = new SerialRelay(p("host-serial.sock"), p("guest-serial.sock"));
   await using daemon = await DaemonProcess.start(p("state"));
-  await cliOk([
-    "instance",
-    "add",
-    "vm1",
-    "--cid",
-    "10",
-    "--hybrid",
-    p("vm1.vsock"),
+  const hybrid = await addHybridInstance(p("state"), [
     "--serial",
     p("host-serial.sock"),
     "--config-drive",
     p("lxd_agent"),
     "-c",
     "user.foo=bar",
-    "--state-dir",
-    p("state"),
   ]);
   const agent = startAgent([
     `--config-dir=${p("lxd_agent")}`,
     `--serial-port=${p("guest-serial.sock")}`,
-    `--transport=hybrid:${p("vm1.vsock")}`,
+    `--transport=hybrid:${hybrid}`,
     `--devlxd-socket=${p("dev-lxd/sock")}`,
     `--state-file=${p("run/state.json")}`,
     "--rewrite-interval=200ms",
