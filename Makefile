@@ -1,7 +1,8 @@
 # lxd-vsock: every target goes through `deno task` (deno.json holds the tasks and
 # the permission sets). Deno comes from npm (package.json pins it); a system
-# `deno` on PATH is used when present and DENO is not set. `npm install`, not
-# `npm ci`: npm 11 leaves the other platforms of `deno` out of the lock file.
+# `deno` on PATH is used when present and DENO is not set. `npm ci`: an exact
+# install from package-lock.json, which lists every platform's optional `@deno/*`
+# package (npm installs only this machine's), so installing never changes the tree.
 # `--no-bin-links`: a node_modules/.bin/deno link makes `deno task` run the
 # native binary as an npm script; without it, `deno` in a task is Deno itself.
 DENO ?= $(shell command -v deno 2>/dev/null || echo node_modules/deno/deno)
@@ -13,7 +14,7 @@ DENO_VERSION := $(shell node -p 'require("./package.json").devDependencies.deno'
 install: node_modules/.installed
 
 node_modules/.installed: package.json package-lock.json
-	npm install --no-bin-links --no-audit --no-fund --loglevel=error
+	npm ci --no-bin-links --no-audit --no-fund --loglevel=error
 	@touch $@
 
 ## run: install, then start the host daemon with state in ./state (no config file needed)
