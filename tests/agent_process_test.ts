@@ -25,6 +25,7 @@ import {
 import { httpRequest } from "../shared/http/mod.ts";
 import { connectHybrid, connectUnix } from "../shared/vsock/mod.ts";
 import { readToEnd } from "../shared/vsock/_testing.ts";
+import { requires } from "../shared/_requires.ts";
 
 const HOST_PORT = 40001;
 
@@ -468,80 +469,86 @@ async function sh(script: string): Promise<{ code: number; stdout: string }> {
   return { code: out.code, stdout: new TextDecoder().decode(out.stdout).trim() };
 }
 
-Deno.test("agent: with exactly -P=agent it serves /dev/lxd-…/sock (0600, directory created), answers GET /1.0 and WebSocket events, and removes both on stop", async () => {
-  if ((await sh('test "$(id -u)" = 0 && test -w /dev')).code !== 0) {
-    console.log("skipped: needs root and a writable /dev (creates a directory under /dev)");
-    return;
-  }
-  const dir = `/dev/lxd-vsock-test-${crypto.randomUUID().slice(0, 8)}`;
-  const socket = `${dir}/sock`;
-  try {
-    await using w = await world({ port: HOST_PORT, devlxd: true });
-    const host = w.host();
-    const agent = w.agent([`--devlxd-socket=${socket}`]);
-    await w.serial.waitFor("CONNECTED");
-    await agent.waitForLog(new RegExp(`msg="serving devlxd".*${dir}/sock`));
-    assert.equal(await sh(`stat -c '%F %a' ${socket}`).then((r) => r.stdout), "socket 600");
-    assert.equal(await sh(`stat -c '%F' ${dir}`).then((r) => r.stdout), "directory");
+const notRootWithDev = (await sh('test "$(id -u)" = 0 && test -w /dev')).code === 0
+  ? undefined
+  : "needs root and a writable /dev (it creates a directory under /dev)";
 
-    // Deno's fetch cannot reach a socket under /dev without --allow-all either: FFI + own HTTP.
-    const connection = await connectUnix(socket);
-    const answer = await httpRequest(
-      connection,
-      new Request("http://lxd/1.0", { headers: { connection: "close" } }),
-      { timeout: 10_000 },
-    );
-    assert.equal(answer.status, 200);
-    assert.equal((await answer.json()).location, "testhost");
-    connection.destroy();
+Deno.test(
+  requires(notRootWithDev, {
+    name:
+      "agent: with exactly -P=agent it serves /dev/lxd-…/sock (0600, directory created), answers GET /1.0 and WebSocket events, and removes both on stop",
+  }),
+  async () => {
+    const dir = `/dev/lxd-vsock-test-${crypto.randomUUID().slice(0, 8)}`;
+    const socket = `${dir}/sock`;
+    try {
+      await using w = await world({ port: HOST_PORT, devlxd: true });
+      const host = w.host();
+      const agent = w.agent([`--devlxd-socket=${socket}`]);
+      await w.serial.waitFor("CONNECTED");
+      await agent.waitForLog(new RegExp(`msg="serving devlxd".*${dir}/sock`));
+      assert.equal(await sh(`stat -c '%F %a' ${socket}`).then((r) => r.stdout), "socket 600");
+      assert.equal(await sh(`stat -c '%F' ${dir}`).then((r) => r.stdout), "directory");
 
-    // /1.0/events as a WebSocket: an event from the host arrives as one text frame.
-    const ws = await connectUnix(socket);
-    let got = new Uint8Array(0);
-    const arrived = { notify: () => {} };
-    ws.on("data", (chunk: Uint8Array) => {
-      got = new Uint8Array([...got, ...chunk]);
-      arrived.notify();
-    });
-    const ended = new Promise<void>((resolve) => ws.once("end", () => resolve()));
-    const receive = (check: () => boolean, what: string) =>
-      within(
-        (async () => {
-          while (!check()) await new Promise<void>((resolve) => arrived.notify = resolve);
-        })(),
-        what,
+      // Deno's fetch cannot reach a socket under /dev without --allow-all either: FFI + own HTTP.
+      const connection = await connectUnix(socket);
+      const answer = await httpRequest(
+        connection,
+        new Request("http://lxd/1.0", { headers: { connection: "close" } }),
+        { timeout: 10_000 },
       );
-    ws.write(
-      "GET /1.0/events HTTP/1.1\r\nHost: lxd\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    );
-    const headEnd = () => new TextDecoder().decode(got).indexOf("\r\n\r\n");
-    await receive(() => headEnd() !== -1, "the 101");
-    assert.match(new TextDecoder().decode(got), /^HTTP\/1\.1 101 Switching Protocols\r\n/);
-    got = got.subarray(headEnd() + 4);
-    await host.changed.until(() => host.eventStreams > 0, "the agent to pull the host's events");
-    const event = { timestamp: "1", type: "config", metadata: { key: "user.a" } };
-    host.streamEvent(event);
-    await receive(() => got.length >= 2 && got.length >= 2 + (got[1] & 0x7f), "an event frame");
-    assert.equal(got[0], 0x81, "one final text frame");
-    assert.deepEqual(JSON.parse(new TextDecoder().decode(got.subarray(2, 2 + got[1]))), event);
-    got = got.subarray(2 + got[1]);
+      assert.equal(answer.status, 200);
+      assert.equal((await answer.json()).location, "testhost");
+      connection.destroy();
 
-    const status = await runAgentCommand(["--status", `--state-file=${w.paths.stateFile}`]);
-    assert.match(status.stdout, new RegExp(`devlxd: +serving ${socket}`));
-    assert.doesNotMatch(agent.stderr, /cannot serve devlxd/);
-    const stopping = agent.stop();
-    await receive(() => got.length >= 4, "the close frame");
-    assert.deepEqual([...got.subarray(0, 4)], [0x88, 2, 0x03, 0xe9], "close 1001 on stop");
-    await within(ended, "the WebSocket connection to end");
-    ws.destroy();
-    assert.equal(await stopping, 0);
-    assert.equal(
-      (await sh(`test -e ${socket} || test -e ${dir}`)).code,
-      1,
-      "socket and dir removed",
-    );
-  } finally {
-    await sh(`rm -rf ${dir}`);
-  }
-});
+      // /1.0/events as a WebSocket: an event from the host arrives as one text frame.
+      const ws = await connectUnix(socket);
+      let got = new Uint8Array(0);
+      const arrived = { notify: () => {} };
+      ws.on("data", (chunk: Uint8Array) => {
+        got = new Uint8Array([...got, ...chunk]);
+        arrived.notify();
+      });
+      const ended = new Promise<void>((resolve) => ws.once("end", () => resolve()));
+      const receive = (check: () => boolean, what: string) =>
+        within(
+          (async () => {
+            while (!check()) await new Promise<void>((resolve) => arrived.notify = resolve);
+          })(),
+          what,
+        );
+      ws.write(
+        "GET /1.0/events HTTP/1.1\r\nHost: lxd\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+          "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+      );
+      const headEnd = () => new TextDecoder().decode(got).indexOf("\r\n\r\n");
+      await receive(() => headEnd() !== -1, "the 101");
+      assert.match(new TextDecoder().decode(got), /^HTTP\/1\.1 101 Switching Protocols\r\n/);
+      got = got.subarray(headEnd() + 4);
+      await host.changed.until(() => host.eventStreams > 0, "the agent to pull the host's events");
+      const event = { timestamp: "1", type: "config", metadata: { key: "user.a" } };
+      host.streamEvent(event);
+      await receive(() => got.length >= 2 && got.length >= 2 + (got[1] & 0x7f), "an event frame");
+      assert.equal(got[0], 0x81, "one final text frame");
+      assert.deepEqual(JSON.parse(new TextDecoder().decode(got.subarray(2, 2 + got[1]))), event);
+      got = got.subarray(2 + got[1]);
+
+      const status = await runAgentCommand(["--status", `--state-file=${w.paths.stateFile}`]);
+      assert.match(status.stdout, new RegExp(`devlxd: +serving ${socket}`));
+      assert.doesNotMatch(agent.stderr, /cannot serve devlxd/);
+      const stopping = agent.stop();
+      await receive(() => got.length >= 4, "the close frame");
+      assert.deepEqual([...got.subarray(0, 4)], [0x88, 2, 0x03, 0xe9], "close 1001 on stop");
+      await within(ended, "the WebSocket connection to end");
+      ws.destroy();
+      assert.equal(await stopping, 0);
+      assert.equal(
+        (await sh(`test -e ${socket} || test -e ${dir}`)).code,
+        1,
+        "socket and dir removed",
+      );
+    } finally {
+      await sh(`rm -rf ${dir}`);
+    }
+  },
+);

@@ -12,10 +12,10 @@ import type { Instance, InstanceRuntime } from "../host/instance.ts";
 import { Coordinator, type CoordinatorStore } from "../host/monitor/coordinator.ts";
 import { readRingBuffer, type RingBufferRead } from "../host/monitor/qmp_client.ts";
 import { createStatusWatcher, type StatusObservation } from "../host/monitor/status_watcher.ts";
-import { qemuAvailable, startSerialGuest } from "./vm/qemu_guest.ts";
+import { qemuMissing, startSerialGuest } from "./vm/qemu_guest.ts";
+import { requires } from "../shared/_requires.ts";
 
-const available = qemuAvailable();
-if (!available.ok) console.warn(`tests/coordination_ringbuf_test.ts skipped: ${available.reason}`);
+const noQemu = qemuMissing();
 
 /** Resolves with the first value `poll()` returns that is not undefined, within `ms`. */
 async function pollUntil<T>(
@@ -55,9 +55,8 @@ function notifier() {
   };
 }
 
-Deno.test({
+Deno.test(requires(noQemu, {
   name: "readRingBuffer() returns the last complete line of a real guest's ring (newest 16 bytes)",
-  ignore: !available.ok,
   async fn() {
     const dir = await Deno.makeTempDir({ prefix: "coord-ringbuf-" });
     try {
@@ -107,11 +106,10 @@ Deno.test({
       await Deno.remove(dir, { recursive: true });
     }
   },
-});
+}));
 
-Deno.test({
+Deno.test(requires(noQemu, {
   name: "Coordinator announces when a real guest writes STARTED and marks STOPPED when QEMU dies",
-  ignore: !available.ok,
   async fn() {
     const dir = await Deno.makeTempDir({ prefix: "coord-ringbuf-" });
     try {
@@ -180,4 +178,4 @@ Deno.test({
       await Deno.remove(dir, { recursive: true });
     }
   },
-});
+}));

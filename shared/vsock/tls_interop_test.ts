@@ -10,6 +10,7 @@ import * as tls from "node:tls";
 import { nextEvent, readToEnd, TempDir, within } from "./_testing.ts";
 import type { FdSocket } from "./fd_socket.ts";
 import { connectUnix, listenUnix } from "./unix.ts";
+import { missingProgram, requires } from "../_requires.ts";
 
 function selfSigned(dir: TempDir, name: string): { key: string; cert: string } {
   const out = new Deno.Command("openssl", {
@@ -40,17 +41,7 @@ function selfSigned(dir: TempDir, name: string): { key: string; cert: string } {
   };
 }
 
-function hasOpenssl(): boolean {
-  try {
-    return new Deno.Command("openssl", { args: ["version"], stdout: "null", stderr: "null" })
-      .outputSync().success;
-  } catch {
-    return false;
-  }
-}
-
-const ignore = !hasOpenssl();
-if (ignore) console.error("tls_interop_test.ts: skipped: no openssl to make a test certificate");
+const noOpenssl = missingProgram("openssl", "it makes the test certificates");
 
 async function tlsPair(dir: TempDir) {
   const server = selfSigned(dir, "server");
@@ -89,9 +80,8 @@ function destroyAll(...sockets: Array<{ destroy(): void }>): void {
   for (const socket of sockets) socket.destroy();
 }
 
-Deno.test({
+Deno.test(requires(noOpenssl, {
   name: "node:tls runs mutual TLS over an FdSocket pair and sees the client certificate",
-  ignore,
   async fn() {
     using dir = new TempDir();
     const { serverTls, clientTls, rawClient, rawServer, clientCert } = await tlsPair(dir);
@@ -112,7 +102,7 @@ Deno.test({
       destroyAll(clientTls, serverTls, rawClient, rawServer);
     }
   },
-});
+}));
 
 /** The DER bytes of a PEM certificate. */
 class X509Der {
@@ -127,9 +117,8 @@ class X509Der {
   }
 }
 
-Deno.test({
+Deno.test(requires(noOpenssl, {
   name: "node:http serves a request over node:tls over an FdSocket pair",
-  ignore,
   async fn() {
     using dir = new TempDir();
     const { serverTls, clientTls, rawClient, rawServer } = await tlsPair(dir);
@@ -161,4 +150,4 @@ Deno.test({
       destroyAll(clientTls, serverTls, rawClient, rawServer);
     }
   },
-});
+}));

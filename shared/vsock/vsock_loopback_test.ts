@@ -13,6 +13,7 @@ import { VMADDR_CID_LOCAL } from "./sockaddr.ts";
 import { SocketError } from "./socket_error.ts";
 import { vsockTransport } from "./transport.ts";
 import { connectVsock, listenVsock } from "./vsock.ts";
+import { requires } from "../_requires.ts";
 
 function loopbackEnabled(): boolean {
   try {
@@ -22,13 +23,8 @@ function loopbackEnabled(): boolean {
   }
 }
 
-const ignore = !loopbackEnabled();
-if (ignore) {
-  console.error(
-    "vsock_loopback_test.ts: skipped: set LXD_VSOCK_LOOPBACK=1 to run it (inside a VM with " +
-      "the vsock_loopback module; it connects to CID 1)",
-  );
-}
+const noLoopback = loopbackEnabled() ? undefined : "needs LXD_VSOCK_LOOPBACK=1 (inside a VM " +
+  "with the vsock_loopback module, as in make e2e's L1; it connects to CID 1)";
 
 function portOf(listener: Listener): number {
   assert.equal(listener.address.family, "vsock");
@@ -45,9 +41,8 @@ async function loopbackPair(): Promise<{ listener: Listener; client: FdSocket; s
   return { listener, client, server };
 }
 
-Deno.test({
+Deno.test(requires(noLoopback, {
   name: "vsock loopback: echo, with the peer's CID and port from the kernel",
-  ignore,
   async fn() {
     const { listener, client, server } = await loopbackPair();
     try {
@@ -72,11 +67,10 @@ Deno.test({
       listener.close();
     }
   },
-});
+}));
 
-Deno.test({
+Deno.test(requires(noLoopback, {
   name: "vsock loopback: 16 MiB arrive intact through backpressure",
-  ignore,
   async fn() {
     const { listener, client, server } = await loopbackPair();
     try {
@@ -99,11 +93,10 @@ Deno.test({
       listener.close();
     }
   },
-});
+}));
 
-Deno.test({
+Deno.test(requires(noLoopback, {
   name: "vsock loopback: half-close both ways",
-  ignore,
   async fn() {
     const { listener, client, server } = await loopbackPair();
     try {
@@ -119,11 +112,10 @@ Deno.test({
       listener.close();
     }
   },
-});
+}));
 
-Deno.test({
+Deno.test(requires(noLoopback, {
   name: "vsock loopback: 50 concurrent connections echo",
-  ignore,
   async fn() {
     using listener = vsockTransport.listen(0);
     const served: FdSocket[] = [];
@@ -154,11 +146,10 @@ Deno.test({
       for (const socket of [...clients, ...served]) socket.destroy();
     }
   },
-});
+}));
 
-Deno.test({
+Deno.test(requires(noLoopback, {
   name: "vsock loopback: connecting to a port nobody listens on fails with ECONNREFUSED",
-  ignore,
   async fn() {
     const listener = listenVsock({ port: 0 });
     const port = portOf(listener);
@@ -171,15 +162,14 @@ Deno.test({
       new RegExp(`^Cannot connect to vsock 1:${port}: connection refused`),
     );
   },
-});
+}));
 
-Deno.test({
+Deno.test(requires(noLoopback, {
   name: "vsock loopback: closing the listener rejects a pending accept()",
-  ignore,
   async fn() {
     const listener = listenVsock({ cid: VMADDR_CID_LOCAL, port: 0 });
     const pending = listener.accept();
     listener.close();
     await assert.rejects(pending, { name: "AbortError" });
   },
-});
+}));

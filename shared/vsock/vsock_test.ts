@@ -4,6 +4,7 @@
  * `vsock_loopback_test.ts`, run inside a VM with vsock_loopback.)
  */
 import assert from "node:assert/strict";
+import { requires } from "../_requires.ts";
 import * as libc from "./_libc.ts";
 import { FdListener } from "./listener.ts";
 import { VMADDR_CID_ANY } from "./sockaddr.ts";
@@ -19,8 +20,7 @@ function hasVsock(): boolean {
   return true;
 }
 
-const ignore = !hasVsock();
-if (ignore) console.error("vsock_test.ts: skipped: this kernel has no AF_VSOCK (vsock module)");
+const noVsock = hasVsock() ? undefined : "this kernel has no AF_VSOCK (vsock module)";
 
 function portOf(listener: { address: { family: string } }): number {
   const address = listener.address as { family: "vsock"; cid: number; port: number };
@@ -28,9 +28,8 @@ function portOf(listener: { address: { family: string } }): number {
   return address.port;
 }
 
-Deno.test({
+Deno.test(requires(noVsock, {
   name: "listenVsock() binds CID any on a random port in 1024-65534",
-  ignore,
   fn() {
     using listener = listenVsock();
     assert.equal(listener.address.family, "vsock");
@@ -38,11 +37,10 @@ Deno.test({
     assert.equal(listener.address.cid, VMADDR_CID_ANY);
     assert.ok(listener.address.port >= RANDOM_PORT_MIN && listener.address.port <= RANDOM_PORT_MAX);
   },
-});
+}));
 
-Deno.test({
+Deno.test(requires(noVsock, {
   name: "listenVsock({ port: 0 }) picks different ports for different listeners",
-  ignore,
   fn() {
     const listeners = Array.from({ length: 20 }, () => listenVsock({ port: 0 }));
     try {
@@ -52,11 +50,10 @@ Deno.test({
       for (const listener of listeners) listener.close();
     }
   },
-});
+}));
 
-Deno.test({
+Deno.test(requires(noVsock, {
   name: "listenVsock() binds the port it is given, reported by getsockname",
-  ignore,
   fn() {
     using first = listenVsock();
     const port = portOf(first);
@@ -64,11 +61,10 @@ Deno.test({
     using again = listenVsock({ port });
     assert.equal(portOf(again), port);
   },
-});
+}));
 
-Deno.test({
+Deno.test(requires(noVsock, {
   name: "a second bind of the same vsock port fails with EADDRINUSE, named",
-  ignore,
   fn() {
     using listener = listenVsock();
     const port = portOf(listener);
@@ -83,11 +79,10 @@ Deno.test({
     listener.close();
     listenVsock({ port }).close();
   },
-});
+}));
 
-Deno.test({
+Deno.test(requires(noVsock, {
   name: "localCid() reads this machine's CID, which listenVsock() can bind and others cannot",
-  ignore,
   fn() {
     const cid = localCid();
     console.log(`local CID: ${cid}`);
@@ -97,11 +92,10 @@ Deno.test({
     assert.deepEqual({ ...own.address, port: 0 }, { family: "vsock", cid, port: 0 });
     assert.throws(() => listenVsock({ cid: cid + 1000 }), { code: "EADDRNOTAVAIL" });
   },
-});
+}));
 
-Deno.test({
+Deno.test(requires(noVsock, {
   name: "vsock listening sockets are non-blocking and close-on-exec",
-  ignore,
   fn() {
     using listener = listenVsock();
     assert.ok(listener instanceof FdListener);
@@ -109,11 +103,10 @@ Deno.test({
     assert.ok(libc.fcntl(fd, libc.F_GETFL) & libc.O_NONBLOCK);
     assert.ok(libc.fcntl(fd, libc.F_GETFD) & libc.FD_CLOEXEC);
   },
-});
+}));
 
-Deno.test({
+Deno.test(requires(noVsock, {
   name: "closing a vsock listener rejects a pending accept() with an AbortError",
-  ignore,
   async fn() {
     const listener = vsockTransport.listen(0);
     const pending = listener.accept();
@@ -124,11 +117,10 @@ Deno.test({
     for await (const socket of listener) seen.push(socket);
     assert.equal(seen.length, 0);
   },
-});
+}));
 
-Deno.test({
+Deno.test(requires(noVsock, {
   name: "listenVsock() and connectVsock() reject out-of-range CIDs and ports with a RangeError",
-  ignore,
   async fn() {
     assert.throws(() => listenVsock({ port: -1 }), RangeError);
     assert.throws(() => listenVsock({ cid: 2 ** 32 }), RangeError);
@@ -140,4 +132,4 @@ Deno.test({
       name: "AbortError",
     });
   },
-});
+}));

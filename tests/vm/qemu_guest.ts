@@ -18,6 +18,8 @@
  * @module
  */
 
+import { findProgram } from "../../shared/_requires.ts";
+
 const CACHE = new URL("../../.cache/vm/", import.meta.url);
 const KERNEL = new URL("vmlinux", CACHE).pathname;
 const INITRD = new URL("initramfs.gz", CACHE).pathname;
@@ -43,22 +45,20 @@ export interface SerialGuestOptions {
   signal?: AbortSignal;
 }
 
-/** Whether {@linkcode startSerialGuest} can run here, and if not, why. */
-export function qemuAvailable(): { ok: true } | { ok: false; reason: string } {
+/** Why {@linkcode startSerialGuest} cannot run here, or undefined when it can. */
+export function qemuMissing(): string | undefined {
   if (Deno.build.os !== "linux" || Deno.build.arch !== "x86_64") {
-    return { ok: false, reason: `QEMU guests need linux/x86_64, not ${Deno.build.target}` };
+    return `QEMU guests need linux/x86_64, not ${Deno.build.target}`;
   }
   try {
-    if (findQemu() === undefined) {
-      return { ok: false, reason: `${QEMU} is not on PATH (run tests/vm/setup)` };
-    }
+    if (findProgram(QEMU) === undefined) return `${QEMU} is not on PATH (run tests/vm/setup)`;
     for (const file of [KERNEL, INITRD]) {
-      if (!isFile(file)) return { ok: false, reason: `${file} is missing (run tests/vm/setup)` };
+      if (!isFile(file)) return `${file} is missing (run tests/vm/setup)`;
     }
   } catch (error) {
-    return { ok: false, reason: `cannot look for QEMU: ${(error as Error).message}` };
+    return `cannot look for QEMU: ${(error as Error).message}`;
   }
-  return { ok: true };
+  return undefined;
 }
 
 /** A running serial guest; close() (or `await using`) kills QEMU. */
@@ -150,8 +150,8 @@ export async function startSerialGuest(options: SerialGuestOptions): Promise<Ser
   if (socketPort && !/^[A-Za-z0-9._-]+$/.test(socketPortName)) {
     throw new TypeError(`Invalid socketPortName ${JSON.stringify(socketPortName)}`);
   }
-  const available = qemuAvailable();
-  if (!available.ok) throw new Error(`Cannot start a QEMU guest: ${available.reason}`);
+  const missing = qemuMissing();
+  if (missing !== undefined) throw new Error(`Cannot start a QEMU guest: ${missing}`);
   signal?.throwIfAborted();
 
   const qmpPath = `${dir}/qmp.sock`;
@@ -191,7 +191,7 @@ export async function startSerialGuest(options: SerialGuestOptions): Promise<Ser
       : []),
     ...["-qmp", `unix:${qmpPath},server=on,wait=off`],
   ];
-  const child = new Deno.Command(findQemu()!, {
+  const child = new Deno.Command(findProgram(QEMU)!, {
     args,
     stdin: "null",
     stdout: "null",
@@ -230,14 +230,6 @@ export async function startSerialGuest(options: SerialGuestOptions): Promise<Ser
     await guest.close();
     throw error;
   }
-}
-
-function findQemu(): string | undefined {
-  const path = Deno.env.get("PATH") ?? "/usr/local/bin:/usr/bin:/bin";
-  for (const d of path.split(":")) {
-    if (d && isFile(`${d}/${QEMU}`)) return `${d}/${QEMU}`;
-  }
-  return undefined;
 }
 
 function isFile(path: string): boolean {

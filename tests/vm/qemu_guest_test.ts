@@ -3,10 +3,10 @@
  * reason printed, where QEMU or the VM files of tests/vm/setup are missing).
  * @module
  */
-import { qemuAvailable, startSerialGuest } from "./qemu_guest.ts";
+import { qemuMissing, startSerialGuest } from "./qemu_guest.ts";
+import { requires } from "../../shared/_requires.ts";
 
-const available = qemuAvailable();
-if (!available.ok) console.warn(`tests/vm/qemu_guest_test.ts skipped: ${available.reason}`);
+const noQemu = qemuMissing();
 
 const encoder = new TextEncoder();
 
@@ -82,9 +82,8 @@ async function withDeadline<T>(
   }
 }
 
-Deno.test({
+Deno.test(requires(noQemu, {
   name: "startSerialGuest(): the guest's STARTED line is read (and consumed) by QMP ringbuf-read",
-  ignore: !available.ok,
   async fn() {
     const dir = await Deno.makeTempDir({ prefix: "qemu-guest-" });
     try {
@@ -112,12 +111,11 @@ Deno.test({
       await Deno.remove(dir, { recursive: true });
     }
   },
-});
+}));
 
-Deno.test({
+Deno.test(requires(noQemu, {
   name:
     "startSerialGuest(): a write past 16 bytes keeps the newest 16 in the ring, and the socket port echoes",
-  ignore: !available.ok,
   async fn() {
     const dir = await Deno.makeTempDir({ prefix: "qemu-guest-" });
     try {
@@ -159,4 +157,4 @@ Deno.test({
       await Deno.remove(dir, { recursive: true });
     }
   },
-});
+}));
