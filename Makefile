@@ -9,7 +9,7 @@ DENO ?= $(shell command -v deno 2>/dev/null || echo node_modules/deno/deno)
 export DENO_NO_UPDATE_CHECK := 1
 DENO_VERSION := $(shell node -p 'require("./package.json").devDependencies.deno' 2>/dev/null)
 
-.PHONY: install run test check unit bench bench-vm build e2e demo clean
+.PHONY: install run test check unit bench bench-vm build build-check e2e demo clean
 
 install: node_modules/.installed
 
@@ -44,6 +44,11 @@ build: install
 	@mkdir -p dist
 	$(DENO) task compile:host
 	$(DENO) task compile:agent
+
+## build-check: the real `deno compile` of both binaries with the Deno CLI standing in for
+## denort; fails if a payload embeds anything outside its module graph or is over budget
+build-check: install
+	$(DENO) task build-check
 
 e2e: install
 	bash tests/vm/run-e2e
