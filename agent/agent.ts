@@ -35,6 +35,7 @@ import type { AgentStatus } from "./agent_state.ts";
 import { createDevlxdApp, DevlxdServer } from "./devlxd_server.ts";
 import { EventRelay } from "./event_relay.ts";
 import { hostRequest, probeHost } from "./host_client.ts";
+import { HostPool } from "./host_pool.ts";
 import { type HostFetchOptions, HostUnreachableError } from "./host_fetch.ts";
 import type { Identity } from "./identity.ts";
 import { SerialChannel } from "./serial_channel.ts";
@@ -75,6 +76,12 @@ export interface AgentOptions {
    * @default {16}
    */
   maxHostConnections?: number;
+  /**
+   * How long an idle connection to the host is kept for the next request
+   * (keep-alive; at most 4 idle), in ms; 0 opens one connection per request.
+   * @default {2000}
+   */
+  hostIdleTimeout?: number;
   /** Serial port polling/retry periods, in ms (tests shorten them). */
   serialPollInterval?: number;
   serialRetryInterval?: number;
@@ -110,12 +117,14 @@ export class Agent {
   #closed = false;
   #api: ReturnType<typeof createAgentApi>;
   #hostSlots: Slots;
+  #hostPool: HostPool;
 
   constructor(options: AgentOptions) {
     this.#options = options;
     this.#logger = options.logger ?? silentLogger;
     this.#status = options.status;
     this.#hostSlots = new Slots(options.maxHostConnections ?? 16);
+    this.#hostPool = new HostPool({ idleTimeout: options.hostIdleTimeout ?? 2000, maxIdle: 4 });
     this.#relay = new EventRelay({
       fetchHost: (request, opts) => this.fetchHost(request, opts),
       canPull: () => this.#info !== undefined,
@@ -213,6 +222,7 @@ export class Agent {
         connectTimeout: this.#options.connectTimeout,
         responseTimeout: this.#options.responseTimeout,
         slots: this.#hostSlots,
+        pool: this.#hostPool,
         signal: options.signal,
       });
       if (this.#info === info) {
@@ -243,6 +253,7 @@ export class Agent {
   ): Promise<void> {
     const generation = ++this.#generation;
     this.#info = info;
+    this.#hostPool.clear(); // connections to the old address or certificate
     this.#status.setHost(
       { cid: info.cid, port: info.port, fingerprint: fingerprint(info.certificate) },
       source,
@@ -252,7 +263,8 @@ export class Agent {
     const devlxd = this.#devlxdChange;
     try {
       const response = await this.fetchHost(new Request("http://lxd/1.0"));
-      await response.body?.cancel();
+      // Read to its end (small), so that its connection stays in the pool.
+      await response.arrayBuffer().catch(() => undefined);
       if (!response.ok && response.status !== 403) {
         if (generation === this.#generation) {
           this.#status.failed(`The host answered ${response.status} to GET /1.0.`);
@@ -275,7 +287,7 @@ export class Agent {
           headers: { "Content-Type": "application/json" },
         }),
       );
-      await response.body?.cancel();
+      await response.arrayBuffer().catch(() => undefined); // to its end: the connection stays pooled
       if (response.ok) this.#logger.info("re-sent the guest's Ready state to the host");
       else this.#logger.warn("the host refused the Ready state", { status: response.status });
     } catch (error) {
@@ -410,6 +422,7 @@ export class Agent {
     await this.#devlxdChange;
     await this.#devlxd.stop();
     await this.#relay.close();
+    this.#hostPool.close();
     await this.#serial?.close();
   }
 

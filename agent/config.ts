@@ -35,6 +35,8 @@ export interface AgentConfig {
   stateFile: string;
   /** Period of the serial state rewrite, in milliseconds. */
   rewriteInterval: number;
+  /** How long an idle keep-alive connection to the host is kept, in ms; 0: one per request. */
+  hostIdleTimeout: number;
   transport: TransportConfig;
   logLevel: LogLevel;
   /** Output format of `--status`. */
@@ -62,6 +64,9 @@ OPTIONS
   --devlxd-mode MODE        octal file mode of the devlxd socket (default 0600)
   --state-file PATH         state file read by --status (default /run/lxd-vsock-agent/state.json)
   --rewrite-interval DUR    rewrite the serial state this often: 5s, 500ms, 1m (default 5s)
+  --host-idle-timeout DUR   keep an idle connection to the host this long for the next
+                            request (keep-alive, at most 4 idle); 0 opens one per request
+                            (default 2s)
   --transport KIND          vsock (default) or hybrid:<uds_path> (Firecracker-style unix stand-in)
   --log-level LEVEL         debug, info, warn or error (default info)
   --status                  print the running agent's state; exit 0 if CONNECTED, 1 otherwise
@@ -80,6 +85,7 @@ const DEFAULTS = {
   devlxdMode: 0o600,
   stateFile: "/run/lxd-vsock-agent/state.json",
   rewriteInterval: 5000,
+  hostIdleTimeout: 2000,
 };
 
 /** Parses `5s`, `500ms`, `1m` or a bare number of seconds into milliseconds. */
@@ -138,6 +144,7 @@ export function parseConfig(
         "devlxd-mode": { type: "string" },
         "state-file": { type: "string" },
         "rewrite-interval": { type: "string" },
+        "host-idle-timeout": { type: "string" },
         "transport": { type: "string" },
         "log-level": { type: "string" },
         "status": { type: "boolean" },
@@ -173,6 +180,11 @@ export function parseConfig(
     rewriteInterval: values["rewrite-interval"] === undefined
       ? DEFAULTS.rewriteInterval
       : parseDuration(values["rewrite-interval"], "--rewrite-interval"),
+    hostIdleTimeout: values["host-idle-timeout"] === undefined
+      ? DEFAULTS.hostIdleTimeout
+      : /^0+(ms|s|m)?$/.test(values["host-idle-timeout"].trim())
+      ? 0
+      : parseDuration(values["host-idle-timeout"], "--host-idle-timeout"),
     transport: parseTransport(values.transport ?? "vsock"),
     logLevel: wrap(() =>
       parseLogLevel(values["log-level"] ?? env.LXD_VSOCK_AGENT_LOG_LEVEL ?? "info")

@@ -1,11 +1,15 @@
 /**
- * `hostRequest()`: one request to the host's devlxd API over one new
- * connection — transport connect to the host's (CID, port), TLS 1.3
- * presenting the agent's certificate and pinning the host's exact
- * certificate from the connection info, one HTTP/1.1 request, close (the
- * socket closes once the response body is read or cancelled, so streams pass
- * through). Every failure to get an answer becomes a `HostUnreachableError`
- * with one clear sentence; every phase is bounded.
+ * `hostRequest()`: one request to the host's devlxd API — transport connect
+ * to the host's (CID, port), TLS 1.3 presenting the agent's certificate and
+ * pinning the host's exact certificate from the connection info, one
+ * HTTP/1.1 request; the connection closes once the response body is read or
+ * cancelled, so streams pass through. With a `HostPool`, a connection whose
+ * response completed is kept for the next request (HTTP/1.1 keep-alive) for
+ * the pool's idle window, and the next request takes it instead of dialling;
+ * when the host closed it meanwhile without answering a byte, the request is
+ * sent once more on a new connection (never when any answer came). Every
+ * failure to get an answer becomes a `HostUnreachableError` with one clear
+ * sentence; every phase is bounded.
  * `probeHost()` is the cheap liveness check: a plain transport connect.
  * Permissions: `--allow-ffi` (vsock), read/write on unix paths (hybrid).
  * @module
@@ -13,11 +17,12 @@
 
 import type { Duplex } from "node:stream";
 import type { ConnectionInfo } from "../shared/api.ts";
-import { httpRequest } from "../shared/http/mod.ts";
+import { httpRequest, NoResponseError } from "../shared/http/mod.ts";
 import { CertificateError, connectTls } from "../shared/tls/mutual_tls.ts";
 import type { Slots } from "../shared/slots.ts";
 import { SocketError, type Transport } from "../shared/vsock/mod.ts";
 import { HostUnreachableError, type UnreachableReason } from "./host_fetch.ts";
+import type { HostPool } from "./host_pool.ts";
 
 export interface HostRequestOptions {
   transport: Transport;
@@ -50,6 +55,8 @@ export interface HostRequestOptions {
    * @default {10000}
    */
   queueTimeout?: number;
+  /** Keeps completed connections for the next request (keep-alive); none: one per request. */
+  pool?: HostPool;
   signal?: AbortSignal;
 }
 
@@ -103,8 +110,51 @@ export function classifyFailure(
   return new HostUnreachableError(message.replace(/\.\.$/, "."), reason, { cause: error });
 }
 
-/** Sends `request` to the host of `info` over a new connection. */
+/**
+ * Sends `request` to the host of `info`: over an idle pooled connection when
+ * there is one, else over a new connection.
+ */
 export async function hostRequest(
+  info: ConnectionInfo,
+  request: Request,
+  options: HostRequestOptions,
+): Promise<Response> {
+  const pooled = options.pool?.take(info);
+  if (pooled !== undefined) {
+    // Kept for a second attempt: the first one consumes the body.
+    const again = request.body === null ? request : request.clone();
+    try {
+      return await exchange(pooled, info, request, options);
+    } catch (error) {
+      // The host closed the idle connection before answering anything: try a new one.
+      if (!(error instanceof NoResponseError) || options.signal?.aborted) {
+        throw classifyFailure(error, "request", info);
+      }
+      request = again;
+    }
+  }
+  return await newConnection(info, request, options);
+}
+
+/** One request on `socket` (TLS, open); a completed connection goes back to the pool. */
+function exchange(
+  socket: Duplex,
+  info: ConnectionInfo,
+  request: Request,
+  options: HostRequestOptions,
+): Promise<Response> {
+  const pool = options.pool;
+  return httpRequest(socket, request, {
+    timeout: options.responseTimeout ?? 10_000,
+    signal: options.signal,
+    reuse: pool === undefined || pool.idleTimeout === 0
+      ? undefined
+      : (done) => pool.give(info, done, options.slots),
+  });
+}
+
+/** Dials, handshakes and sends `request` on a new connection, within a slot. */
+async function newConnection(
   info: ConnectionInfo,
   request: Request,
   options: HostRequestOptions,
@@ -170,10 +220,7 @@ export async function hostRequest(
   // Closing the TLS layer (the body was read or cancelled) closes the connection.
   tlsSocket.once("close", () => socket.destroy());
   try {
-    return await httpRequest(tlsSocket, request, {
-      timeout: options.responseTimeout ?? 10_000,
-      signal: options.signal,
-    });
+    return await exchange(tlsSocket, info, request, options);
   } catch (error) {
     tlsSocket.destroy();
     socket.destroy();

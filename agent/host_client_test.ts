@@ -5,6 +5,7 @@ import { acceptTls } from "../shared/tls/mod.ts";
 import { hybridGuestTransport, type Listener, listenUnix } from "../shared/vsock/mod.ts";
 import { classifyFailure, hostRequest, probeHost } from "./host_client.ts";
 import { HostUnreachableError } from "./host_fetch.ts";
+import { HostPool } from "./host_pool.ts";
 import { Slots } from "../shared/slots.ts";
 import { makeTestPair, until, within } from "./_testing.ts";
 
@@ -252,4 +253,130 @@ Deno.test("probeHost() resolves while something listens and rejects once nothing
 Deno.test("classifyFailure() keeps an existing HostUnreachableError", () => {
   const error = new HostUnreachableError("x.", "timeout");
   assert.equal(classifyFailure(error, "request", { cid: 2, port: 1 }), error);
+});
+
+Deno.test("hostRequest() with a pool sends a burst of requests over one kept-alive connection", async () => {
+  let connections = 0;
+  let requests = 0;
+  const serve = serveTls();
+  await withHost((socket) => {
+    connections++;
+    return serve(socket);
+  }, async (uds, port) => {
+    using pool = new HostPool({ idleTimeout: 10_000 });
+    const options = { transport: hybridGuestTransport(uds), ...agent, pool };
+    for (const path of ["/1.0", "/1.0/config", "/1.0/meta-data", "/1.0/devices"]) {
+      const res = await hostRequest(info(port), new Request(`http://lxd${path}`), options);
+      assert.deepEqual(await res.json(), { type: "sync", metadata: path });
+      requests++;
+    }
+    // A PUT with a body rides on the same connection too.
+    const put = await hostRequest(
+      info(port),
+      new Request("http://lxd/1.0", { method: "PATCH", body: '{"state":"Ready"}' }),
+      options,
+    );
+    assert.equal(put.status, 200);
+    await put.arrayBuffer();
+    assert.equal(requests, 4);
+    assert.equal(connections, 1, "one handshake for the whole burst");
+    assert.equal(pool.size, 1);
+  });
+});
+
+Deno.test("hostRequest() with a pool holds no connection after the idle window", async () => {
+  const closed: Promise<void>[] = [];
+  const serve = serveTls();
+  await withHost((socket) => {
+    closed.push(new Promise((resolve) => socket.once("close", () => resolve())));
+    return serve(socket);
+  }, async (uds, port) => {
+    using pool = new HostPool({ idleTimeout: 200 });
+    const res = await hostRequest(info(port), new Request("http://lxd/1.0"), {
+      transport: hybridGuestTransport(uds),
+      ...agent,
+      pool,
+    });
+    await res.arrayBuffer();
+    assert.equal(pool.size, 1);
+    // The host sees the agent close the connection once the idle window has passed.
+    await within(closed[0], "the idle connection closed by the agent", 5000);
+    assert.equal(pool.size, 0);
+  });
+});
+
+Deno.test("hostRequest() with a pool sends a request again on a new connection when the host closed the idle one unanswered, never after an answer", async () => {
+  const held: Array<() => void> = [];
+  let connections = 0;
+  const seen: string[] = [];
+  const serveOnce = async (socket: Duplex) => {
+    connections++;
+    const { socket: tlsSocket } = await acceptTls(socket, {
+      cert: host.cert,
+      key: host.key,
+      pinned: agent.cert,
+    });
+    let served = 0;
+    await serveHttp(tlsSocket, async (request) => {
+      seen.push(`${connections}:${request.method} ${new URL(request.url).pathname}`);
+      served++;
+      if (served === 2) {
+        // The second request on a connection: drop it without a byte of answer.
+        await new Promise<void>((resolve) => held.push(resolve));
+        tlsSocket.destroy();
+      }
+      return Response.json({ type: "sync", metadata: {} });
+    });
+  };
+  await withHost(serveOnce, async (uds, port) => {
+    using pool = new HostPool({ idleTimeout: 10_000 });
+    const options = { transport: hybridGuestTransport(uds), ...agent, pool };
+    await (await hostRequest(info(port), new Request("http://lxd/1.0"), options)).arrayBuffer();
+    const second = hostRequest(
+      info(port),
+      new Request("http://lxd/1.0", { method: "PATCH", body: '{"state":"Ready"}' }),
+      options,
+    );
+    await until(() => held.length === 1, "the second request at the host");
+    held.shift()!();
+    const res = await within(second, "the retried request");
+    assert.equal(res.status, 200);
+    await res.arrayBuffer();
+    // Once on the pooled connection (unanswered), once on a new one: never more.
+    assert.deepEqual(seen, ["1:GET /1.0", "1:PATCH /1.0", "2:PATCH /1.0"]);
+    assert.equal(connections, 2);
+  });
+});
+
+Deno.test("hostRequest() with a pool does not send again when the host answered part of a response", async () => {
+  let connections = 0;
+  const serve = async (socket: Duplex) => {
+    connections++;
+    const { socket: tlsSocket } = await acceptTls(socket, {
+      cert: host.cert,
+      key: host.key,
+      pinned: agent.cert,
+    });
+    let served = 0;
+    tlsSocket.on("data", () => {
+      served++;
+      if (served === 1) {
+        tlsSocket.write("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}");
+      } else {
+        tlsSocket.end("HTTP/1.1 200 OK\r\nContent-Le"); // half a head, then gone
+      }
+    });
+    await new Promise((resolve) => tlsSocket.once("close", resolve));
+  };
+  await withHost(serve, async (uds, port) => {
+    using pool = new HostPool({ idleTimeout: 10_000 });
+    const options = { transport: hybridGuestTransport(uds), ...agent, pool };
+    await (await hostRequest(info(port), new Request("http://lxd/1.0"), options)).arrayBuffer();
+    await expectUnreachable(
+      hostRequest(info(port), new Request("http://lxd/1.0"), options),
+      "closed",
+      /closed the connection before answering/,
+    );
+    assert.equal(connections, 1);
+  });
 });

@@ -88,6 +88,8 @@ export class TestHost {
   connections = 0;
   /** Connections that completed the TLS handshake. */
   tlsConnections = 0;
+  /** Of those, the ones still open. */
+  openTlsConnections = 0;
   config: Record<string, string> = { "user.foo": "bar", "security.secret": "no" };
   state: "Started" | "Ready" = "Started";
   readonly changed = new Signal();
@@ -140,8 +142,14 @@ export class TestHost {
             });
             this.#sockets.add(tlsSocket);
             this.tlsConnections++;
+            this.openTlsConnections++;
             this.changed.notify();
-            await serveHttp(tlsSocket, app.fetch, { signal: this.#abort.signal });
+            try {
+              await serveHttp(tlsSocket, app.fetch, { signal: this.#abort.signal });
+            } finally {
+              this.openTlsConnections--;
+              this.changed.notify();
+            }
           } catch {
             // probes and refused handshakes end here
           } finally {

@@ -105,10 +105,10 @@ async function untilExists(path: string, agent: AgentProcess): Promise<void> {
   }
 }
 
-Deno.test("agent: STARTED, then PUT /1.0 → CONNECTED and /dev/lxd/sock serves the host's devlxd API with one dial per request", async () => {
+Deno.test("agent: STARTED, then PUT /1.0 → CONNECTED and /dev/lxd/sock serves the host's devlxd API; --host-idle-timeout 0 dials once per request", async () => {
   await using w = await world();
   const host = w.host();
-  const agent = w.agent();
+  const agent = w.agent(["--host-idle-timeout", "0"]);
   await w.serial.waitFor("STARTED");
   await agent.waitForLog(/agent started/);
   assert.equal(await exists(w.paths.devlxdSocket), false, "no devlxd before connection info");
@@ -146,6 +146,34 @@ Deno.test("agent: STARTED, then PUT /1.0 → CONNECTED and /dev/lxd/sock serves 
   const after = await runAgentCommand(["--status", `--state-file=${w.paths.stateFile}`]);
   assert.equal(after.code, 1);
   assert.match(after.stdout, /No agent is running/);
+});
+
+Deno.test("agent: a burst of guest requests rides on the validating request's kept-alive connection; an idle agent then holds none", async () => {
+  await using w = await world();
+  const host = w.host();
+  // A long window for the burst, so that a slow machine cannot close it in between.
+  const agent = w.agent(["--host-idle-timeout", "30s"]);
+  await agent.waitForLog(/agent started/);
+  assert.equal((await w.put(HOST_PORT)).status, 200);
+  await w.serial.waitFor("CONNECTED");
+  assert.equal(host.tlsConnections, 1, "the validating GET /1.0");
+  for (const path of ["/1.0", "/1.0/config", "/1.0/config/user.foo", "/1.0/meta-data"]) {
+    const response = await devlxd(w.paths.devlxdSocket, path);
+    assert.equal(response.status, 200, path);
+    await response.arrayBuffer();
+  }
+  assert.equal(host.tlsConnections, 1, "one handshake for the validation and the whole burst");
+  assert.equal(host.requests.filter((r) => r.method === "GET").length, 5);
+  await agent.stop("SIGTERM");
+
+  // With the default window (2 s), the connection stays open, then the agent closes it.
+  const again = w.agent();
+  await again.waitForLog(/agent started/);
+  assert.equal((await w.put(HOST_PORT)).status, 200);
+  await w.serial.waitFor("CONNECTED");
+  await (await devlxd(w.paths.devlxdSocket, "/1.0")).arrayBuffer();
+  assert.equal(host.openTlsConnections, 1, "kept for the next request");
+  await host.changed.until(() => host.openTlsConnections === 0, "idle connections closed");
 });
 
 Deno.test("agent: agent.conf makes /dev/lxd/sock serve before any PUT", async () => {

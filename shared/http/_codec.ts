@@ -334,3 +334,9 @@ export function chunkHeader(size: number): Buffer {
 
 export const CRLF: Buffer = Buffer.from("\r\n", "latin1");
 export const LAST_CHUNK: Buffer = Buffer.from("0\r\n\r\n", "latin1");
+
+/** Whether a `Connection` header value holds the `close` option (RFC 9110 7.6.1). */
+export function hasCloseToken(value: string | null): boolean {
+  if (value === null) return false;
+  return value.split(",").some((option) => option.trim().toLowerCase() === "close");
+}

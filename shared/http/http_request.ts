@@ -5,7 +5,11 @@
  * head and returns a `Response` whose body streams (Content-Length, chunked,
  * or until close) with backpressure. The connection belongs to the response:
  * it is destroyed once the body is fully read, cancelled or failed (or at
- * once when there is no body). Interoperates with Go's net/http server.
+ * once when there is no body). With `reuse`, the request asks for keep-alive
+ * instead, and a connection whose response completed cleanly (framed by
+ * length or chunks, nothing left over, neither side asked to close) is
+ * handed back to the caller for the next request instead of being destroyed.
+ * Interoperates with Go's net/http server.
  *
  * Needs no permissions.
  *
@@ -15,7 +19,14 @@
 import { Buffer } from "node:buffer";
 import type { Duplex } from "node:stream";
 import { SocketReader } from "./_reader.ts";
-import { ChunkedDecoder, type Framing, headEnd, parseResponseHead, summarize } from "./_codec.ts";
+import {
+  ChunkedDecoder,
+  type Framing,
+  hasCloseToken,
+  headEnd,
+  parseResponseHead,
+  summarize,
+} from "./_codec.ts";
 
 /** Options for {@linkcode httpRequest}. */
 export interface HttpRequestOptions {
@@ -31,6 +42,21 @@ export interface HttpRequestOptions {
    * @default 65536
    */
   maxHeaderSize?: number;
+  /**
+   * Keep-alive: called with the connection once the response is complete and
+   * the connection can carry another request (otherwise it is destroyed). The
+   * request then omits `Connection: close`.
+   */
+  reuse?: (socket: Duplex) => void;
+}
+
+/**
+ * The connection closed (or was reset) before a single byte of the response
+ * arrived: the peer answered nothing, so a caller may send the request again
+ * on another connection (a kept-alive connection the server closed meanwhile).
+ */
+export class NoResponseError extends Error {
+  override name = "NoResponseError";
 }
 
 /** Request headers this client sets itself. */
@@ -49,9 +75,11 @@ export async function httpRequest(
   request: Request,
   options: HttpRequestOptions = {},
 ): Promise<Response> {
-  const { timeout = 30_000, maxHeaderSize = 65_536, signal } = options;
+  const { timeout = 30_000, maxHeaderSize = 65_536, signal, reuse } = options;
   const reader = new SocketReader(socket);
   let failure: unknown;
+  /** A response head (even an interim 1xx) has arrived. */
+  let answered = false;
   const fail = (error: unknown) => {
     failure ??= error;
     socket.destroy();
@@ -72,7 +100,7 @@ export async function httpRequest(
       if (name === "connection") connection = true;
       head += `${name}: ${value}\r\n`;
     }
-    if (!connection) head += "Connection: close\r\n";
+    if (!connection && reuse === undefined) head += "Connection: close\r\n";
     const body = request.body === null ? null : new Uint8Array(await request.arrayBuffer());
     if (body !== null || !BODYLESS_METHODS.has(request.method)) {
       head += `Content-Length: ${body?.byteLength ?? 0}\r\n`;
@@ -91,9 +119,11 @@ export async function httpRequest(
         if (end >= 0 || reader.buffer.length > maxHeaderSize) break;
         scanned = reader.buffer.length;
         if (reader.done) {
-          throw new Error("Connection closed before a complete HTTP response head", {
-            cause: reader.error,
-          });
+          const message = "Connection closed before a complete HTTP response head";
+          if (reader.buffer.length === 0 && !answered) {
+            throw new NoResponseError(message, { cause: reader.error });
+          }
+          throw new Error(message, { cause: reader.error });
         }
         await reader.wait();
       }
@@ -102,25 +132,37 @@ export async function httpRequest(
       }
       const parsed = parseResponseHead(reader.buffer.toString("latin1", 0, end - 4));
       reader.consume(end);
+      answered = true;
       if (parsed.status >= 100 && parsed.status < 200) {
         if (parsed.status === 101) throw new Error("HTTP upgrade (101) is not supported");
         continue; // 100 Continue, 103 Early Hints: the final response follows
       }
       const noBody = request.method === "HEAD" || parsed.status === 204 ||
         parsed.status === 304;
-      const framing: Framing = noBody ? { kind: "none" } : summarize(parsed.fields, true).framing;
+      const summary = summarize(parsed.fields, true);
+      const framing: Framing = noBody ? { kind: "none" } : summary.framing;
       clearTimeout(timer);
       signal?.removeEventListener("abort", onAbort);
-      const stream = framing.kind === "none" ? null : bodyStream(reader, framing, signal);
+      // The connection can carry another request once this body is complete.
+      const reusable = reuse !== undefined && framing.kind !== "close" &&
+        !summary.close &&
+        !hasCloseToken(request.headers.get("connection"));
+      const done = (complete: boolean) => {
+        reader.detach();
+        if (complete && reusable && reader.buffer.length === 0 && !reader.done) {
+          reuse!(socket);
+        } else {
+          socket.on("error", () => {});
+          socket.destroy();
+        }
+      };
+      const stream = framing.kind === "none" ? null : bodyStream(reader, framing, signal, done);
       const response = new Response(stream, {
         status: parsed.status,
         statusText: parsed.statusText,
         headers: parsed.fields,
       });
-      if (stream === null) {
-        reader.detach();
-        socket.destroy();
-      }
+      if (stream === null) done(true);
       return response;
     }
   } catch (error) {
@@ -133,23 +175,24 @@ export async function httpRequest(
   }
 }
 
-/** The response body as a pull stream over `reader`; destroys the socket when done. */
+/**
+ * The response body as a pull stream over `reader`; calls `done(complete)`
+ * once, when the body was read to its end (true) or cancelled or failed.
+ */
 function bodyStream(
   reader: SocketReader,
   framing: Framing,
   signal: AbortSignal | undefined,
+  done: (complete: boolean) => void,
 ): ReadableStream<Uint8Array> {
-  const socket = reader.socket;
   const decoder = framing.kind === "chunked" ? new ChunkedDecoder(reader) : undefined;
   let left = framing.kind === "length" ? framing.length : Infinity;
   let finished = false;
-  const finish = () => {
+  const finish = (complete = false) => {
     if (finished) return;
     finished = true;
     signal?.removeEventListener("abort", onAbort);
-    reader.detach();
-    socket.on("error", () => {});
-    socket.destroy();
+    done(complete);
   };
   let controllerRef: ReadableStreamDefaultController<Uint8Array> | undefined;
   const onAbort = () => {
@@ -169,7 +212,7 @@ function bodyStream(
           if (decoder !== undefined) {
             const piece = await decoder.next();
             if (piece === null) {
-              finish();
+              finish(true);
               controller.close();
             } else {
               controller.enqueue(piece.slice());
@@ -181,7 +224,7 @@ function bodyStream(
             left -= piece.length;
             controller.enqueue(piece.slice());
             if (left === 0) {
-              finish();
+              finish(true);
               controller.close();
             }
             return;

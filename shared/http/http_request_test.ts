@@ -159,3 +159,54 @@ Deno.test("httpRequest() rejects a head that is too large or malformed, or a clo
     await assert.rejects(responding, expected);
   }
 });
+
+Deno.test("httpRequest() with reuse asks for keep-alive and hands back the connection after a complete response, for the next request", async () => {
+  await using pair = await unixSocketPair();
+  const reused: object[] = [];
+  let sent = readRequest(pair.server);
+  const first = httpRequest(pair.client, new Request("http://h/1.0"), {
+    reuse: (socket) => reused.push(socket),
+  });
+  assert.doesNotMatch(await sent, /Connection: close/i);
+  pair.server.write("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+  assert.equal(await (await first).text(), "ok");
+  assert.equal(reused.length, 1);
+  assert.equal(reused[0], pair.client);
+  // The same connection carries a second request, chunked this time.
+  sent = readRequest(pair.server);
+  const second = httpRequest(pair.client, new Request("http://h/1.0/config"), {
+    reuse: (socket) => reused.push(socket),
+  });
+  assert.match(await sent, /^GET \/1\.0\/config /);
+  pair.server.write("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n[]\r\n0\r\n\r\n");
+  assert.equal(await (await second).text(), "[]");
+  assert.equal(reused.length, 2);
+  assert.equal(pair.client.destroyed, false);
+});
+
+Deno.test("httpRequest() with reuse closes instead when the server says close, the body is cut short or cancelled", async () => {
+  for (
+    const [answer, consume] of [
+      ["HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok", "text"],
+      ["HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nok", "cancel"],
+      ["HTTP/1.1 200 OK\r\n\r\nuntil close", "none"],
+    ] as const
+  ) {
+    await using pair = await unixSocketPair();
+    const reused: object[] = [];
+    const sent = readRequest(pair.server);
+    const responding = httpRequest(pair.client, new Request("http://h/"), {
+      reuse: (socket) => reused.push(socket),
+    });
+    await sent;
+    pair.server.write(answer);
+    const response = await responding;
+    const closed = whenClosed(pair.client);
+    if (consume === "text") await response.text();
+    else if (consume === "cancel") await response.body!.cancel();
+    else pair.server.end();
+    if (consume === "none") await response.text();
+    await closed;
+    assert.equal(reused.length, 0, answer);
+  }
+});

@@ -38,6 +38,7 @@ import {
   ChunkedDecoder,
   chunkHeader,
   CRLF,
+  hasCloseToken,
   headEnd,
   HttpError,
   LAST_CHUNK,
@@ -525,12 +526,6 @@ class HttpConnection {
 }
 
 const CLOSED = Symbol("closed");
-
-/** Whether a `Connection` header value holds the `close` option (RFC 9110 7.6.1). */
-function hasCloseToken(value: string | null): boolean {
-  if (value === null) return false;
-  return value.split(",").some((option) => option.trim().toLowerCase() === "close");
-}
 
 /**
  * `promise`'s result if it settles within a few microtask turns, else
