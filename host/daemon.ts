@@ -32,7 +32,7 @@ import { VERSION } from "./cli.ts";
 import { agentConf, writeFileAtomic } from "./config_drive.ts";
 import { createDevlxdApp } from "./devlxd_app.ts";
 import { EventHub, type LifecycleEvent } from "./event_hub.ts";
-import type { Instance } from "./instance.ts";
+import { devlxdEnabled, type Instance } from "./instance.ts";
 import { InstanceService, type KeyPairGenerator } from "./instance_service.ts";
 import { Registry } from "./registry.ts";
 import { defaultConfigDrive, prepareStateDir, type StatePaths } from "./state_dir.ts";
@@ -302,8 +302,12 @@ export class Daemon {
           } else if (event.action === "instance-removed") {
             daemon.#closeHybrid(event.instance);
             coordinator?.remove(event.instance);
+            daemon.#closeAgentConnections(event.instance, "instance removed");
           } else if (event.action === "config-changed" && instance) {
             coordinator?.update(instance);
+            if (!devlxdEnabled(instance)) {
+              daemon.#closeAgentConnections(event.instance, "security.devlxd is false");
+            }
           }
         }),
       ];
@@ -365,6 +369,12 @@ export class Daemon {
         `cannot listen on ${path}`,
       );
     }
+  }
+
+  /** Closes the agent connections of `name` (kept-alive ones at once), saying why. */
+  #closeAgentConnections(name: string, why: string): void {
+    const closed = this.#server.closeInstance(name);
+    if (closed > 0) this.#logger.info("agent connections closed", { instance: name, closed, why });
   }
 
   #closeHybrid(name: string): void {

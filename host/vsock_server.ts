@@ -76,6 +76,8 @@ interface Connection {
   inFlight: number;
   /** The server is closing: end the connection once nothing is in flight. */
   ending: boolean;
+  /** The instance it was authenticated as, once it was. */
+  instance?: string;
 }
 
 /** One 401 in the LXD envelope; serveHttp closes the connection after it. */
@@ -242,6 +244,7 @@ export class DevlxdServer {
       await serveHttp(tls, unauthorized, httpOptions);
       return;
     }
+    connection.instance = first.name;
     this.#logger.debug("agent connected", { instance: first.name, peer: connection.key });
     await serveHttp(tls, async (request) => {
       // Re-check on every request: the instance may have been removed or re-keyed.
@@ -313,6 +316,23 @@ export class DevlxdServer {
       statusText: response.statusText,
       headers: response.headers,
     });
+  }
+
+  /**
+   * Closes the connections authenticated as instance `name` (removed, or its
+   * devlxd turned off): idle ones (an agent's kept-alive connections) at once,
+   * busy ones once their responses are complete. Returns how many it closed
+   * or marked.
+   */
+  closeInstance(name: string): number {
+    let count = 0;
+    for (const connection of this.#connections) {
+      if (connection.instance !== name) continue;
+      count++;
+      connection.ending = true;
+      if (connection.inFlight === 0) connection.abort.abort(); // serveHttp closes it at once
+    }
+    return count;
   }
 
   /**
