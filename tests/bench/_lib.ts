@@ -11,6 +11,7 @@
 
 import "reflect-metadata";
 import { join } from "node:path";
+import type { Duplex } from "node:stream";
 import { httpRequest } from "../../shared/http/mod.ts";
 import { connectUnix } from "../../shared/vsock/mod.ts";
 import { agentConnection, type AgentIdentity, bounded } from "../host_harness.ts";
@@ -166,6 +167,35 @@ export async function directGet(hybrid: string, port: number, id: AgentIdentity)
   );
 }
 
+/**
+ * The keep-alive floor: `GET /1.0` straight to the host on one mutual-TLS
+ * connection kept open between requests (opened on the first call).
+ */
+export class KeptClient implements Disposable {
+  #connection: (Duplex & Disposable) | undefined;
+  constructor(readonly hybrid: string, readonly port: number, readonly id: AgentIdentity) {}
+
+  async get(): Promise<void> {
+    this.#connection ??= await agentConnection(this.hybrid, this.port, this.id);
+    let kept = false;
+    try {
+      await expectApi(
+        await httpRequest(this.#connection, new Request("http://lxd/1.0"), {
+          timeout: 10_000,
+          reuse: () => kept = true,
+        }),
+      );
+    } finally {
+      if (!kept) this[Symbol.dispose]();
+    }
+  }
+
+  [Symbol.dispose](): void {
+    this.#connection?.[Symbol.dispose]();
+    this.#connection = undefined;
+  }
+}
+
 /** A child Deno process whose stderr is kept, killed on dispose. */
 export class Child implements AsyncDisposable {
   readonly process: Deno.ChildProcess;
@@ -289,7 +319,7 @@ export function startAgent(paths: {
   serial: string;
   devlxdSocket: string;
   stateFile: string;
-}): Child {
+}, extra: string[] = []): Child {
   return new Child([
     "run",
     "-q",
@@ -301,6 +331,7 @@ export function startAgent(paths: {
     `--devlxd-socket=${paths.devlxdSocket}`,
     `--state-file=${paths.stateFile}`,
     "--log-level=warn",
+    ...extra,
   ]);
 }
 

@@ -2,14 +2,21 @@
  * The guest request path, side by side with its floor, in one run:
  *
  * - `devlxd_*`: `GET /1.0` on `/dev/lxd/sock` of our agent (a child process,
- *   hybrid unix transport), which opens a new mutual-TLS connection to the
- *   host daemon (another child process) per request, as in a VM;
+ *   hybrid unix transport), which forwards it to the host daemon (another
+ *   child process) over its kept-alive mutual-TLS connections ("warm": each
+ *   request comes within the agent's idle window), as in a VM; with the host
+ *   CPU time per warm request;
+ * - `devlxd_cold_*`: the same through an agent started with
+ *   `--host-idle-timeout=0`, so that every request opens a new connection,
+ *   as the first request after an idle window does;
  * - `floor_*`: a minimal client that opens one mutual-TLS connection straight
  *   to the host per request and sends the same request (same transport, same
  *   certificates: the agent's own identity from the config drive);
+ *   `floor_kept_*`: the same client on one connection kept open;
  * - `host_direct_*`: many direct clients, and the host process's CPU time per
  *   request (requests per second per core);
- * - `agent_rss_*`: the agent's resident memory idle and during the bursts.
+ * - `agent_rss_*`: the agent's resident memory idle, during the bursts, and
+ *   after 1,000 and 10,000 sequential requests.
  *
  * Both clients use the project's HTTP/1.1 client (`shared/http`) over the
  * FFI unix transport, from this process. Prints nothing; `benchGuest()`
@@ -27,6 +34,7 @@ import {
   daemonPort,
   devlxdGet,
   directGet,
+  KeptClient,
   type LoopFigures,
   procOne,
   ROOT,
@@ -102,13 +110,14 @@ export async function benchGuest(options: BenchGuestOptions = {}): Promise<Recor
   const port = daemonPort(daemon);
   const id = await agentIdentity(state, "vm1");
   const devlxdSocket = join(dir.path, "dev-lxd", "sock");
-  await using agent = startAgent({
+  const agentPaths = {
     configDir: join(state, "instances", "vm1", "config"),
     hybrid,
     serial: join(dir.path, "no-serial-port"),
     devlxdSocket,
     stateFile: join(dir.path, "run", "state.json"),
-  });
+  };
+  const agent = startAgent(agentPaths);
   await until(() => devlxdGet(devlxdSocket), 30_000, "the agent to serve /dev/lxd/sock");
   // Let start-up work (announce, first validation) settle before sampling idle memory.
   await new Promise((r) => setTimeout(r, 1000));
@@ -118,8 +127,11 @@ export async function benchGuest(options: BenchGuestOptions = {}): Promise<Recor
 
   const guest = () => devlxdGet(devlxdSocket);
   const floor = () => directGet(hybrid, port, id);
+  using kept = new KeptClient(hybrid, port, id);
+  put(figures, "floor_kept_c1", await runLoop(() => kept.get(), { concurrency: 1, durationMs }));
   let agentPeakKb = 0;
   for (const concurrency of levels) {
+    const hostBefore = await procOne(daemon.pid);
     const sampling = { on: true };
     const sampler = (async () => {
       while (sampling.on) {
@@ -127,7 +139,13 @@ export async function benchGuest(options: BenchGuestOptions = {}): Promise<Recor
         await new Promise((r) => setTimeout(r, 200));
       }
     })();
-    put(figures, `devlxd_c${concurrency}`, await runLoop(guest, { concurrency, durationMs }));
+    const loop = await runLoop(guest, { concurrency, durationMs });
+    put(figures, `devlxd_c${concurrency}`, loop);
+    const hostCpuUs = (await procOne(daemon.pid)).cpuUs - hostBefore.cpuUs;
+    // Warm-up requests are not counted in `loop.requests`: a slight overestimate.
+    figures[`devlxd_c${concurrency}_host_cpu_us_per_request`] = Math.round(
+      hostCpuUs / loop.requests,
+    );
     sampling.on = false;
     await sampler;
     put(figures, `floor_c${concurrency}`, await runLoop(floor, { concurrency, durationMs }));
@@ -136,6 +154,24 @@ export async function benchGuest(options: BenchGuestOptions = {}): Promise<Recor
   figures.agent_rss_burst_mb = round(Math.max(agentPeakKb, agentAfter.rssKb) / 1024, 1);
   figures.agent_rss_peak_hwm_mb = round(agentAfter.hwmKb / 1024, 1);
   figures.devlxd_floor_p50_ratio = round(figures.devlxd_c1_p50_ms / figures.floor_c1_p50_ms);
+  figures.devlxd_kept_floor_p50_ratio = round(
+    figures.devlxd_c1_p50_ms / figures.floor_kept_c1_p50_ms,
+  );
+
+  // Memory over many requests: growth from 1,000 to 10,000 sequential ones.
+  await runLoop(guest, { concurrency: 1, durationMs: 600_000, maxRequests: 1000, warmup: 0 });
+  figures.agent_rss_1k_mb = round((await procOne(agent.pid)).rssKb / 1024, 1);
+  await runLoop(guest, { concurrency: 1, durationMs: 600_000, maxRequests: 9000, warmup: 0 });
+  figures.agent_rss_10k_mb = round((await procOne(agent.pid)).rssKb / 1024, 1);
+  await agent[Symbol.asyncDispose]();
+
+  // Cold: an agent that keeps no connection pays a handshake on every request.
+  await using _cold = startAgent(agentPaths, ["--host-idle-timeout=0"]);
+  await until(() => devlxdGet(devlxdSocket), 30_000, "the cold agent to serve /dev/lxd/sock");
+  put(figures, "devlxd_cold_c1", await runLoop(guest, { concurrency: 1, durationMs }));
+  figures.devlxd_cold_floor_p50_ratio = round(
+    figures.devlxd_cold_c1_p50_ms / figures.floor_c1_p50_ms,
+  );
 
   // Host capacity: many direct clients; the host's own CPU time per request.
   const clients = options.capacityClients ?? 16;
