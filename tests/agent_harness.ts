@@ -15,6 +15,7 @@ import { acceptTls, connectTls } from "../shared/tls/mod.ts";
 import { connectHybrid, type Listener, listenUnix } from "../shared/vsock/mod.ts";
 import { LineBuffer } from "../agent/serial_channel.ts";
 import { makeTestPair, type TestPair, within } from "../agent/_testing.ts";
+import { runFlags } from "./deno_tasks.ts";
 
 export { makeTestPair, type TestPair, within };
 
@@ -408,7 +409,7 @@ export class AgentProcess {
 
   constructor(args: string[]) {
     const child = new Deno.Command(Deno.execPath(), {
-      args: ["run", "-q", "-P=agent", ...agentFlags(), "agent/main.ts", ...args],
+      args: ["run", "-q", ...runFlags("agent"), ...agentFlags(), "agent/main.ts", ...args],
       cwd: ROOT,
       stdin: "null",
       stdout: "piped",
@@ -496,7 +497,7 @@ export async function runAgentCommand(
   args: string[],
 ): Promise<{ code: number; stdout: string; stderr: string }> {
   const out = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-q", "-P=agent", "agent/main.ts", ...args],
+    args: ["run", "-q", ...runFlags("agent"), "agent/main.ts", ...args],
     cwd: ROOT,
     stdin: "null",
     env: { NO_COLOR: "1" },
@@ -506,6 +507,6 @@ export async function runAgentCommand(
 }
 
 /** Extra Deno flags for agent processes (`BENCH_AGENT_FLAGS`, e.g. `--v8-flags=...`). */
-function agentFlags(): string[] {
+export function agentFlags(): string[] {
   return (Deno.env.get("BENCH_AGENT_FLAGS") ?? "").split(" ").filter(Boolean);
 }

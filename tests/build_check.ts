@@ -20,6 +20,8 @@
  * @module
  */
 
+import { runFlags, taskWords, v8FlagsOf } from "./deno_tasks.ts";
+
 const ROOT_URL = new URL("../", import.meta.url);
 const ROOT = ROOT_URL.pathname;
 const OUT = `${ROOT}.cache/build-check`;
@@ -30,7 +32,8 @@ interface Binary {
   name: string;
   task: string;
   entry: string;
-  permissions: string;
+  /** The deno.json task that runs it (`deno run <flags> <entry>`). */
+  run: "host" | "agent";
   budget: number;
   smoke: (run: (args: string[]) => Promise<string>) => Promise<void>;
 }
@@ -40,7 +43,7 @@ const BINARIES: Binary[] = [
     name: "lxd-vsock-agent",
     task: "compile:agent",
     entry: "agent/main.ts",
-    permissions: "agent",
+    run: "agent",
     budget: 3 * MiB,
     smoke: async (run) => {
       expect(await run(["--version"]), /^lxd-vsock-agent \d/);
@@ -51,7 +54,7 @@ const BINARIES: Binary[] = [
     name: "lxd-vsock-host",
     task: "compile:host",
     entry: "host/main.ts",
-    permissions: "host",
+    run: "host",
     budget: 5 * MiB,
     smoke: async (run) => {
       expect(await run(["--version"]), /^lxd-vsock-host \d/);
@@ -180,17 +183,12 @@ function expect(output: string, pattern: RegExp): void {
 
 /** The compile task's arguments (after `deno`), writing to `output` instead of dist/. */
 function compileArgs(task: string, output: string): string[] {
-  const config = JSON.parse(Deno.readTextFileSync(`${ROOT}deno.json`)) as {
-    tasks: Record<string, string>;
-  };
-  const words = config.tasks[task]?.split(/\s+/);
-  if (!words || words[0] !== "deno" || words[1] !== "compile") {
-    throw new Error(`deno.json task ${task} is not a 'deno compile' command`);
-  }
+  const words = taskWords(task);
+  if (words[0] !== "compile") throw new Error(`deno.json task ${task} is not a 'deno compile'`);
   const at = words.indexOf("--output");
   if (at < 0) throw new Error(`deno.json task ${task} has no --output`);
   words[at + 1] = output;
-  return words.slice(1);
+  return words;
 }
 
 function mib(bytes: number): string {
@@ -199,6 +197,13 @@ function mib(bytes: number): string {
 
 async function check(binary: Binary): Promise<string[]> {
   const problems: string[] = [];
+  // The binary runs with the V8 flags `deno task` runs it with.
+  if (v8FlagsOf(binary.task) !== v8FlagsOf(binary.run)) {
+    problems.push(
+      `${binary.name}: deno.json's ${binary.task} has ${v8FlagsOf(binary.task) ?? "no V8 flags"}` +
+        `, its run task ${v8FlagsOf(binary.run) ?? "none"}`,
+    );
+  }
   const output = `${OUT}/${binary.name}`;
   const printed = await deno(compileArgs(binary.task, output), {
     env: { DENORT_BIN: Deno.execPath() },
@@ -230,8 +235,9 @@ async function check(binary: Binary): Promise<string[]> {
     );
   }
   try {
-    await binary.smoke((args) => deno(["run", `-P=${binary.permissions}`, mjs, ...args]));
-    console.log(`${binary.name}: the bundle runs under -P=${binary.permissions}`);
+    const flags = runFlags(binary.run);
+    await binary.smoke((args) => deno(["run", ...flags, mjs, ...args]));
+    console.log(`${binary.name}: the bundle runs with ${flags.join(" ")}`);
   } catch (error) {
     problems.push(`${binary.name}: the bundle does not run: ${(error as Error).message}`);
   }

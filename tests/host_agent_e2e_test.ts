@@ -13,13 +13,14 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { addHybridInstance, bounded, cliOk, DaemonProcess, tempDir } from "./host_harness.ts";
 import { SerialRelay } from "./serial_relay.ts";
+import { runFlags } from "./deno_tasks.ts";
 
 const ROOT = new URL("..", import.meta.url).pathname;
 
 /** Our agent as a child process, with the `agent` permission set. */
 function startAgent(args: string[]) {
   const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-q", "-P=agent", "agent/main.ts", ...args],
+    args: ["run", "-q", ...runFlags("agent"), "agent/main.ts", ...args],
     cwd: ROOT,
     stdin: "null",
     stdout: "null",

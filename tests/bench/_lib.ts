@@ -15,6 +15,8 @@ import type { Duplex } from "node:stream";
 import { httpRequest } from "../../shared/http/mod.ts";
 import { connectUnix } from "../../shared/vsock/mod.ts";
 import { agentConnection, type AgentIdentity, bounded } from "../host_harness.ts";
+import { agentFlags } from "../agent_harness.ts";
+import { runFlags } from "../deno_tasks.ts";
 
 export const ROOT = new URL("../../", import.meta.url).pathname;
 const CLOCK_TICKS = 100; // USER_HZ on Linux
@@ -323,7 +325,8 @@ export function startAgent(paths: {
   return new Child([
     "run",
     "-q",
-    "-P=agent",
+    ...runFlags("agent"),
+    ...agentFlags(),
     join(ROOT, "agent/main.ts"),
     `--config-dir=${paths.configDir}`,
     `--serial-port=${paths.serial}`,
