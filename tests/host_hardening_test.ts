@@ -13,6 +13,7 @@ import {
   type AgentIdentity,
   agentIdentity,
   agentRequest,
+  bounded,
   cliOk,
   connectHybridListener,
   DaemonProcess,
@@ -87,5 +88,109 @@ Deno.test("40 connections that never finish a TLS handshake leave the agent's re
     assert.ok(refusalLines.length <= 2, `log lines per refusal:\n${refusalLines.join("\n")}`);
   } finally {
     for (const socket of attack) socket.destroy();
+  }
+});
+
+/** The guest end of a socket-backed virtserialport (QEMU's `server=on` side). */
+interface Serial extends Disposable {
+  name: string;
+  conn: Deno.UnixConn;
+}
+
+async function serialPort(
+  listener: Deno.UnixListener,
+  name: string,
+): Promise<Serial> {
+  const conn = await bounded(listener.accept(), 10_000, `the daemon to open ${name}'s serial port`);
+  return {
+    name,
+    conn,
+    [Symbol.dispose]: () => {
+      try {
+        conn.close();
+      } catch {
+        // already closed
+      }
+    },
+  };
+}
+
+Deno.test("16 guests that stop reading their serial port leave the announce to a 17th prompt, and status says they stall", async () => {
+  await using dir = await tempDir("host-stall-");
+  await using daemon = await DaemonProcess.start(dir.path);
+  const names = ["good", ...Array.from({ length: 16 }, (_, i) => `stall${i}`)];
+  const listeners = new Map<string, Deno.UnixListener>();
+  const serials: Serial[] = [];
+  try {
+    for (const name of names) {
+      listeners.set(
+        name,
+        Deno.listen({ transport: "unix", path: join(dir.path, `${name}.serial`) }),
+      );
+    }
+    for (let i = 0; i < names.length; i += 4) {
+      await Promise.all(
+        names.slice(i, i + 4).map((name, j) =>
+          cliOk([
+            "instance",
+            "add",
+            name,
+            "--cid",
+            String(10 + i + j),
+            "--hybrid",
+            join(dir.path, `${name}.vsock`),
+            "--serial",
+            join(dir.path, `${name}.serial`),
+            "--state-dir",
+            dir.path,
+          ])
+        ),
+      );
+    }
+    for (const name of names) serials.push(await serialPort(listeners.get(name)!, name));
+    const [good, ...stallers] = serials;
+    // Each staller restarts its agent (STOPPED, STARTED) after every announce
+    // and never reads: the host's CONNECT lines fill its socket buffer.
+    const encoder = new TextEncoder();
+    await Promise.all(stallers.map(async (s) => {
+      const done = new RegExp(
+        `msg="(announced|announce failed|serial channel stalled)".* instance=${s.name}( |$)`,
+      );
+      for (let i = 1; i <= 1000; i++) {
+        await s.conn.write(encoder.encode("STOPPED\nSTARTED\n"));
+        let line: string;
+        try {
+          line = await daemon.waitForCount(done, i, 3000);
+        } catch {
+          return; // the host's write to it blocks (no announce completes)
+        }
+        if (line.includes("serial channel stalled")) return;
+      }
+      throw new Error(`${s.name}'s serial port never filled up`);
+    }));
+    // The well-behaved guest: its agent starts; the host's CONNECT line must come promptly.
+    const start = performance.now();
+    await good.conn.write(encoder.encode("STARTED\n"));
+    const buffer = new Uint8Array(256);
+    let text = "";
+    while (!text.includes("\n")) {
+      const n = await bounded(
+        good.conn.read(buffer),
+        20_000,
+        "the CONNECT line to the well-behaved guest while 16 others stall",
+      );
+      if (n === null) throw new Error("the daemon closed the good guest's serial port");
+      text += new TextDecoder().decode(buffer.subarray(0, n));
+    }
+    const latency = performance.now() - start;
+    assert.equal(text.split("\n")[0], `CONNECT 2:${daemon.port}`);
+    assert.ok(latency < 5000, `announce latency ${latency.toFixed(0)} ms`);
+    const status = await cliOk(["status", "stall3", "--state-dir", dir.path]);
+    assert.match(status, /stalled/);
+    const table = await cliOk(["status", "--state-dir", dir.path]);
+    assert.equal(table.split("\n").filter((l) => /^stall\d+ .*stalled/.test(l)).length, 16, table);
+  } finally {
+    for (const s of serials) s[Symbol.dispose]();
+    for (const l of listeners.values()) l.close();
   }
 });
