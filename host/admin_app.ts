@@ -43,6 +43,8 @@ export interface DaemonStatus {
     name: string;
     channel: string;
     channelUp: boolean;
+    /** ISO time since which the guest has not read its channel (a host write is pending). */
+    channelStalled?: string;
     agentState: string;
     lastAnnounce?: string;
     announcedPort?: number;
