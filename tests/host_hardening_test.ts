@@ -8,12 +8,15 @@
 import "reflect-metadata";
 import assert from "node:assert/strict";
 import { join } from "node:path";
+import { httpRequest } from "../shared/http/mod.ts";
 import type { FdSocket } from "../shared/vsock/mod.ts";
 import {
+  agentConnection,
   type AgentIdentity,
   agentIdentity,
   agentRequest,
   bounded,
+  cli,
   cliOk,
   connectHybridListener,
   DaemonProcess,
@@ -193,4 +196,47 @@ Deno.test("16 guests that stop reading their serial port leave the announce to a
     for (const s of serials) s[Symbol.dispose]();
     for (const l of listeners.values()) l.close();
   }
+});
+
+Deno.test("prototype names (constructor, __proto__, toString) are not instances' devices or config keys", async () => {
+  await using t = await setup();
+  using connection = await agentConnection(t.hybrid, t.daemon.port, t.id);
+  const response = await httpRequest(connection, new Request("http://devlxd/1.0/events"), {
+    timeout: 10_000,
+  });
+  const reader = response.body!.pipeThrough(new TextDecoderStream()).getReader();
+  await t.daemon.waitFor(/msg="agent connected"/);
+  const dir = ["--state-dir", t.stateDir];
+  for (const name of ["constructor", "__proto__", "toString"]) {
+    const removed = await cli(["device", "remove", "vm1", name, ...dir]);
+    assert.deepEqual(
+      [removed.code, /not found/.test(removed.stderr)],
+      [1, true],
+      `device remove vm1 ${name}: exit ${removed.code} ${removed.stdout}${removed.stderr}`,
+    );
+    const got = await cli(["config", "get", "vm1", name, ...dir]);
+    assert.deepEqual(
+      [got.code, got.stdout, /not set/.test(got.stderr)],
+      [1, "", true],
+      `config get vm1 ${name}: exit ${got.code} ${got.stdout}${got.stderr}`,
+    );
+  }
+  const added = await cli(["device", "add", "vm1", "constructor", "type=disk", ...dir]);
+  assert.equal(added.code, 0, added.stderr);
+  // The first event the agent sees is that add: no bogus "removed" came before it.
+  let text = "";
+  while (!text.includes("\n")) {
+    const { value, done } = await bounded(reader.read(), 10_000, "the device event");
+    assert.equal(done, false);
+    text += value;
+  }
+  const event = JSON.parse(text.split("\n")[0]);
+  assert.deepEqual(event.metadata, {
+    name: "constructor",
+    action: "added",
+    config: { type: "disk" },
+  });
+  await reader.cancel();
+  const devices = await agentRequest(t.hybrid, t.daemon.port, t.id, "/1.0/devices");
+  assert.deepEqual(Object.keys(devices.body.metadata as object), ["constructor"]);
 });
