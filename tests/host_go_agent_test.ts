@@ -9,8 +9,16 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { addHybridInstance, DaemonProcess, tempDir } from "./host_harness.ts";
 
-const hasGo = await new Deno.Command("go", { args: ["version"], stdout: "null", stderr: "null" })
-  .output().then((output) => output.success, () => false);
+// Deno.Command#output() throws synchronously (NotFound) when `go` is not installed.
+async function goWorks(): Promise<boolean> {
+  try {
+    return (await new Deno.Command("go", { args: ["version"], stdout: "null", stderr: "null" })
+      .output()).success;
+  } catch {
+    return false;
+  }
+}
+const hasGo = await goWorks();
 
 Deno.test({
   name: "a Go client with LXD's TLS pinning reaches the daemon, reusing one kept-alive connection",

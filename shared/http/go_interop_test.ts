@@ -10,8 +10,16 @@ import { errorResponse, syncResponse, unwrapEnvelope } from "./envelope.ts";
 import { httpRequest } from "./http_request.ts";
 import { serveHttp } from "./serve_http.ts";
 
-const hasGo = await new Deno.Command("go", { args: ["version"], stdout: "null", stderr: "null" })
-  .output().then((output) => output.success, () => false);
+// Deno.Command#output() throws synchronously (NotFound) when `go` is not installed.
+async function goWorks(): Promise<boolean> {
+  try {
+    return (await new Deno.Command("go", { args: ["version"], stdout: "null", stderr: "null" })
+      .output()).success;
+  } catch {
+    return false;
+  }
+}
+const hasGo = await goWorks();
 
 /** Builds go_peer and writes server/client key pairs into a fresh directory. */
 async function setUp(): Promise<
