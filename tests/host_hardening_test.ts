@@ -21,6 +21,7 @@ import {
   connectHybridListener,
   DaemonProcess,
   tempDir,
+  trickleBody,
 } from "./host_harness.ts";
 
 interface Setup extends AsyncDisposable {
@@ -239,4 +240,15 @@ Deno.test("prototype names (constructor, __proto__, toString) are not instances'
   await reader.cancel();
   const devices = await agentRequest(t.hybrid, t.daemon.port, t.id, "/1.0/devices");
   assert.deepEqual(Object.keys(devices.body.metadata as object), ["constructor"]);
+});
+
+Deno.test("a request body trickled at one byte a second is cut off by the body deadline (host)", async () => {
+  await using t = await setup();
+  using connection = await agentConnection(t.hybrid, t.daemon.port, t.id);
+  const start = performance.now();
+  const text = await trickleBody(connection, "the host");
+  assert.match(text, /^HTTP\/1\.1 408 /);
+  assert.ok(performance.now() - start < 15_000);
+  const ok = await agentRequest(t.hybrid, t.daemon.port, t.id, "/1.0/config/user.foo");
+  assert.equal(ok.body.metadata, "bar");
 });

@@ -240,3 +240,27 @@ export async function agentRequest(
   });
   return { status: response.status, body: await response.json() };
 }
+
+/**
+ * Sends a request head announcing a 100-byte body, then one body byte per
+ * second; resolves with what the server wrote once it closes the connection.
+ */
+export async function trickleBody(socket: Duplex, what: string): Promise<string> {
+  let text = "";
+  const closed = new Promise<void>((resolve) => {
+    socket.on("data", (chunk) => text += chunk);
+    socket.once("end", () => resolve());
+    socket.once("close", () => resolve());
+    socket.once("error", () => resolve());
+  });
+  socket.write("PATCH /1.0 HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{");
+  const timer = setInterval(() => {
+    if (socket.writable) socket.write(" ");
+  }, 1000);
+  try {
+    await bounded(closed, 25_000, `${what} to cut off a body trickled at 1 byte/s`);
+  } finally {
+    clearInterval(timer);
+  }
+  return text;
+}
