@@ -25,11 +25,11 @@
 import type { Duplex } from "node:stream";
 import type { ConnectionInfo } from "../shared/api.ts";
 import { serveHttp } from "../shared/http/mod.ts";
-import { type Logger, silentLogger } from "../shared/log.ts";
+import { type Logger, LogSummary, silentLogger } from "../shared/log.ts";
 import { Slots } from "../shared/slots.ts";
 import { certificateFingerprint } from "../shared/tls/certificate.ts";
 import { acceptTls } from "../shared/tls/mutual_tls.ts";
-import type { Listener, Transport } from "../shared/vsock/mod.ts";
+import { acceptLoop, type Listener, type Transport } from "../shared/vsock/mod.ts";
 import { createAgentApi } from "./agent_api.ts";
 import type { AgentStatus } from "./agent_state.ts";
 import { createDevlxdApp, DevlxdServer } from "./devlxd_server.ts";
@@ -75,6 +75,12 @@ export interface AgentOptions {
    * @default {16}
    */
   maxHostConnections?: number;
+  /**
+   * Concurrent connections to the agent API (the host's announces, pushed
+   * events, probes); one more is closed at once.
+   * @default {32}
+   */
+  maxApiConnections?: number;
   /** Serial port polling/retry periods, in ms (tests shorten them). */
   serialPollInterval?: number;
   serialRetryInterval?: number;
@@ -104,6 +110,9 @@ export class Agent {
   #listener: Listener | undefined;
   #acceptLoop: Promise<void> | undefined;
   #connections = new Set<Duplex>();
+  /** Accepted agent API connections open now (raw sockets). */
+  #apiConnections = 0;
+  #summary: LogSummary;
   #abort = new AbortController();
   #timers: ReturnType<typeof setInterval>[] = [];
   #probing = false;
@@ -116,6 +125,7 @@ export class Agent {
     this.#logger = options.logger ?? silentLogger;
     this.#status = options.status;
     this.#hostSlots = new Slots(options.maxHostConnections ?? 16);
+    this.#summary = new LogSummary(this.#logger);
     this.#relay = new EventRelay({
       fetchHost: (request, opts) => this.fetchHost(request, opts),
       canPull: () => this.#info !== undefined,
@@ -327,15 +337,25 @@ export class Agent {
     });
   }
 
+  /** Accepts until closed; a failed accept (out of fds) pauses, never ends, the loop. */
   async #accept(listener: Listener): Promise<void> {
-    try {
-      for await (const socket of listener) this.#serve(socket);
-    } catch (error) {
-      if (!this.#closed) this.#logger.error("agent API listener failed", { error });
-    }
+    await acceptLoop(listener, (socket) => this.#serve(socket), {
+      stopped: () => this.#closed,
+      signal: this.#abort.signal,
+      onError: (error, retryMs) =>
+        this.#summary.note("error", "agent API accept failed; retrying", { error, retryMs }),
+    });
   }
 
   async #serve(socket: Duplex): Promise<void> {
+    if (this.#apiConnections >= (this.#options.maxApiConnections ?? 32)) {
+      this.#summary.note("warn", "agent API connection refused: too many connections", {
+        open: this.#apiConnections,
+      });
+      socket.destroy();
+      return;
+    }
+    this.#apiConnections++;
     this.#connections.add(socket);
     const signal = this.#abort.signal;
     let tlsSocket: Duplex | undefined;
@@ -358,6 +378,7 @@ export class Agent {
       socket.destroy();
       if (tlsSocket !== undefined) this.#connections.delete(tlsSocket);
       this.#connections.delete(socket);
+      this.#apiConnections--;
     }
   }
 
@@ -406,6 +427,7 @@ export class Agent {
     this.#listener?.close();
     for (const socket of this.#connections) socket.destroy();
     await this.#acceptLoop;
+    this.#summary.close();
     // Guests first: their streams end because the server stops (a WebSocket gets 1001).
     await this.#devlxdChange;
     await this.#devlxd.stop();
