@@ -102,6 +102,8 @@ export class Agent {
   #logger: Logger;
   #status: AgentStatus;
   #info: ConnectionInfo | undefined;
+  /** The last connection info a validation request reached the host with. */
+  #good: ConnectionInfo | undefined;
   #generation = 0;
   #serial: SerialChannel | undefined;
   #relay: EventRelay;
@@ -207,7 +209,7 @@ export class Agent {
   }
 
   /** One request to the host; the agent's state follows the outcome. */
-  async fetchHost(request: Request, options: HostFetchOptions = {}): Promise<Response> {
+  fetchHost(request: Request, options: HostFetchOptions = {}): Promise<Response> {
     const info = this.#info;
     if (info === undefined) {
       throw new HostUnreachableError(
@@ -215,6 +217,15 @@ export class Agent {
         "no-host",
       );
     }
+    return this.#fetchWith(info, request, options);
+  }
+
+  /** One request to the host at `info`; the state follows the outcome while `info` is in use. */
+  async #fetchWith(
+    info: ConnectionInfo,
+    request: Request,
+    options: HostFetchOptions = {},
+  ): Promise<Response> {
     try {
       const response = await hostRequest(info, request, {
         transport: this.#options.transport,
@@ -243,15 +254,65 @@ export class Agent {
   }
 
   /**
-   * Stores `info`, starts or stops devlxd accordingly, and validates it by one
-   * `GET /1.0` to the host (a 403 counts as reachable). Rejects with a
-   * sentence when the host cannot be reached; the agent is then STARTED.
+   * Validates `info` by one `GET /1.0` to the host (a 403 counts as
+   * reachable), then uses it: stores it and starts or stops devlxd
+   * accordingly. Rejects with a sentence when the host cannot be reached:
+   * the agent then keeps the last connection info that worked, if any;
+   * without one it keeps `info` (nothing better is known) and is STARTED.
    */
   async applyConnection(
     info: ConnectionInfo,
     source: "agent.conf" | "PUT /1.0" | "serial",
   ): Promise<void> {
     const generation = ++this.#generation;
+    const fallback = this.#good;
+    // Nothing known works: use the new info at once, while it is checked.
+    if (fallback === undefined) this.#use(info, source);
+    let devlxd = this.#devlxdChange;
+    try {
+      let failure: Error | undefined;
+      try {
+        const response = await this.#fetchWith(info, new Request("http://lxd/1.0"));
+        await response.body?.cancel();
+        if (!response.ok && response.status !== 403) {
+          if (this.#info === info) {
+            this.#status.failed(`The host answered ${response.status} to GET /1.0.`);
+          }
+          failure = new Error(`the host answered ${response.status} to GET /1.0`);
+        }
+      } catch (error) {
+        failure = error as Error;
+      }
+      if (failure !== undefined) {
+        if (fallback !== undefined && generation === this.#generation) {
+          this.#logger.warn(
+            "new connection info does not reach the host; keeping the last good one",
+            {
+              source,
+              port: info.port,
+              kept: fallback.port,
+              error: failure.message,
+            },
+          );
+        }
+        throw failure;
+      }
+      if (generation !== this.#generation) return;
+      this.#good = info;
+      if (this.#info !== info) {
+        this.#use(info, source);
+        devlxd = this.#devlxdChange;
+        this.#status.connected();
+      }
+      this.#logger.info("connected to the host", { cid: info.cid, port: info.port, source });
+      if (this.#status.ready) await this.#sendReady();
+    } finally {
+      await devlxd;
+    }
+  }
+
+  /** Makes `info` the connection in use: status, event relay, devlxd on or off. */
+  #use(info: ConnectionInfo, source: "agent.conf" | "PUT /1.0" | "serial"): void {
     this.#info = info;
     this.#status.setHost(
       { cid: info.cid, port: info.port, fingerprint: fingerprint(info.certificate) },
@@ -259,21 +320,6 @@ export class Agent {
     );
     this.#relay.reconnect();
     this.#setDevlxd(info.devlxd);
-    const devlxd = this.#devlxdChange;
-    try {
-      const response = await this.fetchHost(new Request("http://lxd/1.0"));
-      await response.body?.cancel();
-      if (!response.ok && response.status !== 403) {
-        if (generation === this.#generation) {
-          this.#status.failed(`The host answered ${response.status} to GET /1.0.`);
-        }
-        throw new Error(`the host answered ${response.status} to GET /1.0`);
-      }
-      this.#logger.info("connected to the host", { cid: info.cid, port: info.port, source });
-      if (this.#status.ready) await this.#sendReady();
-    } finally {
-      await devlxd;
-    }
   }
 
   async #sendReady(): Promise<void> {

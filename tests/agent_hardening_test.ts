@@ -14,6 +14,7 @@ import {
   hybridAgent,
   makePairs,
   type Pairs,
+  runAgentCommand,
   SerialPeer,
   TestHost,
   within,
@@ -128,4 +129,30 @@ Deno.test("agent: the agent API holds at most 32 connections; more are closed at
   } finally {
     for (const socket of held) socket.destroy();
   }
+});
+
+Deno.test("agent: a PUT /1.0 naming a port nobody listens on answers 500 and keeps the last good connection info", async () => {
+  await using w = await world();
+  await w.serial.waitFor("CONNECTED");
+  const put = await callAgent(
+    hybridAgent(w.paths.uds),
+    w.pairs.hostClient,
+    w.pairs.agent.cert,
+    new Request("http://agent/1.0", {
+      method: "PUT",
+      body: JSON.stringify({
+        cid: 2,
+        port: HOST_PORT + 7,
+        certificate: w.pairs.hostServer.cert,
+        devlxd: true,
+      }),
+    }),
+  );
+  assert.equal(put.status, 500);
+  await put.body?.cancel();
+  const read = await devlxd(w.paths.devlxdSocket, "/1.0/config/user.foo");
+  assert.equal(read.status, 200, await read.clone().text());
+  assert.equal(await read.text(), "bar");
+  const status = await runAgentCommand(["--status", `--state-file=${w.paths.stateFile}`]);
+  assert.match(status.stdout, new RegExp(`Host: +vsock 2:${HOST_PORT} `));
 });
