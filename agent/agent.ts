@@ -25,11 +25,11 @@
 import type { Duplex } from "node:stream";
 import type { ConnectionInfo } from "../shared/api.ts";
 import { serveHttp } from "../shared/http/mod.ts";
-import { type Logger, silentLogger } from "../shared/log.ts";
+import { type Logger, LogSummary, silentLogger } from "../shared/log.ts";
 import { Slots } from "../shared/slots.ts";
 import { certificateFingerprint } from "../shared/tls/certificate.ts";
 import { acceptTls } from "../shared/tls/mutual_tls.ts";
-import type { Listener, Transport } from "../shared/vsock/mod.ts";
+import { acceptLoop, type Listener, type Transport } from "../shared/vsock/mod.ts";
 import { createAgentApi } from "./agent_api.ts";
 import type { AgentStatus } from "./agent_state.ts";
 import { createDevlxdApp, DevlxdServer } from "./devlxd_server.ts";
@@ -82,6 +82,12 @@ export interface AgentOptions {
    * @default {2000}
    */
   hostIdleTimeout?: number;
+  /**
+   * Concurrent connections to the agent API (the host's announces, pushed
+   * events, probes); one more is closed at once.
+   * @default {32}
+   */
+  maxApiConnections?: number;
   /** Serial port polling/retry periods, in ms (tests shorten them). */
   serialPollInterval?: number;
   serialRetryInterval?: number;
@@ -103,6 +109,8 @@ export class Agent {
   #logger: Logger;
   #status: AgentStatus;
   #info: ConnectionInfo | undefined;
+  /** The last connection info a validation request reached the host with. */
+  #good: ConnectionInfo | undefined;
   #generation = 0;
   #serial: SerialChannel | undefined;
   #relay: EventRelay;
@@ -111,6 +119,9 @@ export class Agent {
   #listener: Listener | undefined;
   #acceptLoop: Promise<void> | undefined;
   #connections = new Set<Duplex>();
+  /** Accepted agent API connections open now (raw sockets). */
+  #apiConnections = 0;
+  #summary: LogSummary;
   #abort = new AbortController();
   #timers: ReturnType<typeof setInterval>[] = [];
   #probing = false;
@@ -125,6 +136,7 @@ export class Agent {
     this.#status = options.status;
     this.#hostSlots = new Slots(options.maxHostConnections ?? 16);
     this.#hostPool = new HostPool({ idleTimeout: options.hostIdleTimeout ?? 2000, maxIdle: 4 });
+    this.#summary = new LogSummary(this.#logger);
     this.#relay = new EventRelay({
       fetchHost: (request, opts) => this.fetchHost(request, opts),
       canPull: () => this.#info !== undefined,
@@ -206,7 +218,7 @@ export class Agent {
   }
 
   /** One request to the host; the agent's state follows the outcome. */
-  async fetchHost(request: Request, options: HostFetchOptions = {}): Promise<Response> {
+  fetchHost(request: Request, options: HostFetchOptions = {}): Promise<Response> {
     const info = this.#info;
     if (info === undefined) {
       throw new HostUnreachableError(
@@ -214,6 +226,15 @@ export class Agent {
         "no-host",
       );
     }
+    return this.#fetchWith(info, request, options);
+  }
+
+  /** One request to the host at `info`; the state follows the outcome while `info` is in use. */
+  async #fetchWith(
+    info: ConnectionInfo,
+    request: Request,
+    options: HostFetchOptions = {},
+  ): Promise<Response> {
     try {
       const response = await hostRequest(info, request, {
         transport: this.#options.transport,
@@ -243,39 +264,74 @@ export class Agent {
   }
 
   /**
-   * Stores `info`, starts or stops devlxd accordingly, and validates it by one
-   * `GET /1.0` to the host (a 403 counts as reachable). Rejects with a
-   * sentence when the host cannot be reached; the agent is then STARTED.
+   * Validates `info` by one `GET /1.0` to the host (a 403 counts as
+   * reachable), then uses it: stores it and starts or stops devlxd
+   * accordingly. Rejects with a sentence when the host cannot be reached:
+   * the agent then keeps the last connection info that worked, if any;
+   * without one it keeps `info` (nothing better is known) and is STARTED.
    */
   async applyConnection(
     info: ConnectionInfo,
     source: "agent.conf" | "PUT /1.0" | "serial",
   ): Promise<void> {
     const generation = ++this.#generation;
-    this.#info = info;
-    this.#hostPool.clear(); // connections to the old address or certificate
-    this.#status.setHost(
-      { cid: info.cid, port: info.port, fingerprint: fingerprint(info.certificate) },
-      source,
-    );
-    this.#relay.reconnect();
-    this.#setDevlxd(info.devlxd);
-    const devlxd = this.#devlxdChange;
+    const fallback = this.#good;
+    // Nothing known works: use the new info at once, while it is checked.
+    if (fallback === undefined) this.#use(info, source);
+    let devlxd = this.#devlxdChange;
     try {
-      const response = await this.fetchHost(new Request("http://lxd/1.0"));
-      // Read to its end (small), so that its connection stays in the pool.
-      await response.arrayBuffer().catch(() => undefined);
-      if (!response.ok && response.status !== 403) {
-        if (generation === this.#generation) {
-          this.#status.failed(`The host answered ${response.status} to GET /1.0.`);
+      let failure: Error | undefined;
+      try {
+        const response = await this.#fetchWith(info, new Request("http://lxd/1.0"));
+        // Read to its end (small), so that its connection stays pooled for the next request.
+        await response.arrayBuffer().catch(() => undefined);
+        if (!response.ok && response.status !== 403) {
+          if (this.#info === info) {
+            this.#status.failed(`The host answered ${response.status} to GET /1.0.`);
+          }
+          failure = new Error(`the host answered ${response.status} to GET /1.0`);
         }
-        throw new Error(`the host answered ${response.status} to GET /1.0`);
+      } catch (error) {
+        failure = error as Error;
+      }
+      if (failure !== undefined) {
+        if (fallback !== undefined && generation === this.#generation) {
+          this.#logger.warn(
+            "new connection info does not reach the host; keeping the last good one",
+            {
+              source,
+              port: info.port,
+              kept: fallback.port,
+              error: failure.message,
+            },
+          );
+        }
+        throw failure;
+      }
+      if (generation !== this.#generation) return;
+      this.#good = info;
+      if (this.#info !== info) {
+        this.#use(info, source);
+        devlxd = this.#devlxdChange;
+        this.#status.connected();
       }
       this.#logger.info("connected to the host", { cid: info.cid, port: info.port, source });
       if (this.#status.ready) await this.#sendReady();
     } finally {
       await devlxd;
     }
+  }
+
+  /** Makes `info` the connection in use: status, event relay, devlxd on or off. */
+  #use(info: ConnectionInfo, source: "agent.conf" | "PUT /1.0" | "serial"): void {
+    this.#info = info;
+    this.#hostPool.retain(info); // kept connections to another address or certificate go
+    this.#status.setHost(
+      { cid: info.cid, port: info.port, fingerprint: fingerprint(info.certificate) },
+      source,
+    );
+    this.#relay.reconnect();
+    this.#setDevlxd(info.devlxd);
   }
 
   async #sendReady(): Promise<void> {
@@ -339,15 +395,25 @@ export class Agent {
     });
   }
 
+  /** Accepts until closed; a failed accept (out of fds) pauses, never ends, the loop. */
   async #accept(listener: Listener): Promise<void> {
-    try {
-      for await (const socket of listener) this.#serve(socket);
-    } catch (error) {
-      if (!this.#closed) this.#logger.error("agent API listener failed", { error });
-    }
+    await acceptLoop(listener, (socket) => this.#serve(socket), {
+      stopped: () => this.#closed,
+      signal: this.#abort.signal,
+      onError: (error, retryMs) =>
+        this.#summary.note("error", "agent API accept failed; retrying", { error, retryMs }),
+    });
   }
 
   async #serve(socket: Duplex): Promise<void> {
+    if (this.#apiConnections >= (this.#options.maxApiConnections ?? 32)) {
+      this.#summary.note("warn", "agent API connection refused: too many connections", {
+        open: this.#apiConnections,
+      });
+      socket.destroy();
+      return;
+    }
+    this.#apiConnections++;
     this.#connections.add(socket);
     const signal = this.#abort.signal;
     let tlsSocket: Duplex | undefined;
@@ -370,6 +436,7 @@ export class Agent {
       socket.destroy();
       if (tlsSocket !== undefined) this.#connections.delete(tlsSocket);
       this.#connections.delete(socket);
+      this.#apiConnections--;
     }
   }
 
@@ -418,6 +485,7 @@ export class Agent {
     this.#listener?.close();
     for (const socket of this.#connections) socket.destroy();
     await this.#acceptLoop;
+    this.#summary.close();
     // Guests first: their streams end because the server stops (a WebSocket gets 1001).
     await this.#devlxdChange;
     await this.#devlxd.stop();

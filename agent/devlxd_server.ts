@@ -30,7 +30,7 @@ import {
   unwrapEnvelope,
   upgradeWebSocket,
 } from "../shared/http/mod.ts";
-import { type Listener, listenUnix, SocketError } from "../shared/vsock/mod.ts";
+import { acceptLoop, type Listener, listenUnix, SocketError } from "../shared/vsock/mod.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
 import type { EventRelay } from "./event_relay.ts";
 import { BodyTooLargeError, readBody } from "./read_body.ts";
@@ -417,19 +417,30 @@ export class DevlxdServer {
     const abort = new AbortController();
     this.#listener = listener;
     this.#abort = abort;
-    this.#loop = this.#accept(listener, makeHandler(abort.signal));
+    this.#loop = this.#accept(listener, makeHandler(abort.signal), abort.signal);
     this.#options.logger?.info("serving devlxd", { socket: this.#path });
     return Promise.resolve();
   }
 
-  async #accept(listener: Listener, handler: HttpHandler): Promise<void> {
-    try {
-      for await (const socket of listener) this.#serve(socket, handler);
-    } catch (error) {
-      if (this.#listener === listener) {
-        this.#options.logger?.error("devlxd listener failed", { error });
+  /** Accepts until stopped; a failed accept (out of fds) pauses, never ends, the loop. */
+  async #accept(listener: Listener, handler: HttpHandler, signal: AbortSignal): Promise<void> {
+    let failures = 0;
+    await acceptLoop(listener, (socket) => {
+      if (failures > 0) {
+        this.#options.logger?.info("devlxd accepts again", { failedAccepts: failures });
+        failures = 0;
       }
-    }
+      this.#serve(socket, handler);
+    }, {
+      stopped: () => this.#listener !== listener,
+      signal,
+      onError: (error, retryMs) => {
+        // One line per run of failures (the pause grows to 2 s), not one per retry.
+        if (failures++ === 0) {
+          this.#options.logger?.error("devlxd accept failed; retrying", { error, retryMs });
+        }
+      },
+    });
   }
 
   #serve(socket: Duplex, handler: HttpHandler): void {

@@ -125,9 +125,10 @@ export class HostPool implements Disposable {
     this.#idle.push(entry);
   }
 
-  /** Closes every idle connection (new connection info: the old ones are of no use). */
-  clear(): void {
-    for (const entry of [...this.#idle]) {
+  /** Closes every idle connection except those to `info`'s host (new connection info). */
+  retain(info: Pick<ConnectionInfo, "cid" | "port" | "certificate">): void {
+    const key = keyOf(info);
+    for (const entry of this.#idle.filter((e) => e.key !== key)) {
       this.#remove(entry);
       entry.socket.destroy();
     }
@@ -148,7 +149,10 @@ export class HostPool implements Disposable {
   /** Closes the idle connections; later `give()`s close theirs at once. Idempotent. */
   close(): void {
     this.#closed = true;
-    this.clear();
+    for (const entry of [...this.#idle]) {
+      this.#remove(entry);
+      entry.socket.destroy();
+    }
   }
 
   [Symbol.dispose](): void {

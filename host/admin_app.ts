@@ -18,6 +18,7 @@ import { errorResponse, syncResponse } from "../shared/http/envelope.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
 import { HttpError } from "./devlxd_app.ts";
 import { ALL_TOPICS } from "./event_hub.ts";
+import { own } from "./instance.ts";
 import { type AddInstance, type InstanceService, publicInstance } from "./instance_service.ts";
 import { MAX_CONFIG_VALUE, RegistryError } from "./registry.ts";
 
@@ -43,6 +44,8 @@ export interface DaemonStatus {
     name: string;
     channel: string;
     channelUp: boolean;
+    /** ISO time since which the guest has not read its channel (a host write is pending). */
+    channelStalled?: string;
     agentState: string;
     lastAnnounce?: string;
     announcedPort?: number;
@@ -120,7 +123,7 @@ export function createAdminApp(options: AdminAppOptions): Hono {
 
   app.get("/1.0/instances/:name/config/:key", (c) => {
     const key = c.req.param("key");
-    const value = service.get(c.req.param("name")).config[key];
+    const value = own(service.get(c.req.param("name")).config, key);
     if (value === undefined) throw new HttpError(404, `Config key "${key}" is not set`);
     return syncResponse(value);
   });

@@ -199,7 +199,7 @@ export function formatStatus(status: DaemonStatus): string {
       status.monitor.map((m) => [
         m.name,
         m.channel,
-        m.channelUp ? "yes" : "no",
+        m.channelStalled ? "stalled" : m.channelUp ? "yes" : "no",
         m.agentState,
         m.lastAnnounce ?? "-",
         m.announcedPort === undefined ? "-" : String(m.announcedPort),
@@ -227,7 +227,10 @@ export function formatInstanceStatus(view: {
   if (r.lastError) text += `last error: ${r.lastError}\n`;
   if (view.monitor) {
     const m = view.monitor;
-    text += `channel: ${m.channel} (${m.channelUp ? "up" : "down"})\n` +
+    const stalled = m.channelStalled
+      ? `, stalled since ${m.channelStalled}: the guest does not read it`
+      : "";
+    text += `channel: ${m.channel} (${m.channelUp ? "up" : "down"}${stalled})\n` +
       `last announce: ${m.lastAnnounce ?? "-"}${
         m.announcedPort ? ` (port ${m.announcedPort})` : ""
       }\n` +

@@ -14,7 +14,7 @@ import { isGuestVisibleKey } from "../shared/api.ts";
 import { errorResponse, syncResponse } from "../shared/http/envelope.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
 import type { EventHub } from "./event_hub.ts";
-import { devlxdEnabled, devlxdImagesEnabled, type Instance } from "./instance.ts";
+import { devlxdEnabled, devlxdImagesEnabled, type Instance, own } from "./instance.ts";
 import { isValidConfigKey } from "./registry.ts";
 
 /** An HTTP status with a message, turned into the LXD error envelope. */
@@ -105,14 +105,16 @@ export function createDevlxdApp(options: DevlxdAppOptions): Hono<DevlxdEnv> {
     const key = c.req.param("key");
     if (!isValidConfigKey(key)) throw new HttpError(400, "Invalid config key");
     if (!isGuestVisibleKey(key)) throw new HttpError(403, "Forbidden");
-    const value = c.env.instance.config[key];
+    const value = own(c.env.instance.config, key);
     if (value === undefined) throw new HttpError(404, "Not Found");
     return syncResponse(value);
   });
 
   app.get("/1.0/meta-data", (c) => {
     const { name, config } = c.env.instance;
-    const text = `instance-id: ${name}\nlocal-hostname: ${name}\n${config["user.meta-data"] ?? ""}`;
+    const text = `instance-id: ${name}\nlocal-hostname: ${name}\n${
+      own(config, "user.meta-data") ?? ""
+    }`;
     return syncResponse(text);
   });
 

@@ -60,6 +60,14 @@ export interface Instance {
   runtime: InstanceRuntime;
 }
 
+/**
+ * `record[key]` when `key` is an own property, else undefined: names from
+ * operators and guests (`constructor`, `__proto__`) never reach the prototype.
+ */
+export function own<T>(record: Record<string, T>, key: string): T | undefined {
+  return Object.hasOwn(record, key) ? record[key] : undefined;
+}
+
 /** `security.devlxd` defaults to true, as in LXD. */
 export function devlxdEnabled(instance: Instance): boolean {
   return instance.config["security.devlxd"] !== "false";

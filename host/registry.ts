@@ -25,7 +25,7 @@
 
 import { DatabaseSync } from "node:sqlite";
 import { MAX_CID } from "../shared/api.ts";
-import type { Instance, InstanceRuntime, StatusChannel } from "./instance.ts";
+import { type Instance, type InstanceRuntime, own, type StatusChannel } from "./instance.ts";
 
 /** Schema version written to `PRAGMA user_version`. */
 export const SCHEMA_VERSION = 1;
@@ -539,19 +539,19 @@ export class Registry {
       ).run(name, key, value);
     });
     this.#instances.get(name)!.config[key] = value;
-    return { old: instance.config[key] ?? "", value };
+    return { old: own(instance.config, key) ?? "", value };
   }
 
   /** Removes a config key; returns its previous value, or undefined if it was unset. */
   unsetConfig(name: string, key: string): string | undefined {
     const instance = this.require(name);
     checkConfigKey(key);
-    if (!(key in instance.config)) return undefined;
+    if (!Object.hasOwn(instance.config, key)) return undefined;
     this.#transaction(() => {
       this.#db.prepare("DELETE FROM config WHERE instance = ? AND key = ?").run(name, key);
     });
     delete this.#instances.get(name)!.config[key];
-    return instance.config[key];
+    return own(instance.config, key);
   }
 
   /** Adds a device; RegistryError `ALREADY_EXISTS` if the name is taken. */
@@ -559,7 +559,7 @@ export class Registry {
     const instance = this.require(name);
     checkDeviceName(device);
     const clean = checkDeviceConfig(config);
-    if (device in instance.devices) {
+    if (Object.hasOwn(instance.devices, device)) {
       throw new RegistryError("ALREADY_EXISTS", `Device "${device}" already exists on "${name}"`);
     }
     this.#transaction(() => {
@@ -573,7 +573,7 @@ export class Registry {
   /** Removes a device and returns its config; RegistryError `NOT_FOUND` if absent. */
   removeDevice(name: string, device: string): Record<string, string> {
     const instance = this.require(name);
-    const config = instance.devices[device];
+    const config = own(instance.devices, device);
     if (!config) throw new RegistryError("NOT_FOUND", `Device "${device}" not found on "${name}"`);
     this.#transaction(() => {
       this.#db.prepare("DELETE FROM devices WHERE instance = ? AND name = ?").run(name, device);

@@ -8,7 +8,13 @@
  *
  * Hardening: handshake, header and idle timeouts, header and body bounds
  * (enforced by `serveHttp`), a cap on concurrent connections per CID (or per
- * hybrid instance) and overall, so one VM cannot starve the others.
+ * hybrid instance) and overall, so one VM cannot starve the others. A
+ * connection counts against its instance's cap only once its certificate and
+ * peer match; before that it is one of at most `maxPendingPerPeer`
+ * unauthenticated connections of its peer, where a new one evicts the oldest
+ * (so a guest process without the agent's key cannot lock the agent out), all
+ * within one `handshakeTimeout`. Refusals are logged as one summary line per
+ * interval, never one line per connection.
  *
  * Owns the listeners it serves and the connections it accepted. Needs
  * `--allow-ffi` (sockets) and nothing else.
@@ -19,7 +25,7 @@ import type { Duplex } from "node:stream";
 import { setImmediate } from "node:timers";
 import { errorResponse } from "../shared/http/envelope.ts";
 import { serveHttp } from "../shared/http/mod.ts";
-import { type Logger, silentLogger } from "../shared/log.ts";
+import { type Logger, LogSummary, silentLogger } from "../shared/log.ts";
 import {
   acceptTls,
   certificateDer,
@@ -52,7 +58,13 @@ export interface DevlxdServerOptions {
   maxConnectionsPerInstance?: number;
   /** Concurrent connections overall. @default 1024 */
   maxConnections?: number;
-  /** TLS handshake bound, ms. @default 5000 */
+  /**
+   * Unauthenticated connections (before the certificate and peer match) per
+   * CID (or hybrid instance); a new one over the cap evicts the oldest.
+   * @default 8
+   */
+  maxPendingPerPeer?: number;
+  /** Bound from accept to an authenticated connection (first byte + TLS handshake), ms. @default 3000 */
   handshakeTimeout?: number;
   /** Request line and headers bound, ms. @default 3000 (LXD's) */
   headersTimeout?: number;
@@ -76,8 +88,14 @@ interface Connection {
   inFlight: number;
   /** The server is closing: end the connection once nothing is in flight. */
   ending: boolean;
+  /** Not (yet) authenticated: counted in the peer's pending list, not its cap. */
+  pending: boolean;
+  /** Counted against `#perKey`. */
+  counted: boolean;
   /** The instance it was authenticated as, once it was. */
   instance?: string;
+  /** Requests answered: a connection idle after one is a kept-alive one. */
+  answered: number;
 }
 
 /** One 401 in the LXD envelope; serveHttp closes the connection after it. */
@@ -99,12 +117,16 @@ export class DevlxdServer {
   #listeners = new Map<Listener, Promise<void>>();
   #connections = new Set<Connection>();
   #perKey = new Map<string, number>();
+  /** Unauthenticated connections per peer key, oldest first. */
+  #pending = new Map<string, Connection[]>();
+  #summary: LogSummary;
   #shutdown = new AbortController();
   #closed = false;
 
   constructor(options: DevlxdServerOptions) {
     this.#options = options;
     this.#logger = options.logger ?? silentLogger;
+    this.#summary = new LogSummary(this.#logger);
   }
 
   /** Open connections by CID (`cid:N`) or hybrid instance (`hybrid:NAME`). */
@@ -152,20 +174,23 @@ export class DevlxdServer {
   #accept(socket: FdSocket, source: ListenerSource): void {
     const remote = socket.remoteAddress;
     const key = peerKey(source, remote);
-    const max = this.#options.maxConnectionsPerInstance ?? 32;
-    const count = key === undefined ? 0 : this.#perKey.get(key) ?? 0;
-    if (
-      key === undefined || count >= max ||
-      this.#connections.size >= (this.#options.maxConnections ?? 1024)
-    ) {
-      this.#logger.warn("connection refused: too many connections", {
+    if (key === undefined || this.#connections.size >= (this.#options.maxConnections ?? 1024)) {
+      this.#summary.note("warn", "connection refused: too many connections", {
         peer: key ?? "unknown",
-        open: count,
+        open: this.#connections.size,
       });
       socket.destroy();
       return;
     }
-    this.#perKey.set(key, count + 1);
+    const pending = this.#pending.get(key) ?? [];
+    if (pending.length >= (this.#options.maxPendingPerPeer ?? 8)) {
+      const oldest = pending.shift()!;
+      this.#summary.note("warn", "unauthenticated connection evicted by a newer one", {
+        peer: key,
+      });
+      oldest.abort.abort();
+      oldest.socket.destroy();
+    }
     const connection: Connection = {
       socket,
       key,
@@ -173,17 +198,60 @@ export class DevlxdServer {
       abort: new AbortController(),
       inFlight: 0,
       ending: false,
+      pending: true,
+      counted: false,
+      answered: 0,
     };
+    pending.push(connection);
+    this.#pending.set(key, pending);
     this.#connections.add(connection);
     connection.done = this.#handle(connection, source, remote).catch((error) => {
       this.#logger.debug("connection ended with an error", { peer: key, error });
     }).finally(() => {
       socket.destroy();
       this.#connections.delete(connection);
-      const left = (this.#perKey.get(key) ?? 1) - 1;
-      if (left === 0) this.#perKey.delete(key);
-      else this.#perKey.set(key, left);
+      this.#settle(connection);
+      this.#uncount(connection);
     });
+  }
+
+  /** Takes `connection` off its VM's count (once). */
+  #uncount(connection: Connection): void {
+    if (!connection.counted) return;
+    connection.counted = false;
+    const left = (this.#perKey.get(connection.key) ?? 1) - 1;
+    if (left === 0) this.#perKey.delete(connection.key);
+    else this.#perKey.set(connection.key, left);
+  }
+
+  /**
+   * Closes one idle kept-alive connection of `key` (authenticated, answered
+   * before, nothing in flight), the oldest, and takes it off the count at
+   * once; false when there is none.
+   */
+  #evictIdle(key: string): boolean {
+    for (const other of this.#connections) {
+      if (
+        other.key !== key || !other.counted || other.inFlight > 0 || other.ending ||
+        other.answered === 0 // a new connection whose first request is on its way
+      ) continue;
+      this.#uncount(other);
+      other.ending = true;
+      other.abort.abort();
+      return true;
+    }
+    return false;
+  }
+
+  /** Takes `connection` off its peer's list of unauthenticated connections. */
+  #settle(connection: Connection): void {
+    if (!connection.pending) return;
+    connection.pending = false;
+    const list = this.#pending.get(connection.key);
+    if (list === undefined) return;
+    const at = list.indexOf(connection);
+    if (at >= 0) list.splice(at, 1);
+    if (list.length === 0) this.#pending.delete(connection.key);
   }
 
   #match(
@@ -217,14 +285,17 @@ export class DevlxdServer {
     // A connection that ends before sending a byte (an agent's liveness probe:
     // a plain connect every few seconds) costs an accept and a close, not a TLS
     // socket set up and torn down.
-    if (!await firstBytes(raw, o.handshakeTimeout ?? 5000, this.#shutdown.signal)) return;
+    // One deadline from accept to authenticated: first byte and handshake.
+    const deadline = Date.now() + (o.handshakeTimeout ?? 3000);
+    const preAuth = AbortSignal.any([this.#shutdown.signal, connection.abort.signal]);
+    if (!await firstBytes(raw, deadline - Date.now(), preAuth)) return;
     // A peer that sends anything but a TLS 1.3 ClientHello is refused by the
     // handshake itself (acceptTls rejects; the connection is destroyed).
     const { socket: tls, peer } = await acceptTls(raw, {
       cert: o.cert,
       key: o.key,
-      handshakeTimeout: o.handshakeTimeout ?? 5000,
-      signal: this.#shutdown.signal,
+      handshakeTimeout: Math.max(1, deadline - Date.now()),
+      signal: preAuth,
     });
     connection.socket = tls;
     if (this.#closed) return;
@@ -237,14 +308,29 @@ export class DevlxdServer {
     };
     const first = this.#match(source, remote, peer);
     if (!first) {
-      this.#logger.warn("unauthorized agent connection", {
+      // Stays pending (evictable) while it gets its one 401.
+      this.#summary.note("warn", "unauthorized agent connection", {
         peer: connection.key,
         fingerprint: peer.fingerprint,
       });
       await serveHttp(tls, unauthorized, httpOptions);
       return;
     }
+    this.#settle(connection);
+    const count = this.#perKey.get(connection.key) ?? 0;
+    // At the cap, an idle kept-alive connection of the same VM makes room
+    // (its agent opens a new one when it needs one); busy ones never do.
+    if (count >= (o.maxConnectionsPerInstance ?? 32) && !this.#evictIdle(connection.key)) {
+      this.#summary.note("warn", "connection refused: too many connections", {
+        instance: first.name,
+        peer: connection.key,
+        open: count,
+      });
+      return;
+    }
+    connection.counted = true;
     connection.instance = first.name;
+    this.#perKey.set(connection.key, (this.#perKey.get(connection.key) ?? 0) + 1);
     this.#logger.debug("agent connected", { instance: first.name, peer: connection.key });
     await serveHttp(tls, async (request) => {
       // Re-check on every request: the instance may have been removed or re-keyed.
@@ -258,6 +344,7 @@ export class DevlxdServer {
         response = await o.handler(request, instance);
       } finally {
         connection.inFlight--;
+        connection.answered++;
       }
       return this.#track(connection, response);
     }, httpOptions);
@@ -348,6 +435,7 @@ export class DevlxdServer {
     await Promise.all(loops.map(([, loop]) => loop));
     // Handshakes in progress are abandoned; established connections end when idle.
     this.#shutdown.abort();
+    this.#summary.close();
     for (const connection of this.#connections) {
       connection.ending = true;
       // Idle: nothing to flush, so no need to wait for the peer to close.

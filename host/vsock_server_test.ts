@@ -152,13 +152,31 @@ Deno.test("DevlxdServer.close() ends idle connections at once and waits for an i
   assert.deepEqual(t.server.connections, {});
 });
 
-Deno.test("DevlxdServer refuses connections over the per-instance cap at accept", async () => {
+Deno.test("DevlxdServer counts a connection against the instance's cap once authenticated and closes one over the cap", async () => {
   await using t = await fixture({ maxConnectionsPerInstance: 1 });
   using first = await t.connect();
-  const raw = await connectUnix(t.path);
-  await closed(raw);
+  // Unauthenticated connections do not count against the cap.
+  using raw = await connectUnix(t.path);
+  using second = await t.connect();
+  await closed(second);
   assert.deepEqual(t.server.connections, { "hybrid:vm1": 1 });
-  assert.ok(!first.destroyed);
+  assert.ok(!first.destroyed && !raw.destroyed);
+});
+
+Deno.test("DevlxdServer keeps at most maxPendingPerPeer unauthenticated connections, evicting the oldest", async () => {
+  await using t = await fixture({ maxPendingPerPeer: 2 });
+  const a = await connectUnix(t.path);
+  const aClosed = closed(a);
+  using b = await connectUnix(t.path);
+  const bClosed = closed(b);
+  using c = await connectUnix(t.path);
+  await aClosed;
+  using agent = await t.connect();
+  await bClosed; // the agent's connection evicted the oldest pending one
+  const response = await httpRequest(agent, new Request("http://devlxd/1.0"));
+  assert.equal(response.status, 200);
+  await response.body?.cancel();
+  assert.ok(!c.destroyed);
 });
 
 Deno.test("DevlxdServer closes a connection that ends before sending a byte without starting TLS, and goes on serving", async () => {

@@ -407,9 +407,11 @@ export class AgentProcess {
   readonly changed = new Signal();
   #stderrDone: Promise<void>;
 
-  constructor(args: string[]) {
-    const child = new Deno.Command(Deno.execPath(), {
-      args: ["run", "-q", ...runFlags("agent"), ...agentFlags(), "agent/main.ts", ...args],
+  /** `prefix` runs the agent through a command, e.g. `["prlimit", "--nofile=128"]`. */
+  constructor(args: string[], prefix: string[] = []) {
+    const deno = ["run", "-q", ...runFlags("agent"), ...agentFlags(), "agent/main.ts", ...args];
+    const child = new Deno.Command(prefix[0] ?? Deno.execPath(), {
+      args: prefix.length === 0 ? deno : [...prefix.slice(1), Deno.execPath(), ...deno],
       cwd: ROOT,
       stdin: "null",
       stdout: "piped",
@@ -426,7 +428,7 @@ export class AgentProcess {
   }
 
   /** Starts the agent with the paths of a test and short test periods (hybrid unless told). */
-  static start(paths: AgentPaths, extra: string[] = []): AgentProcess {
+  static start(paths: AgentPaths, extra: string[] = [], prefix: string[] = []): AgentProcess {
     return new AgentProcess([
       `--config-dir=${paths.configDir}`,
       `--serial-port=${paths.serial}`,
@@ -438,7 +440,7 @@ export class AgentProcess {
       "--rewrite-interval=200ms",
       "--log-level=debug",
       ...extra,
-    ]);
+    ], prefix);
   }
 
   /** Waits for a log line matching `pattern`. */

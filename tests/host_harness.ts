@@ -84,7 +84,7 @@ export class DaemonProcess implements AsyncDisposable {
   readonly process: Deno.ChildProcess;
   readonly lines: string[] = [];
   port = 0;
-  #waiters: { re: RegExp; resolve: (line: string) => void }[] = [];
+  #waiters: { re: RegExp; left: number; resolve: (line: string) => void }[] = [];
   #pump: Promise<void>;
   #status: Promise<Deno.CommandStatus>;
 
@@ -119,7 +119,7 @@ export class DaemonProcess implements AsyncDisposable {
           buffer = buffer.slice(nl + 1);
           this.lines.push(line);
           this.#waiters = this.#waiters.filter((w) => {
-            if (!w.re.test(line)) return true;
+            if (!w.re.test(line) || --w.left > 0) return true;
             w.resolve(line);
             return false;
           });
@@ -147,11 +147,16 @@ export class DaemonProcess implements AsyncDisposable {
 
   /** The next (or an already seen) log line matching `re`. */
   waitFor(re: RegExp, ms = 10_000): Promise<string> {
-    const seen = this.lines.find((l) => re.test(l));
-    if (seen !== undefined) return Promise.resolve(seen);
+    return this.waitForCount(re, 1, ms);
+  }
+
+  /** Resolves with the `count`-th log line (seen so far or next) matching `re`. */
+  waitForCount(re: RegExp, count: number, ms = 10_000): Promise<string> {
+    const seen = this.lines.filter((l) => re.test(l));
+    if (seen.length >= count) return Promise.resolve(seen[count - 1]);
     const { promise, resolve } = Promise.withResolvers<string>();
-    this.#waiters.push({ re, resolve });
-    return bounded(promise, ms, `log line ${re}`);
+    this.#waiters.push({ re, left: count - seen.length, resolve });
+    return bounded(promise, ms, `${count} log lines ${re}`);
   }
 
   /** Sends `signal` and waits for the exit status (bounded). */
@@ -234,4 +239,28 @@ export async function agentRequest(
     timeout: 10_000,
   });
   return { status: response.status, body: await response.json() };
+}
+
+/**
+ * Sends a request head announcing a 100-byte body, then one body byte per
+ * second; resolves with what the server wrote once it closes the connection.
+ */
+export async function trickleBody(socket: Duplex, what: string): Promise<string> {
+  let text = "";
+  const closed = new Promise<void>((resolve) => {
+    socket.on("data", (chunk) => text += chunk);
+    socket.once("end", () => resolve());
+    socket.once("close", () => resolve());
+    socket.once("error", () => resolve());
+  });
+  socket.write("PATCH /1.0 HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{");
+  const timer = setInterval(() => {
+    if (socket.writable) socket.write(" ");
+  }, 1000);
+  try {
+    await bounded(closed, 25_000, `${what} to cut off a body trickled at 1 byte/s`);
+  } finally {
+    clearInterval(timer);
+  }
+  return text;
 }

@@ -64,3 +64,36 @@ for (
     await bounded(gone, 10_000, `the kept connection closed after ${what}`);
   });
 }
+
+Deno.test("at its cap, a VM's new connection is admitted by closing one of its idle kept-alive connections; busy streams are never closed for it", async () => {
+  await using dir = await tempDir("host-keepalive-");
+  const hybrid = await addHybridInstance(dir.path);
+  await using daemon = await DaemonProcess.start(dir.path, ["--max-connections-per-instance", "2"]);
+  const id = await agentIdentity(dir.path, "vm1");
+  // Two connections: one follows events (busy), one is idle after a request.
+  using stream = await agentConnection(hybrid, daemon.port, id);
+  const events = await httpRequest(stream, new Request("http://devlxd/1.0/events"), {
+    timeout: 10_000,
+  });
+  assert.equal(events.status, 200);
+  using idle = await agentConnection(hybrid, daemon.port, id);
+  assert.equal(await keptRequest(idle, "/1.0"), 200);
+  const idleClosed = closed(idle);
+  // A third: admitted, the idle one closed for it.
+  using third = await agentConnection(hybrid, daemon.port, id);
+  assert.equal(await keptRequest(third, "/1.0/config"), 200);
+  await bounded(idleClosed, 10_000, "the idle connection closed to make room");
+  // A fourth: the third is idle now and makes room; the stream is never the one closed.
+  using fourth = await agentConnection(hybrid, daemon.port, id);
+  assert.equal(await keptRequest(fourth, "/1.0"), 200);
+  // The stream still delivers: a config change reaches it.
+  await cliOk(["config", "set", "vm1", "user.after", "yes", "--state-dir", dir.path]);
+  const reader = events.body!.pipeThrough(new TextDecoderStream()).getReader();
+  let text = "";
+  while (!text.includes("user.after")) {
+    const { value, done } = await bounded(reader.read(), 10_000, "the config event on the stream");
+    assert.equal(done, false, "the events stream ended");
+    text += value;
+  }
+  await reader.cancel();
+});

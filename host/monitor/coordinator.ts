@@ -148,6 +148,8 @@ export interface MonitorStatus {
   channel: StatusChannel["kind"];
   /** Whether the status channel (QMP socket, serial socket, file) is open. */
   channelUp: boolean;
+  /** ISO time since which the guest has not read a line the host wrote to its channel. */
+  channelStalled?: string;
   agentState: AgentStatus;
   /** The last state line read from the channel (or STOPPED when it went away). */
   observed?: AgentState;
@@ -403,6 +405,9 @@ export class Coordinator implements AsyncDisposable {
       cid: e.instance.cid,
       channel: e.instance.status.kind,
       channelUp: e.watcher.connected,
+      channelStalled: e.watcher.stalledSince === undefined
+        ? undefined
+        : new Date(e.watcher.stalledSince).toISOString(),
       agentState: e.status,
       observed: e.observed,
       lastSeen: e.lastSeen === undefined ? undefined : new Date(e.lastSeen).toISOString(),

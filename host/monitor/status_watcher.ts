@@ -9,7 +9,10 @@
  *   watchers share wake-ups); a read consumes the bytes and only the last
  *   complete line counts.
  * - `socket`: a `-chardev socket,server=on` virtserialport: lines are read as
- *   they come, and `writeLine()` sends `CONNECT 2:<port>\n` to the guest.
+ *   they come, and `writeLine()` sends `CONNECT 2:<port>\n` to the guest,
+ *   bounded by `writeTimeout`: a guest that stops reading (its socket buffer
+ *   full) makes the channel `stalled`, and further lines are refused at once
+ *   until the pending write completes; nobody waits on it.
  * - `file`: a plain file the guest side appends to (tests only), polled.
  * - `none`: never reports anything.
  *
@@ -59,6 +62,8 @@ export interface StatusWatcherOptions {
   timeout?: number;
   /** Longest line accepted on the socket backend, in bytes. @default 256 */
   maxLineLength?: number;
+  /** Bound on a write to the guest (socket backend), in ms. @default 1000 */
+  writeTimeout?: number;
   /** @default silentLogger */
   logger?: Logger;
 }
@@ -107,6 +112,14 @@ export abstract class StatusWatcher implements AsyncDisposable {
   /** Whether `writeLine()` can reach the guest (socket backend). */
   get canWrite(): boolean {
     return false;
+  }
+
+  /**
+   * Since when (epoch ms) a write to the guest has been pending past
+   * `writeTimeout`: the guest does not read its channel. Undefined otherwise.
+   */
+  get stalledSince(): number | undefined {
+    return undefined;
   }
 
   /** Sets the poll period; a shorter one takes effect at once. */
@@ -315,6 +328,9 @@ class QmpStatusWatcher extends StatusWatcher {
 class SocketStatusWatcher extends StatusWatcher {
   readonly kind = "socket";
   #conn: Deno.UnixConn | undefined;
+  /** The write in progress, if any: at most one at a time. */
+  #writing: Promise<unknown> | undefined;
+  #stalledSince: number | undefined;
 
   constructor(
     readonly channel: Extract<StatusChannel, { kind: "socket" }>,
@@ -327,18 +343,48 @@ class SocketStatusWatcher extends StatusWatcher {
     return this.#conn !== undefined;
   }
 
+  override get stalledSince(): number | undefined {
+    return this.#stalledSince;
+  }
+
+  /**
+   * Writes `line`, waiting at most `writeTimeout`; false when the channel is
+   * down, the write failed, timed out, or an earlier one is still pending.
+   */
   override async writeLine(line: string): Promise<boolean> {
     const conn = this.#conn;
-    if (conn === undefined) return false;
+    if (conn === undefined || this.#writing !== undefined) return false;
     const bytes = encoder.encode(line.endsWith("\n") ? line : line + "\n");
-    try {
+    const write = (async () => {
       let offset = 0;
       while (offset < bytes.length) offset += await conn.write(bytes.subarray(offset));
-      return true;
-    } catch (error) {
+    })();
+    this.#writing = write;
+    const settled = write.then(() => true, (error) => {
       this.logger.debug("serial write failed", { error });
       return false;
-    }
+    }).finally(() => {
+      if (this.#writing !== write) return;
+      this.#writing = undefined;
+      if (this.#stalledSince !== undefined) {
+        this.#stalledSince = undefined;
+        this.logger.info("serial channel reads again", { path: this.channel.path });
+      }
+    });
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const timeout = this.options.writeTimeout ?? 1000;
+    const result = await Promise.race([
+      settled,
+      new Promise<"timeout">((resolve) => timer = setTimeout(() => resolve("timeout"), timeout)),
+    ]);
+    clearTimeout(timer);
+    if (result !== "timeout") return result;
+    this.#stalledSince ??= Date.now();
+    this.logger.warn("serial channel stalled", {
+      path: this.channel.path,
+      error: `the guest has not read a ${bytes.length}-byte line for ${timeout} ms`,
+    });
+    return false;
   }
 
   protected async session(signal: AbortSignal, up: () => void): Promise<void> {
@@ -371,6 +417,8 @@ class SocketStatusWatcher extends StatusWatcher {
       if (!this.closed) throw error;
     } finally {
       this.#conn = undefined;
+      this.#writing = undefined;
+      this.#stalledSince = undefined;
       signal.removeEventListener("abort", onAbort);
       try {
         conn.close();

@@ -3,7 +3,7 @@
  * Duplex: a TLS socket over vsock, a unix socket): keep-alive requests served
  * one after another, Content-Length and chunked request bodies, streaming
  * (chunked) response bodies, and the limits a daemon facing untrusted guests
- * needs (head size, body size, slowloris and idle timeouts).
+ * needs (head size, body size, slowloris, body and idle timeouts).
  *
  * Why our own codec and not `node:http` (`server.emit("connection", socket)`):
  * checked in Deno 2.9.6 over an emitted unix-socket Duplex, node:http honours
@@ -62,6 +62,12 @@ export interface ServeHttpOptions {
    * @default 30000
    */
   idleTimeout?: number;
+  /**
+   * Milliseconds for a whole request body to arrive, from the end of its head;
+   * past it → 408 and close (a body trickled a byte at a time never resets it).
+   * @default 10000
+   */
+  bodyTimeout?: number;
   /**
    * Largest request line plus headers, in bytes; larger → 431 and close.
    * @default 16384
@@ -139,6 +145,9 @@ class HttpConnection {
   #handler: HttpHandler;
   #headersTimeout: number;
   #idleTimeout: number;
+  #bodyTimeout: number;
+  /** performance.now() by which the body being read must be complete. */
+  #bodyDeadline = Infinity;
   #maxHeaderSize: number;
   #maxBodySize: number;
   #signal: AbortSignal | undefined;
@@ -162,6 +171,7 @@ class HttpConnection {
     this.#handler = handler;
     this.#headersTimeout = options.headersTimeout ?? 3000;
     this.#idleTimeout = options.idleTimeout ?? 30_000;
+    this.#bodyTimeout = options.bodyTimeout ?? 10_000;
     this.#maxHeaderSize = options.maxHeaderSize ?? 16_384;
     this.#maxBodySize = options.maxBodySize ?? 1_048_576;
     this.#signal = options.signal;
@@ -233,6 +243,15 @@ class HttpConnection {
 
   #idleTimedOut = () => this.#socket.destroy();
 
+  #bodyTimedOut = () => this.#fail(408);
+
+  /** While a body arrives: the idle bound per pause, within the body deadline. */
+  #setBodyTimer(): void {
+    const left = this.#bodyDeadline - performance.now();
+    if (left < this.#idleTimeout) this.#setTimer(Math.max(0, left), this.#bodyTimedOut);
+    else this.#setTimer(this.#idleTimeout, this.#idleTimedOut);
+  }
+
   /** Serves one request; false when the connection must not be reused. */
   async #serveOne(first: boolean): Promise<boolean> {
     const reader = this.#reader;
@@ -290,7 +309,8 @@ class HttpConnection {
           throw new HttpError(413, "Request body too large");
         }
         if (summary.expectContinue && head.minor === 1) this.#socket.write(CONTINUE);
-        this.#setTimer(this.#idleTimeout, this.#idleTimedOut);
+        this.#bodyDeadline = performance.now() + this.#bodyTimeout;
+        this.#setBodyTimer();
         body = summary.framing.kind === "length"
           ? await this.#readLength(summary.framing.length)
           : await this.#readChunked();
@@ -366,7 +386,8 @@ class HttpConnection {
       if (reader.buffer.length === 0) {
         if (reader.done) return undefined;
         await reader.wait();
-        this.#setTimer(this.#idleTimeout, this.#idleTimedOut);
+        if (this.#ending) return undefined; // the body deadline passed
+        this.#setBodyTimer();
         continue;
       }
       const piece = reader.take(length - filled);
@@ -389,7 +410,8 @@ class HttpConnection {
         if (this.#reader.done) return undefined;
         throw error;
       }
-      this.#setTimer(this.#idleTimeout, this.#idleTimedOut);
+      if (this.#ending) return undefined; // the body deadline passed
+      this.#setBodyTimer();
       if (piece === null) break;
       size += piece.length;
       if (size > this.#maxBodySize) throw new HttpError(413, "Request body too large");

@@ -53,6 +53,57 @@ export async function* acceptUntilClosed(
   }
 }
 
+/** Options of {@linkcode acceptLoop}. */
+export interface AcceptLoopOptions {
+  /** Whether the loop should end (the listener was closed on purpose). */
+  stopped: () => boolean;
+  /** Told of each failed accept before the pause, with the pause in ms. */
+  onError?: (error: unknown, retryMs: number) => void;
+  /** First pause after a failed accept, doubled up to `maxPause`, in ms. @default 50 */
+  minPause?: number;
+  /** @default 2000 */
+  maxPause?: number;
+  /** Ends a pause early (then `stopped()` decides). */
+  signal?: AbortSignal;
+}
+
+/**
+ * Accepts on `listener` and hands each socket to `onSocket` until
+ * `stopped()`; a failed accept (EMFILE, ENFILE, ENOBUFS, a hybrid handshake
+ * gone wrong) pauses the loop — 50 ms, doubling to 2 s, reset by a success —
+ * and it goes on: one error never ends it. Resolves once stopped.
+ */
+export async function acceptLoop(
+  listener: { accept(): Promise<FdSocket> },
+  onSocket: (socket: FdSocket) => void,
+  options: AcceptLoopOptions,
+): Promise<void> {
+  const min = options.minPause ?? 50;
+  let pause = min;
+  while (!options.stopped()) {
+    let socket: FdSocket;
+    try {
+      socket = await listener.accept();
+    } catch (error) {
+      if (options.stopped()) return;
+      options.onError?.(error, pause);
+      await new Promise<void>((resolve) => {
+        const done = () => {
+          clearTimeout(timer);
+          options.signal?.removeEventListener("abort", done);
+          resolve();
+        };
+        const timer = setTimeout(done, pause);
+        options.signal?.addEventListener("abort", done, { once: true });
+      });
+      pause = Math.min(pause * 2, options.maxPause ?? 2000);
+      continue;
+    }
+    pause = min;
+    onSocket(socket);
+  }
+}
+
 export interface FdListenerOptions {
   /** The bound address (as getsockname reported it). */
   address: SocketAddress;

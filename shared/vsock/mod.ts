@@ -35,7 +35,12 @@ export {
   type HybridVerb,
   parseHybridLine,
 } from "./hybrid_line.ts";
-export { type Listener, listenerClosedError } from "./listener.ts";
+export {
+  acceptLoop,
+  type AcceptLoopOptions,
+  type Listener,
+  listenerClosedError,
+} from "./listener.ts";
 export {
   decodeSockaddr,
   decodeSockaddrUn,

@@ -1,0 +1,254 @@
+/**
+ * Denial of service and lost work against a daemon process (issue 13), over
+ * the unix ("hybrid vsock") transport with real TLS: an attacker without the
+ * agent's key, or a guest that misbehaves, must not starve its own agent or
+ * other instances, and must not flood the log.
+ */
+
+import "reflect-metadata";
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { httpRequest } from "../shared/http/mod.ts";
+import type { FdSocket } from "../shared/vsock/mod.ts";
+import {
+  agentConnection,
+  type AgentIdentity,
+  agentIdentity,
+  agentRequest,
+  bounded,
+  cli,
+  cliOk,
+  connectHybridListener,
+  DaemonProcess,
+  tempDir,
+  trickleBody,
+} from "./host_harness.ts";
+
+interface Setup extends AsyncDisposable {
+  daemon: DaemonProcess;
+  stateDir: string;
+  hybrid: string;
+  id: AgentIdentity;
+}
+
+/** vm1 (hybrid, CID 10, `user.foo=bar`) and a daemon serving it. */
+async function setup(extra: string[] = []): Promise<Setup> {
+  const dir = await tempDir("host-hard-");
+  const hybrid = join(dir.path, "vm1.vsock");
+  await cliOk([
+    "instance",
+    "add",
+    "vm1",
+    "--cid",
+    "10",
+    "--hybrid",
+    hybrid,
+    "-c",
+    "user.foo=bar",
+    "--state-dir",
+    dir.path,
+  ]);
+  const daemon = await DaemonProcess.start(dir.path, extra);
+  return {
+    daemon,
+    stateDir: dir.path,
+    hybrid,
+    id: await agentIdentity(dir.path, "vm1"),
+    [Symbol.asyncDispose]: async () => {
+      await daemon[Symbol.asyncDispose]();
+      await dir[Symbol.asyncDispose]();
+    },
+  };
+}
+
+Deno.test("40 connections that never finish a TLS handshake leave the agent's reads working and log one summary line", async () => {
+  await using t = await setup();
+  // The attacker: a guest process without the agent's key holds 40 connections
+  // to the host port, each stuck in the handshake (a TLS record header, then nothing).
+  const attack: FdSocket[] = [];
+  try {
+    for (let i = 0; i < 40; i++) {
+      const socket = await connectHybridListener(t.hybrid, t.daemon.port);
+      socket.on("error", () => {});
+      socket.write(new Uint8Array([0x16, 0x03, 0x01]));
+      attack.push(socket);
+    }
+    const logBefore = t.daemon.lines.length;
+    let ok = 0;
+    const failures: string[] = [];
+    for (let i = 0; i < 10; i++) {
+      try {
+        const r = await agentRequest(t.hybrid, t.daemon.port, t.id, "/1.0/config/user.foo");
+        if (r.status === 200 && r.body.metadata === "bar") ok++;
+        else failures.push(`status ${r.status}`);
+      } catch (error) {
+        failures.push(String(error));
+      }
+    }
+    assert.equal(ok, 10, `the agent's reads under attack: ${ok}/10 succeeded (${failures[0]})`);
+    const refusalLines = t.daemon.lines.slice(logBefore).filter((l) =>
+      /refused|evicted|too many/.test(l)
+    );
+    assert.ok(refusalLines.length <= 2, `log lines per refusal:\n${refusalLines.join("\n")}`);
+  } finally {
+    for (const socket of attack) socket.destroy();
+  }
+});
+
+/** The guest end of a socket-backed virtserialport (QEMU's `server=on` side). */
+interface Serial extends Disposable {
+  name: string;
+  conn: Deno.UnixConn;
+}
+
+async function serialPort(
+  listener: Deno.UnixListener,
+  name: string,
+): Promise<Serial> {
+  const conn = await bounded(listener.accept(), 10_000, `the daemon to open ${name}'s serial port`);
+  return {
+    name,
+    conn,
+    [Symbol.dispose]: () => {
+      try {
+        conn.close();
+      } catch {
+        // already closed
+      }
+    },
+  };
+}
+
+Deno.test("16 guests that stop reading their serial port leave the announce to a 17th prompt, and status says they stall", async () => {
+  await using dir = await tempDir("host-stall-");
+  await using daemon = await DaemonProcess.start(dir.path);
+  const names = ["good", ...Array.from({ length: 16 }, (_, i) => `stall${i}`)];
+  const listeners = new Map<string, Deno.UnixListener>();
+  const serials: Serial[] = [];
+  try {
+    for (const name of names) {
+      listeners.set(
+        name,
+        Deno.listen({ transport: "unix", path: join(dir.path, `${name}.serial`) }),
+      );
+    }
+    for (let i = 0; i < names.length; i += 4) {
+      await Promise.all(
+        names.slice(i, i + 4).map((name, j) =>
+          cliOk([
+            "instance",
+            "add",
+            name,
+            "--cid",
+            String(10 + i + j),
+            "--hybrid",
+            join(dir.path, `${name}.vsock`),
+            "--serial",
+            join(dir.path, `${name}.serial`),
+            "--state-dir",
+            dir.path,
+          ])
+        ),
+      );
+    }
+    for (const name of names) serials.push(await serialPort(listeners.get(name)!, name));
+    const [good, ...stallers] = serials;
+    // Each staller restarts its agent (STOPPED, STARTED) after every announce
+    // and never reads: the host's CONNECT lines fill its socket buffer.
+    const encoder = new TextEncoder();
+    await Promise.all(stallers.map(async (s) => {
+      const done = new RegExp(
+        `msg="(announced|announce failed|serial channel stalled)".* instance=${s.name}( |$)`,
+      );
+      for (let i = 1; i <= 1000; i++) {
+        await s.conn.write(encoder.encode("STOPPED\nSTARTED\n"));
+        let line: string;
+        try {
+          line = await daemon.waitForCount(done, i, 3000);
+        } catch {
+          return; // the host's write to it blocks (no announce completes)
+        }
+        if (line.includes("serial channel stalled")) return;
+      }
+      throw new Error(`${s.name}'s serial port never filled up`);
+    }));
+    // The well-behaved guest: its agent starts; the host's CONNECT line must come promptly.
+    const start = performance.now();
+    await good.conn.write(encoder.encode("STARTED\n"));
+    const buffer = new Uint8Array(256);
+    let text = "";
+    while (!text.includes("\n")) {
+      const n = await bounded(
+        good.conn.read(buffer),
+        20_000,
+        "the CONNECT line to the well-behaved guest while 16 others stall",
+      );
+      if (n === null) throw new Error("the daemon closed the good guest's serial port");
+      text += new TextDecoder().decode(buffer.subarray(0, n));
+    }
+    const latency = performance.now() - start;
+    assert.equal(text.split("\n")[0], `CONNECT 2:${daemon.port}`);
+    assert.ok(latency < 5000, `announce latency ${latency.toFixed(0)} ms`);
+    const status = await cliOk(["status", "stall3", "--state-dir", dir.path]);
+    assert.match(status, /stalled/);
+    const table = await cliOk(["status", "--state-dir", dir.path]);
+    assert.equal(table.split("\n").filter((l) => /^stall\d+ .*stalled/.test(l)).length, 16, table);
+  } finally {
+    for (const s of serials) s[Symbol.dispose]();
+    for (const l of listeners.values()) l.close();
+  }
+});
+
+Deno.test("prototype names (constructor, __proto__, toString) are not instances' devices or config keys", async () => {
+  await using t = await setup();
+  using connection = await agentConnection(t.hybrid, t.daemon.port, t.id);
+  const response = await httpRequest(connection, new Request("http://devlxd/1.0/events"), {
+    timeout: 10_000,
+  });
+  const reader = response.body!.pipeThrough(new TextDecoderStream()).getReader();
+  await t.daemon.waitFor(/msg="agent connected"/);
+  const dir = ["--state-dir", t.stateDir];
+  for (const name of ["constructor", "__proto__", "toString"]) {
+    const removed = await cli(["device", "remove", "vm1", name, ...dir]);
+    assert.deepEqual(
+      [removed.code, /not found/.test(removed.stderr)],
+      [1, true],
+      `device remove vm1 ${name}: exit ${removed.code} ${removed.stdout}${removed.stderr}`,
+    );
+    const got = await cli(["config", "get", "vm1", name, ...dir]);
+    assert.deepEqual(
+      [got.code, got.stdout, /not set/.test(got.stderr)],
+      [1, "", true],
+      `config get vm1 ${name}: exit ${got.code} ${got.stdout}${got.stderr}`,
+    );
+  }
+  const added = await cli(["device", "add", "vm1", "constructor", "type=disk", ...dir]);
+  assert.equal(added.code, 0, added.stderr);
+  // The first event the agent sees is that add: no bogus "removed" came before it.
+  let text = "";
+  while (!text.includes("\n")) {
+    const { value, done } = await bounded(reader.read(), 10_000, "the device event");
+    assert.equal(done, false);
+    text += value;
+  }
+  const event = JSON.parse(text.split("\n")[0]);
+  assert.deepEqual(event.metadata, {
+    name: "constructor",
+    action: "added",
+    config: { type: "disk" },
+  });
+  await reader.cancel();
+  const devices = await agentRequest(t.hybrid, t.daemon.port, t.id, "/1.0/devices");
+  assert.deepEqual(Object.keys(devices.body.metadata as object), ["constructor"]);
+});
+
+Deno.test("a request body trickled at one byte a second is cut off by the body deadline (host)", async () => {
+  await using t = await setup();
+  using connection = await agentConnection(t.hybrid, t.daemon.port, t.id);
+  const start = performance.now();
+  const text = await trickleBody(connection, "the host");
+  assert.match(text, /^HTTP\/1\.1 408 /);
+  assert.ok(performance.now() - start < 15_000);
+  const ok = await agentRequest(t.hybrid, t.daemon.port, t.id, "/1.0/config/user.foo");
+  assert.equal(ok.body.metadata, "bar");
+});
