@@ -335,9 +335,11 @@ Deno.test("three agents and the host daemon: STARTED, announce, CONNECTED, guest
       } ms (from "listening"; ${(connectedAt - spawnedAt).toFixed(0)} ms from the process start)`,
     );
     for (const g of fleet.guests) {
+      // Our agent reads the CONNECT line on its (bidirectional) serial channel and
+      // reaches the new port by itself: no PUT /1.0, one TLS handshake (its own).
       await daemonLine(
         daemon2,
-        new RegExp(`msg="announced" .*instance=${g.name} .*port=${port2}\\b`),
+        new RegExp(`msg="announced" .*instance=${g.name} .*port=${port2}\\b.*via="CONNECT line"`),
       );
       await daemonLine(daemon2, new RegExp(`msg="ready changed" .*instance=${g.name} ready=true`));
       await assertAgentConnected(g, port2, true);

@@ -114,6 +114,14 @@ export interface CoordinatorOptions {
   intervals?: CoordinatorIntervals;
   /** Announces in flight at once. @default 16 */
   announceConcurrency?: number;
+  /**
+   * After a `CONNECT` line on a bidirectional channel, how long to wait for
+   * the agent to reach the host by itself (ours reads the line) before
+   * sending PUT /1.0 (a stock agent does not), in ms: our agents then cost
+   * one TLS handshake per announce (their own request), not two.
+   * @default 1000
+   */
+  connectLineWait?: number;
   /** Events kept per offline instance; the oldest is dropped beyond. @default 256 */
   eventQueueLimit?: number;
   /** Bound on connecting to an agent, in ms (LXD uses 3 s). @default 3000 */
@@ -202,6 +210,8 @@ interface Entry {
   announceTimer?: ReturnType<typeof setTimeout>;
   flushTimer?: ReturnType<typeof setTimeout>;
   removed: boolean;
+  /** Called at the agent's next authenticated request (`agentSeen`). */
+  seenWaiters: Array<() => void>;
 }
 
 /** Channel failures that just mean "the VM is not running": no lastError. */
@@ -335,6 +345,7 @@ export class Coordinator implements AsyncDisposable {
     const entry = this.#entries.get(name);
     if (!entry) return;
     entry.lastSeen = this.#now();
+    for (const wake of entry.seenWaiters.splice(0)) wake();
     this.#store.recordSeen?.(name);
     entry.unanswered = 0;
     if (entry.status !== "CONNECTED") this.#setStatus(entry, "CONNECTED", undefined);
@@ -448,6 +459,7 @@ export class Coordinator implements AsyncDisposable {
       pushFailures: 0,
       unanswered: 0,
       removed: false,
+      seenWaiters: [],
     };
     entry.watcher = this.#createWatcher(entry);
     this.#entries.set(instance.name, entry);
@@ -644,6 +656,30 @@ export class Coordinator implements AsyncDisposable {
     );
   }
 
+  /**
+   * Resolves true once the agent has reached the host at or after `since`
+   * (at once if it already has), false after `ms` or when the coordinator
+   * closes.
+   */
+  #reachedSince(entry: Entry, since: number, ms: number): Promise<boolean> {
+    if (entry.lastSeen !== undefined && entry.lastSeen >= since) return Promise.resolve(true);
+    if (ms <= 0 || this.#abort.signal.aborted) return Promise.resolve(false);
+    return new Promise((resolve) => {
+      const done = (seen: boolean) => {
+        clearTimeout(timer);
+        this.#abort.signal.removeEventListener("abort", onAbort);
+        const at = entry.seenWaiters.indexOf(wake);
+        if (at >= 0) entry.seenWaiters.splice(at, 1);
+        resolve(seen);
+      };
+      const wake = () => done(true);
+      const onAbort = () => done(false);
+      const timer = setTimeout(() => done(false), ms);
+      this.#abort.signal.addEventListener("abort", onAbort, { once: true });
+      entry.seenWaiters.push(wake);
+    });
+  }
+
   async #runAnnounce(entry: Entry, reason: string, generation: number): Promise<void> {
     await this.#slots.acquire();
     try {
@@ -657,7 +693,11 @@ export class Coordinator implements AsyncDisposable {
       const startedAt = this.#now();
       this.#logger.debug("announcing", { instance: instance.name, reason, port });
       let lineSent = false;
-      if (entry.watcher.canWrite) {
+      // A bidirectional channel still connecting (the host just started): give it a moment.
+      const wait = this.#options.connectLineWait ?? 1000;
+      if (
+        entry.watcher.canWrite || await entry.watcher.whenWritable(wait, this.#abort.signal)
+      ) {
         lineSent = await entry.watcher.writeLine(formatConnectLine(HOST_CID, port));
       }
       const info: ConnectionInfo = {
@@ -668,10 +708,15 @@ export class Coordinator implements AsyncDisposable {
       };
       let failure: unknown;
       let announcedPid: number | undefined;
-      try {
-        announcedPid = (await this.#api.announce(instance, info, this.#abort.signal))?.pid;
-      } catch (error) {
-        failure = error;
+      // Our agent reads the line and reaches us: that is the announce, and PUT is not sent.
+      const viaLine = lineSent &&
+        await this.#reachedSince(entry, startedAt, this.#options.connectLineWait ?? 1000);
+      if (!viaLine) {
+        try {
+          announcedPid = (await this.#api.announce(instance, info, this.#abort.signal))?.pid;
+        } catch (error) {
+          failure = error;
+        }
       }
       if (generation !== entry.generation || entry.removed || this.#closed) return;
       const now = this.#now();
@@ -692,8 +737,13 @@ export class Coordinator implements AsyncDisposable {
         // Our agent's answer carries its pid; only a stock agent's ({}) needs a
         // GET /1.0, a third TLS connection per announce.
         if (failure === undefined && announcedPid !== undefined) entry.agentPid = announcedPid;
-        else if (failure === undefined) await this.#recordAgentPid(entry, generation);
-        this.#logger.info("announced", { instance: instance.name, reason, port });
+        else if (failure === undefined && !viaLine) await this.#recordAgentPid(entry, generation);
+        this.#logger.info("announced", {
+          instance: instance.name,
+          reason,
+          port,
+          via: viaLine ? "CONNECT line" : "PUT /1.0",
+        });
         return;
       }
       entry.failures++;

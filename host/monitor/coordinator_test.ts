@@ -598,3 +598,36 @@ Deno.test("Coordinator announces over mutual TLS to an agent API and delivers ev
   assert.deepEqual(fake.events, [event("tls")]);
   assert.equal(coordinator.status("vm1")!.agentState, "CONNECTED");
 });
+
+Deno.test("Coordinator announces to an agent that reads the CONNECT line without PUT /1.0 (one handshake: its own); one that does not read it gets the PUT", async () => {
+  await using dir = await tempDir();
+  const path = `${dir.path}/serial`;
+  using listener = Deno.listen({ transport: "unix", path });
+  const vm = makeInstance("vm1", 10, { kind: "socket", path });
+  const { api, changes, coordinator } = setup([vm], { connectLineWait: 5000 });
+  await using _c = coordinator;
+  api.validates = false; // only the line reaches "our" agent here
+  coordinator.start();
+  using guest = await listener.accept();
+  const reader = guest.readable.pipeThrough(new TextDecoderStream()).getReader();
+  await guest.write(new TextEncoder().encode("STARTED\n"));
+  let text = "";
+  while (!/CONNECT 2:40001\n/.test(text)) text += (await reader.read()).value;
+  coordinator.agentSeen("vm1"); // our agent read the line and reached the host
+  await changes.until((c) => c.state === "CONNECTED");
+  assert.equal(api.announces.all.length, 0, "no PUT /1.0 for an agent that read the line");
+  assert.equal(api.entered.all.length, 0);
+  reader.releaseLock();
+
+  // A stock agent: it never reads the line; the PUT follows the wait.
+  const stock = setup([makeInstance("vm2", 11, { kind: "socket", path: `${dir.path}/s2` })], {
+    connectLineWait: 50,
+  });
+  await using _s = stock.coordinator;
+  using listener2 = Deno.listen({ transport: "unix", path: `${dir.path}/s2` });
+  stock.coordinator.start();
+  using guest2 = await listener2.accept();
+  await guest2.write(new TextEncoder().encode("STARTED\n"));
+  assert.equal((await stock.api.announces.next()).name, "vm2");
+  await stock.changes.until((c) => c.state === "CONNECTED");
+});

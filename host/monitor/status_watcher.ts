@@ -115,6 +115,14 @@ export abstract class StatusWatcher implements AsyncDisposable {
   }
 
   /**
+   * Resolves true once `writeLine()` can reach the guest, false after `ms`
+   * or on `signal`; false at once on backends that cannot write.
+   */
+  whenWritable(_ms: number, _signal?: AbortSignal): Promise<boolean> {
+    return Promise.resolve(false);
+  }
+
+  /**
    * Since when (epoch ms) a write to the guest has been pending past
    * `writeTimeout`: the guest does not read its channel. Undefined otherwise.
    */
@@ -343,6 +351,28 @@ class SocketStatusWatcher extends StatusWatcher {
     return this.#conn !== undefined;
   }
 
+  /** Called once the channel is connected. */
+  #writableWaiters: Array<() => void> = [];
+
+  override whenWritable(ms: number, signal?: AbortSignal): Promise<boolean> {
+    if (this.#conn !== undefined) return Promise.resolve(true);
+    if (ms <= 0 || this.closed || signal?.aborted) return Promise.resolve(false);
+    return new Promise((resolve) => {
+      const done = (writable: boolean) => {
+        clearTimeout(timer);
+        signal?.removeEventListener("abort", onAbort);
+        const at = this.#writableWaiters.indexOf(wake);
+        if (at >= 0) this.#writableWaiters.splice(at, 1);
+        resolve(writable);
+      };
+      const wake = () => done(true);
+      const onAbort = () => done(false);
+      const timer = setTimeout(() => done(false), ms);
+      signal?.addEventListener("abort", onAbort, { once: true });
+      this.#writableWaiters.push(wake);
+    });
+  }
+
   override get stalledSince(): number | undefined {
     return this.#stalledSince;
   }
@@ -394,6 +424,7 @@ class SocketStatusWatcher extends StatusWatcher {
     const onAbort = () => conn.close();
     signal.addEventListener("abort", onAbort, { once: true });
     this.#conn = conn;
+    for (const wake of this.#writableWaiters.splice(0)) wake();
     try {
       up();
       const decoder = new TextDecoder();
