@@ -83,6 +83,13 @@ export interface AgentOptions {
    */
   hostIdleTimeout?: number;
   /**
+   * Whether a guest following `/1.0/events` makes the agent hold the host's
+   * `/1.0/events` stream (pull); false: events reach it only by the host's
+   * push (`POST /1.0/events` on the agent API), as from LXD.
+   * @default {true}
+   */
+  pullEvents?: boolean;
+  /**
    * Concurrent connections to the agent API (the host's announces, pushed
    * events, probes); one more is closed at once.
    * @default {32}
@@ -139,7 +146,7 @@ export class Agent {
     this.#summary = new LogSummary(this.#logger);
     this.#relay = new EventRelay({
       fetchHost: (request, opts) => this.fetchHost(request, opts),
-      canPull: () => this.#info !== undefined,
+      canPull: () => this.#info !== undefined && (options.pullEvents ?? true),
       logger: this.#logger.with({ part: "events" }),
     });
     this.#api = createAgentApi({

@@ -46,6 +46,13 @@ export interface BenchFleetOptions {
   idleSeconds?: number;
   /** Progress lines. @default nothing */
   log?: (line: string) => void;
+  /**
+   * How the agents get the events their guest followers wait for: `pull`
+   * (each agent holds the host's `/1.0/events` stream) or `push` (the host
+   * POSTs each event to the agent's API, as LXD does).
+   * @default "pull"
+   */
+  events?: "pull" | "push";
 }
 
 type WorkerMessage =
@@ -269,7 +276,14 @@ export async function benchFleet(options: BenchFleetOptions = {}): Promise<Recor
       const count = Math.min(per, n - first);
       if (count <= 0) break;
       const worker = new Worker(
-        [join(ROOT, "tests/fleet/worker.ts"), dir, stateDir, String(first), String(count)],
+        [
+          join(ROOT, "tests/fleet/worker.ts"),
+          dir,
+          stateDir,
+          String(first),
+          String(count),
+          options.events ?? "pull",
+        ],
         onMessage,
       );
       children.push(worker);
@@ -373,7 +387,8 @@ export async function benchFleet(options: BenchFleetOptions = {}): Promise<Recor
     }));
     figures.fleet_event_streams_failed = subscribed.reduce((a, m) => a + (m.failed ?? 0), 0);
     let streams = 0;
-    const deadline = Date.now() + 60_000;
+    // Pushed events need no stream: nothing to wait for.
+    const deadline = Date.now() + (options.events === "push" ? 0 : 60_000);
     while (Date.now() < deadline) {
       try {
         const status = await (await admin(stateDir, "/1.0")).json();
@@ -429,6 +444,7 @@ export async function benchFleet(options: BenchFleetOptions = {}): Promise<Recor
     const putMs: number[] = [];
     let next = 0;
     const t0 = performance.timeOrigin + performance.now();
+    const hostCpuBefore = (await procOne(daemon.pid)).cpuUs;
     await Promise.all(Array.from({ length: 16 }, async () => {
       while (next < n) {
         const i = next++;
@@ -447,6 +463,9 @@ export async function benchFleet(options: BenchFleetOptions = {}): Promise<Recor
     }
     const delivered = events.filter((e) => e !== undefined).length;
     figures.fleet_events_delivered = delivered;
+    figures.fleet_event_host_cpu_us_per_event = Math.round(
+      ((await procOne(daemon.pid)).cpuUs - hostCpuBefore) / Math.max(1, delivered),
+    );
     figures.fleet_event_fanout_ms = Math.round(Math.max(...events.filter(Boolean)) - t0);
     const latencies = events.map((e, i) => e - sentAt[i]).filter((x) => !Number.isNaN(x))
       .sort((a, b) => a - b);
@@ -475,6 +494,7 @@ if (import.meta.main) {
       workers: { type: "string", default: "4" },
       idle: { type: "string", default: "30" },
       "register-only": { type: "string" },
+      events: { type: "string", default: "pull" },
     },
   });
   if (values["register-only"] !== undefined) {
@@ -487,6 +507,7 @@ if (import.meta.main) {
     instances: Number(values.instances),
     workers: Number(values.workers),
     idleSeconds: Number(values.idle),
+    events: values.events === "push" ? "push" : "pull",
     log: (line) => console.error(`${new Date().toISOString().slice(11, 23)} ${line}`),
   });
   console.log(JSON.stringify(figures, null, 2));

@@ -104,7 +104,7 @@ interface Sim {
 }
 
 async function main(): Promise<void> {
-  const [dir, stateDir, firstText, countText] = Deno.args;
+  const [dir, stateDir, firstText, countText, eventsMode = "pull"] = Deno.args;
   const first = Number(firstText);
   const count = Number(countText);
   const sims: Sim[] = [];
@@ -145,6 +145,7 @@ async function main(): Promise<void> {
       serialPorts: [p.serialGuest],
       agentPort: 8443,
       devlxdSocket: p.devlxd,
+      pullEvents: eventsMode !== "push",
     });
     sims.push({ agent, qmp, serial });
   }
