@@ -184,8 +184,14 @@ export class Daemon {
     let monitor: Coordinator | undefined;
     try {
       const { cert, key } = await ensureServerCertificate(paths);
-      const events = new EventHub<DevlxdEvent>();
-      const lifecycle = new EventHub<LifecycleEvent>();
+      const onDrop = (stream: string) => (topic: string, error: Error) =>
+        logger.warn("event stream dropped: its reader is too slow", {
+          stream,
+          instance: topic,
+          reason: error.message,
+        });
+      const events = new EventHub<DevlxdEvent>({ onDrop: onDrop("devlxd") });
+      const lifecycle = new EventHub<LifecycleEvent>({ onDrop: onDrop("lifecycle") });
       const transport = options.transport ?? "vsock";
 
       // Port: as asked; else the last one used (agents that kept it reconnect

@@ -9,7 +9,9 @@ import "reflect-metadata";
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { httpRequest } from "../shared/http/mod.ts";
-import type { FdSocket } from "../shared/vsock/mod.ts";
+import { connectTls } from "../shared/tls/mod.ts";
+import type { Duplex } from "node:stream";
+import { connectUnix, type FdSocket } from "../shared/vsock/mod.ts";
 import {
   agentConnection,
   type AgentIdentity,
@@ -251,4 +253,64 @@ Deno.test("a request body trickled at one byte a second is cut off by the body d
   assert.ok(performance.now() - start < 15_000);
   const ok = await agentRequest(t.hybrid, t.daemon.port, t.id, "/1.0/config/user.foo");
   assert.equal(ok.body.metadata, "bar");
+});
+
+/** Resident memory of a process, in MB (`ps`: Deno reads /proc only with --allow-all). */
+async function rssMb(pid: number): Promise<number> {
+  const out = await new Deno.Command("ps", { args: ["-o", "rss=", "-p", String(pid)] }).output();
+  return Number(new TextDecoder().decode(out.stdout).trim()) / 1024;
+}
+
+/** One admin API request over `<state-dir>/admin.sock`. */
+async function admin(stateDir: string, path: string, init: RequestInit): Promise<Response> {
+  using socket = await connectUnix(join(stateDir, "admin.sock"));
+  const response = await httpRequest(socket, new Request(`http://admin${path}`, init), {
+    timeout: 20_000,
+  });
+  await response.body?.cancel();
+  return response;
+}
+
+Deno.test("event followers that stop reading are dropped once their backlog passes its byte bound, and the host log says so", async () => {
+  await using t = await setup();
+  const followers: Duplex[] = [];
+  try {
+    for (let i = 0; i < 8; i++) {
+      const raw = await connectHybridListener(t.hybrid, t.daemon.port);
+      followers.push(raw);
+      const secure = await connectTls(raw, {
+        cert: t.id.cert,
+        key: t.id.key,
+        pinned: t.id.serverCert,
+        handshakeTimeout: 5000,
+      });
+      followers.push(secure);
+      secure.on("error", () => {});
+      secure.write("GET /1.0/events HTTP/1.1\r\nHost: devlxd\r\n\r\n");
+      raw.pause(); // never reads again: the kernel buffers fill, then the host's
+    }
+    await t.daemon.waitForCount(/msg="agent connected"/, 8);
+    const before = await rssMb(t.daemon.process.pid);
+    for (let i = 0; i < 20; i++) {
+      const response = await admin(t.stateDir, "/1.0/instances/vm1/config/user.big", {
+        method: "PUT",
+        body: JSON.stringify({ value: String(i % 10).repeat(900 * 1024) }),
+      });
+      assert.equal(response.status, 200);
+    }
+    await t.daemon.waitForCount(/msg="event stream dropped: its reader is too slow"/, 8, 20_000);
+    const after = await rssMb(t.daemon.process.pid);
+    let open: unknown;
+    for (let attempt = 0; attempt < 10; attempt++) {
+      const status = JSON.parse(
+        await cliOk(["status", "--format", "json", "--state-dir", t.stateDir]),
+      );
+      open = status.connections?.["hybrid:vm1"];
+      if (open === undefined) break;
+    }
+    assert.equal(open, undefined, "the dropped followers' connections are closed");
+    assert.ok(after - before < 200, `host RSS ${before.toFixed(0)} → ${after.toFixed(0)} MB`);
+  } finally {
+    for (const socket of followers) socket.destroy();
+  }
 });

@@ -116,6 +116,12 @@ export interface CoordinatorOptions {
   announceConcurrency?: number;
   /** Events kept per offline instance; the oldest is dropped beyond. @default 256 */
   eventQueueLimit?: number;
+  /**
+   * Bytes of event JSON kept per offline instance (a config event carries old
+   * and new value, up to 1 MiB each); the oldest is dropped beyond, but the
+   * newest event is always kept. @default 4194304 (4 MiB)
+   */
+  eventQueueBytes?: number;
   /** Bound on connecting to an agent, in ms (LXD uses 3 s). @default 3000 */
   connectTimeout?: number;
   /** Bound on QMP connect + greeting and each QMP command, in ms. @default 3000 */
@@ -170,6 +176,8 @@ export type EventDelivery = "stream" | "pushed" | "queued" | "dropped";
 
 interface QueuedEvent {
   event: DevlxdEvent;
+  /** Size of the event's JSON, for the queue's byte bound. */
+  bytes: number;
   settle?: (result: EventDelivery) => void;
 }
 
@@ -364,7 +372,7 @@ export class Coordinator implements AsyncDisposable {
     if (!entry || this.#closed) return Promise.resolve("dropped");
     if (this.#options.deliverViaStream?.(name, event)) return Promise.resolve("stream");
     return new Promise<EventDelivery>((resolve) => {
-      entry.queue.push({ event, settle: resolve });
+      entry.queue.push({ event, bytes: JSON.stringify(event).length, settle: resolve });
       this.#trimQueue(entry);
       if (entry.status === "CONNECTED") this.#flush(entry);
       else this.#settleQueued(entry);
@@ -739,16 +747,20 @@ export class Coordinator implements AsyncDisposable {
     }
   }
 
-  /** Drops the oldest queued events beyond `eventQueueLimit`. */
+  /** Drops the oldest queued events beyond `eventQueueLimit` events or `eventQueueBytes` bytes. */
   #trimQueue(entry: Entry): void {
     const limit = Math.max(1, this.#options.eventQueueLimit ?? 256);
-    while (entry.queue.length > limit) {
+    const maxBytes = this.#options.eventQueueBytes ?? 4 << 20;
+    let bytes = entry.queue.reduce((sum, item) => sum + item.bytes, 0);
+    while (entry.queue.length > limit || (entry.queue.length > 1 && bytes > maxBytes)) {
       const dropped = entry.queue.shift()!;
+      bytes -= dropped.bytes;
       entry.dropped++;
       dropped.settle?.("dropped");
       this.#logger.warn("event queue full: dropped the oldest event", {
         instance: entry.instance.name,
         limit,
+        maxBytes,
       });
     }
   }
