@@ -132,6 +132,18 @@ async function call(
   return result.metadata;
 }
 
+/** What the admin API's `wait` long poll answers. */
+interface WaitView {
+  reached: boolean;
+  agentState: string;
+  ready: boolean;
+}
+
+/** `1500` → `1.5s`, `60000` → `60s`, `250` → `250ms`. */
+function formatDuration(ms: number): string {
+  return ms < 1000 ? `${ms}ms` : `${ms / 1000}s`;
+}
+
 function enc(s: string): string {
   return encodeURIComponent(s);
 }
@@ -339,6 +351,35 @@ export async function runCommand(command: Command, io: CommandIO): Promise<void>
         command.format === "json" ? JSON.stringify(status, null, 2) + "\n" : formatStatus(status),
       );
       return;
+    }
+    case "wait": {
+      const deadline = Date.now() + command.timeout;
+      const describe = (v: WaitView) => `agent ${v.agentState}, ready ${v.ready ? "yes" : "no"}`;
+      for (;;) {
+        // Long polls of at most 20 s each, below the admin client's 30 s bound.
+        const left = Math.max(0, Math.min(deadline - Date.now(), 20_000));
+        const view = await call(
+          admin,
+          "GET",
+          `${inst(command.name)}/wait?for=${command.for}&timeout=${left}`,
+        ) as WaitView;
+        if (view.reached) {
+          io.stdout(`${command.name}: ${command.for} (${describe(view)})\n`);
+          return;
+        }
+        if (!admin.daemon) {
+          throw new CommandError(
+            `The daemon is not running: ${command.name} is not ${command.for} (${describe(view)})`,
+          );
+        }
+        if (Date.now() >= deadline) {
+          throw new CommandError(
+            `Timed out after ${
+              formatDuration(command.timeout)
+            } waiting for ${command.name} to be ${command.for}; it is: ${describe(view)}`,
+          );
+        }
+      }
     }
     case "events": {
       if (!admin.daemon) throw new CommandError("The daemon is not running: no events to follow");

@@ -314,3 +314,33 @@ Deno.test("event followers that stop reading are dropped once their backlog pass
     for (const socket of followers) socket.destroy();
   }
 });
+
+Deno.test("wait NAME --for connected|ready returns 0 once the guest gets there, 1 on timeout with the state it saw; the admin API long-polls", async () => {
+  await using t = await setup();
+  const dir = ["--state-dir", t.stateDir];
+  // Nothing connects: a timeout, exit 1, naming the state seen.
+  const early = await cli(["wait", "vm1", "--for", "ready", "--timeout", "1s", ...dir]);
+  assert.equal(early.code, 1, early.stdout + early.stderr);
+  assert.match(
+    early.stderr,
+    /Timed out after 1s waiting for vm1 to be ready.*agent STOPPED, ready no/,
+  );
+  const poll = await admin(t.stateDir, "/1.0/instances/vm1/wait?for=connected&timeout=200", {});
+  assert.equal(poll.status, 200);
+  // A waiter started before the agent shows up returns once it has.
+  const waiter = cli(["wait", "vm1", "--for", "connected", "--timeout", "30s", ...dir]);
+  await t.daemon.waitForCount(/msg="waiting for an instance" instance=vm1 for=connected/, 2);
+  const r = await agentRequest(t.hybrid, t.daemon.port, t.id, "/1.0", {
+    method: "PATCH",
+    body: JSON.stringify({ state: "Ready" }),
+  });
+  assert.equal(r.status, 200);
+  const done = await bounded(waiter, 30_000, "wait --for connected to return");
+  assert.equal(done.code, 0, done.stdout + done.stderr);
+  assert.match(done.stdout, /^vm1: connected \(agent CONNECTED, ready (yes|no)\)$/m);
+  const ready = await cli(["wait", "vm1", "--for", "ready", ...dir]);
+  assert.equal(ready.code, 0, ready.stderr);
+  const usage = await cli(["wait", "vm1", "--for", "asleep", ...dir]);
+  assert.equal(usage.code, 2);
+  assert.match(usage.stderr, /Invalid --for "asleep": use connected or ready/);
+});
