@@ -15,7 +15,7 @@ import { ensureServerCertificate, generateInstanceKeyPair } from "./daemon.ts";
 import { InstanceService, type PublicInstance } from "./instance_service.ts";
 import { type ChannelReading, readStatusChannel } from "./monitor/status_watcher.ts";
 import { Registry, RegistryError } from "./registry.ts";
-import { prepareStateDir, statePaths } from "./state_dir.ts";
+import { checkOwner, OwnershipError, prepareStateDir, statePaths } from "./state_dir.ts";
 
 export interface CommandIO {
   stdout: (text: string) => void;
@@ -41,6 +41,13 @@ async function connectDaemon(socketPath: string): Promise<AdminConnection | unde
     if (!info.isSocket) return undefined;
   } catch {
     return undefined;
+  }
+  // Before a byte goes to it: a socket another user put there could read our traffic.
+  try {
+    await checkOwner(socketPath, "to talk to", "Refusing");
+  } catch (error) {
+    if (error instanceof OwnershipError) throw new CommandError(error.message);
+    throw error;
   }
   // One connection per request with the project's client (Deno's fetch over a
   // unix-socket HttpClient was seen to stall for seconds on a reused connection).

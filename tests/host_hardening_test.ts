@@ -344,3 +344,27 @@ Deno.test("wait NAME --for connected|ready returns 0 once the guest gets there, 
   assert.equal(usage.code, 2);
   assert.match(usage.stderr, /Invalid --for "asleep": use connected or ready/);
 });
+
+Deno.test("a state directory or admin socket owned by another user is refused by the daemon and the CLI", async () => {
+  await using dir = await tempDir("host-owner-");
+  const stateDir = join(dir.path, "state");
+  await Deno.mkdir(stateDir, { mode: 0o700 });
+  await Deno.chown(stateDir, 4242, 4242);
+  await assert.rejects(
+    DaemonProcess.start(stateDir),
+    /owned by uid 4242, not by this process's user \(uid 0\)/,
+  );
+  const list = await cli(["instance", "list", "--state-dir", stateDir]);
+  assert.equal(list.code, 1);
+  assert.match(list.stderr, /owned by uid 4242, not by this process's user \(uid 0\)/);
+  await Deno.chown(stateDir, 0, 0);
+  await using daemon = await DaemonProcess.start(stateDir);
+  const socket = join(stateDir, "admin.sock");
+  assert.equal((await cli(["instance", "list", "--state-dir", stateDir])).code, 0);
+  // Another user swapped (or owns) the admin socket: the CLI does not talk to it.
+  await Deno.chown(socket, 4242, 4242);
+  const swapped = await cli(["instance", "list", "--state-dir", stateDir]);
+  assert.equal(swapped.code, 1, swapped.stdout);
+  assert.match(swapped.stderr, /Refusing to talk to .*admin\.sock: it is owned by uid 4242/);
+  assert.ok(daemon.port > 0);
+});
