@@ -117,8 +117,8 @@ export function createAdminApp(options: AdminAppOptions): Hono {
   );
 
   app.delete("/1.0/instances/:name", async (c) => {
-    await service.remove(c.req.param("name"));
-    return syncResponse(null);
+    const removed = await service.remove(c.req.param("name"));
+    return syncResponse({ configDrive: removed.configDrive, driveKept: removed.driveKept });
   });
 
   app.get("/1.0/instances/:name/config/:key", (c) => {

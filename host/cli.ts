@@ -159,7 +159,9 @@ ${COMMON_OPTIONS}
   --serial PATH       a socket-backed virtserialport (lines both ways)
   --status-file PATH  a file the guest side appends states to (tests)
   --hybrid PATH       Firecracker/Cloud Hypervisor uds_path (hybrid vsock)
-  --config-drive DIR  where to write the config drive
+  --config-drive DIR  where to write the config drive: a new or empty directory
+                      outside the state directory and no other instance's
+                      drive; recorded, and deleted by "remove"
   -c, --config K=V    initial config (repeatable)
   --format F          output format (default: table)`,
   config: `USAGE

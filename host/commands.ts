@@ -7,6 +7,7 @@
  * @module
  */
 
+import { resolve } from "node:path";
 import { httpRequest, unwrapEnvelope } from "../shared/http/mod.ts";
 import { connectUnix } from "../shared/vsock/mod.ts";
 import { createAdminApp, type DaemonStatus } from "./admin_app.ts";
@@ -279,7 +280,8 @@ export async function runCommand(command: Command, io: CommandIO): Promise<void>
         status: command.status,
         hybrid: command.hybrid,
         config: command.config,
-        configDrive: command.configDrive,
+        // The daemon's working directory is not ours.
+        configDrive: command.configDrive === undefined ? undefined : resolve(command.configDrive),
       };
       const result = await call(admin, "POST", "/1.0/instances", body) as {
         instance: PublicInstance;
@@ -303,10 +305,21 @@ export async function runCommand(command: Command, io: CommandIO): Promise<void>
     case "instance-show":
       io.stdout(JSON.stringify(await call(admin, "GET", inst(command.name)), null, 2) + "\n");
       return;
-    case "instance-remove":
-      await call(admin, "DELETE", inst(command.name));
+    case "instance-remove": {
+      const removed = await call(admin, "DELETE", inst(command.name)) as {
+        configDrive?: string;
+        driveKept?: string;
+      } | null;
       io.stdout(`Instance ${command.name} removed\n`);
+      if (removed?.configDrive !== undefined) {
+        io.stdout(
+          removed.driveKept === undefined
+            ? `config drive ${removed.configDrive} removed\n`
+            : `config drive ${removed.configDrive} not removed: ${removed.driveKept}\n`,
+        );
+      }
       return;
+    }
     case "config-set":
       await call(admin, "PUT", `${inst(command.name)}/config/${enc(command.key)}`, {
         value: command.value,

@@ -396,14 +396,14 @@ export class Daemon {
     const worker = async () => {
       for (let instance = pending.pop(); instance; instance = pending.pop()) {
         if (this.#closing) return;
-        const dir = defaultConfigDrive(this.paths, instance.name);
+        const dir = instance.configDrive ?? defaultConfigDrive(this.paths, instance.name);
         try {
           const info = JSON.parse(await Deno.readTextFile(join(dir, "agent.conf")));
           if (info?.port === wanted.port && info?.certificate === wanted.certificate) continue;
           await writeFileAtomic(join(dir, "agent.conf"), text);
           rewritten++;
         } catch {
-          // Not there (custom location), unreadable or removed meanwhile: the announce covers it.
+          // Gone, unreadable or removed meanwhile: the announce covers it.
         }
       }
     };

@@ -368,3 +368,40 @@ Deno.test("a state directory or admin socket owned by another user is refused by
   assert.match(swapped.stderr, /Refusing to talk to .*admin\.sock: it is owned by uid 4242/);
   assert.ok(daemon.port > 0);
 });
+
+Deno.test("--config-drive refuses another instance's drive, a non-empty or state-dir directory; remove deletes the recorded drive", async () => {
+  await using dir = await tempDir("host-drive-");
+  const stateDir = join(dir.path, "state");
+  const s = ["--state-dir", stateDir];
+  const add = (name: string, cid: number, drive: string) =>
+    cli(["instance", "add", name, "--cid", String(cid), "--config-drive", drive, ...s]);
+  const d1 = join(dir.path, "drives", "vm1");
+  assert.equal((await add("vm1", 10, d1)).code, 0);
+  const key = await Deno.readTextFile(join(d1, "agent.key"));
+
+  const taken = await add("vm2", 11, d1);
+  assert.equal(taken.code, 1, taken.stdout);
+  assert.match(taken.stderr, /config drive .* is the config drive of instance vm1/);
+  assert.equal(await Deno.readTextFile(join(d1, "agent.key")), key, "vm1's key untouched");
+
+  const home = join(dir.path, "home");
+  await Deno.mkdir(home, { mode: 0o755 });
+  await Deno.writeTextFile(join(home, ".profile"), "x");
+  const busy = await add("vm2", 11, home);
+  assert.equal(busy.code, 1);
+  assert.match(busy.stderr, /not empty/);
+  assert.equal((await Deno.stat(home)).mode! & 0o777, 0o755, "not chmodded");
+
+  await Deno.mkdir(join(stateDir, "images"), { recursive: true });
+  const inside = await add("vm2", 11, join(stateDir, "images"));
+  assert.equal(inside.code, 1);
+  assert.match(inside.stderr, /inside the state directory/);
+  const list = JSON.parse(await cliOk(["instance", "list", "--format", "json", ...s]));
+  assert.deepEqual(list.map((i: { name: string }) => i.name), ["vm1"]);
+
+  const shown = JSON.parse(await cliOk(["instance", "show", "vm1", ...s]));
+  assert.equal(shown.configDrive, d1);
+  const removed = await cliOk(["instance", "remove", "vm1", ...s]);
+  assert.match(removed, /config drive .*vm1 removed/);
+  await assert.rejects(Deno.lstat(d1), Deno.errors.NotFound);
+});
