@@ -28,7 +28,7 @@ import { MAX_CID } from "../shared/api.ts";
 import { type Instance, type InstanceRuntime, own, type StatusChannel } from "./instance.ts";
 
 /** Schema version written to `PRAGMA user_version`. */
-export const SCHEMA_VERSION = 2;
+export const SCHEMA_VERSION = 3;
 
 /** How often at most `recordSeen()` writes an instance's `last_seen` to disk. */
 export const SEEN_PERSIST_INTERVAL_MS = 60_000;
@@ -65,6 +65,12 @@ const MIGRATIONS: readonly string[] = [
    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;`,
   // 1 → 2: where each instance's config drive was written (NULL: the default place).
   `ALTER TABLE instances ADD COLUMN config_drive TEXT;`,
+  // 2 → 3: events waiting for an offline agent, oldest first (they survive a restart).
+  `CREATE TABLE queued_events (
+     id INTEGER PRIMARY KEY AUTOINCREMENT,
+     instance TEXT NOT NULL REFERENCES instances(name) ON DELETE CASCADE,
+     event TEXT NOT NULL
+   ) STRICT;`,
 ];
 
 /** A registry condition callers act on. */
@@ -536,6 +542,35 @@ export class Registry {
     this.#byCid.delete(instance.cid);
     this.#seenPersisted.delete(name);
     return instance;
+  }
+
+  /** Keeps `event` (JSON) for `name`'s offline agent; returns its id. */
+  queueEvent(name: string, event: string): number {
+    this.require(name);
+    let id = 0;
+    this.#transaction(() => {
+      const result = this.#db.prepare("INSERT INTO queued_events (instance, event) VALUES (?, ?)")
+        .run(name, event);
+      id = Number(result.lastInsertRowid);
+    });
+    return id;
+  }
+
+  /** Forgets queued events (delivered, refused or dropped). */
+  dequeueEvents(ids: number[]): void {
+    if (ids.length === 0) return;
+    this.#assertOpen();
+    this.#transaction(() => {
+      const remove = this.#db.prepare("DELETE FROM queued_events WHERE id = ?");
+      for (const id of ids) remove.run(id);
+    });
+  }
+
+  /** The events kept for `name`'s agent, oldest first. */
+  queuedEvents(name: string): { id: number; event: string }[] {
+    this.#assertOpen();
+    return this.#db.prepare("SELECT id, event FROM queued_events WHERE instance = ? ORDER BY id")
+      .all(name) as unknown as { id: number; event: string }[];
   }
 
   /** Sets a config key; returns the previous value ("" when unset). */

@@ -8,10 +8,11 @@
 import "reflect-metadata";
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { httpRequest } from "../shared/http/mod.ts";
-import { connectTls } from "../shared/tls/mod.ts";
+import { httpRequest, serveHttp, syncResponse } from "../shared/http/mod.ts";
+import { acceptTls, connectTls } from "../shared/tls/mod.ts";
+import { readConfigDrive } from "../host/config_drive.ts";
 import type { Duplex } from "node:stream";
-import { connectUnix, type FdSocket } from "../shared/vsock/mod.ts";
+import { connectUnix, type FdSocket, listenHybridMux } from "../shared/vsock/mod.ts";
 import {
   agentConnection,
   type AgentIdentity,
@@ -404,4 +405,57 @@ Deno.test("--config-drive refuses another instance's drive, a non-empty or state
   const removed = await cliOk(["instance", "remove", "vm1", ...s]);
   assert.match(removed, /config drive .*vm1 removed/);
   await assert.rejects(Deno.lstat(d1), Deno.errors.NotFound);
+});
+
+Deno.test("events queued for an offline agent survive a daemon restart and are delivered once", async () => {
+  await using dir = await tempDir("host-queue-");
+  const stateDir = dir.path;
+  const s = ["--state-dir", stateDir];
+  const hybrid = join(stateDir, "vm1.vsock");
+  await cliOk(["instance", "add", "vm1", "--cid", "10", "--hybrid", hybrid, ...s]);
+  const queued = async () => {
+    const status = JSON.parse(await cliOk(["status", "--format", "json", ...s]));
+    return status.monitor.find((m: { name: string }) => m.name === "vm1").queuedEvents;
+  };
+  {
+    await using daemon = await DaemonProcess.start(stateDir);
+    await cliOk(["config", "set", "vm1", "user.greeting", "hello", ...s]);
+    assert.equal(await queued(), 1);
+    assert.equal((await daemon.stop()).code, 0);
+  }
+  // The agent comes up while the host is down; the host restarts.
+  const drive = await readConfigDrive(join(stateDir, "instances", "vm1", "config"));
+  const pushed: { key: string; value: string }[] = [];
+  const first = Promise.withResolvers<void>();
+  using agentApi = listenHybridMux(hybrid, [8443], { replace: true });
+  const serving = (async () => {
+    for await (const socket of agentApi) {
+      acceptTls(socket, { cert: drive.agentCert, key: drive.agentKey, pinned: drive.clientCert })
+        .then(({ socket: secure }) =>
+          serveHttp(secure, async (request) => {
+            if (request.method === "POST" && new URL(request.url).pathname === "/1.0/events") {
+              pushed.push((await request.json()).metadata);
+              first.resolve();
+            }
+            return syncResponse(null);
+          })
+        )
+        .catch(() => {});
+    }
+  })();
+  {
+    await using daemon = await DaemonProcess.start(stateDir);
+    const id = await agentIdentity(stateDir, "vm1");
+    assert.equal((await agentRequest(hybrid, daemon.port, id, "/1.0")).status, 200);
+    await bounded(first.promise, 15_000, "the queued event to be pushed after the restart");
+    await daemon.waitFor(/msg="event pushed" .*instance=vm1/);
+    assert.equal((await daemon.stop()).code, 0);
+  }
+  {
+    await using _daemon = await DaemonProcess.start(stateDir);
+    assert.equal(await queued(), 0, "delivered events leave the registry");
+  }
+  assert.deepEqual(pushed, [{ key: "user.greeting", old_value: "", value: "hello" }]);
+  agentApi.close();
+  await serving;
 });

@@ -72,6 +72,12 @@ export interface CoordinatorStore {
   setRuntime(name: string, patch: Partial<InstanceRuntime>): void;
   /** Cheap note of an authenticated agent request (called on every `agentSeen`). */
   recordSeen?(name: string): void;
+  /** Durably keeps an event (JSON) queued for an offline agent; returns its id. */
+  queueEvent?(name: string, event: string): number;
+  /** Forgets kept events: delivered, refused by the agent, or dropped by the bound. */
+  dequeueEvents?(ids: number[]): void;
+  /** The events kept for an instance, oldest first (loaded when the coordinator adds it). */
+  queuedEvents?(name: string): { id: number; event: string }[];
 }
 
 /** Poll periods per state, in ms. */
@@ -178,6 +184,8 @@ interface QueuedEvent {
   event: DevlxdEvent;
   /** Size of the event's JSON, for the queue's byte bound. */
   bytes: number;
+  /** Its row in the store, when kept there. */
+  id?: number;
   settle?: (result: EventDelivery) => void;
 }
 
@@ -372,7 +380,14 @@ export class Coordinator implements AsyncDisposable {
     if (!entry || this.#closed) return Promise.resolve("dropped");
     if (this.#options.deliverViaStream?.(name, event)) return Promise.resolve("stream");
     return new Promise<EventDelivery>((resolve) => {
-      entry.queue.push({ event, bytes: JSON.stringify(event).length, settle: resolve });
+      const json = JSON.stringify(event);
+      const item: QueuedEvent = { event, bytes: json.length, settle: resolve };
+      try {
+        item.id = this.#store.queueEvent?.(name, json);
+      } catch (error) {
+        this.#logger.warn("cannot keep a queued event in the registry", { instance: name, error });
+      }
+      entry.queue.push(item);
       this.#trimQueue(entry);
       if (entry.status === "CONNECTED") this.#flush(entry);
       else this.#settleQueued(entry);
@@ -450,7 +465,7 @@ export class Coordinator implements AsyncDisposable {
       nextAnnounceAt: 0,
       lastCheckAt: -Infinity,
       checking: false,
-      queue: [],
+      queue: this.#loadQueue(instance.name),
       dropped: 0,
       flushing: false,
       pushFailures: 0,
@@ -754,6 +769,7 @@ export class Coordinator implements AsyncDisposable {
     let bytes = entry.queue.reduce((sum, item) => sum + item.bytes, 0);
     while (entry.queue.length > limit || (entry.queue.length > 1 && bytes > maxBytes)) {
       const dropped = entry.queue.shift()!;
+      this.#forget(dropped);
       bytes -= dropped.bytes;
       entry.dropped++;
       dropped.settle?.("dropped");
@@ -763,6 +779,42 @@ export class Coordinator implements AsyncDisposable {
         maxBytes,
       });
     }
+  }
+
+  /** Events kept in the store for `name` by an earlier host process, oldest first. */
+  #loadQueue(name: string): QueuedEvent[] {
+    let rows: { id: number; event: string }[] = [];
+    try {
+      rows = this.#store.queuedEvents?.(name) ?? [];
+    } catch (error) {
+      this.#logger.warn("cannot read queued events from the registry", { instance: name, error });
+    }
+    const queue: QueuedEvent[] = [];
+    for (const row of rows) {
+      try {
+        queue.push({ event: JSON.parse(row.event), bytes: row.event.length, id: row.id });
+      } catch {
+        this.#store.dequeueEvents?.([row.id]);
+      }
+    }
+    if (queue.length > 0) {
+      this.#logger.info("events kept for an offline agent", {
+        instance: name,
+        queued: queue.length,
+      });
+    }
+    return queue;
+  }
+
+  /** Takes a queued event out of the store (delivered, refused or dropped). */
+  #forget(item: QueuedEvent): void {
+    if (item.id === undefined) return;
+    try {
+      this.#store.dequeueEvents?.([item.id]);
+    } catch (error) {
+      this.#logger.warn("cannot forget a delivered event in the registry", { error });
+    }
+    item.id = undefined;
   }
 
   /** Tells callers waiting on queued events that they stay queued. */
@@ -788,6 +840,8 @@ export class Coordinator implements AsyncDisposable {
           try {
             await this.#api.pushEvent(entry.instance, item.event, this.#abort.signal);
             entry.pushFailures = 0;
+            this.#forget(item);
+            this.#logger.debug("event pushed", { instance: name, type: item.event.type });
             item.settle?.("pushed");
           } catch (error) {
             if (this.#closed || entry.removed) {
@@ -800,6 +854,7 @@ export class Coordinator implements AsyncDisposable {
             ) {
               // The agent answered: it will not take this event. Do not block the queue on it.
               entry.dropped++;
+              this.#forget(item);
               item.settle?.("dropped");
               this.#logger.warn("agent refused an event", { instance: name, error });
               continue;
