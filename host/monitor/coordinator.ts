@@ -382,11 +382,8 @@ export class Coordinator implements AsyncDisposable {
     return new Promise<EventDelivery>((resolve) => {
       const json = JSON.stringify(event);
       const item: QueuedEvent = { event, bytes: json.length, settle: resolve };
-      try {
-        item.id = this.#store.queueEvent?.(name, json);
-      } catch (error) {
-        this.#logger.warn("cannot keep a queued event in the registry", { instance: name, error });
-      }
+      // Kept in the store only when it has to wait (agent offline, or its push failed).
+      if (entry.status !== "CONNECTED") this.#keep(name, item, json);
       entry.queue.push(item);
       this.#trimQueue(entry);
       if (entry.status === "CONNECTED") this.#flush(entry);
@@ -806,6 +803,16 @@ export class Coordinator implements AsyncDisposable {
     return queue;
   }
 
+  /** Keeps a waiting event in the store (once), so a host restart does not lose it. */
+  #keep(name: string, item: QueuedEvent, json: string): void {
+    if (item.id !== undefined) return;
+    try {
+      item.id = this.#store.queueEvent?.(name, json);
+    } catch (error) {
+      this.#logger.warn("cannot keep a queued event in the registry", { instance: name, error });
+    }
+  }
+
   /** Takes a queued event out of the store (delivered, refused or dropped). */
   #forget(item: QueuedEvent): void {
     if (item.id === undefined) return;
@@ -859,6 +866,7 @@ export class Coordinator implements AsyncDisposable {
               this.#logger.warn("agent refused an event", { instance: name, error });
               continue;
             }
+            this.#keep(name, item, JSON.stringify(item.event));
             entry.queue.unshift(item);
             this.#trimQueue(entry);
             entry.pushFailures++;
