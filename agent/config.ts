@@ -35,6 +35,8 @@ export interface AgentConfig {
   stateFile: string;
   /** Period of the serial state rewrite, in milliseconds. */
   rewriteInterval: number;
+  /** How long a guest request waits for the host's address when none is known yet, in ms. */
+  hostWait: number;
   transport: TransportConfig;
   logLevel: LogLevel;
   /** Output format of `--status`. */
@@ -62,6 +64,9 @@ OPTIONS
   --devlxd-mode MODE        octal file mode of the devlxd socket (default 0600)
   --state-file PATH         state file read by --status (default /run/lxd-vsock-agent/state.json)
   --rewrite-interval DUR    rewrite the serial state this often: 5s, 500ms, 1m (default 5s)
+  --host-wait DUR           how long a devlxd request waits for the host's address when none
+                            is known yet (agent.conf without a port): 30s, 0 = answer 503 at
+                            once (default 30s)
   --transport KIND          vsock (default) or hybrid:<uds_path> (Firecracker-style unix stand-in)
   --log-level LEVEL         debug, info, warn or error (default info)
   --status                  print the running agent's state; exit 0 if CONNECTED, 1 otherwise
@@ -80,6 +85,7 @@ const DEFAULTS = {
   devlxdMode: 0o600,
   stateFile: "/run/lxd-vsock-agent/state.json",
   rewriteInterval: 5000,
+  hostWait: 30_000,
 };
 
 /** Parses `5s`, `500ms`, `1m` or a bare number of seconds into milliseconds. */
@@ -138,6 +144,7 @@ export function parseConfig(
         "devlxd-mode": { type: "string" },
         "state-file": { type: "string" },
         "rewrite-interval": { type: "string" },
+        "host-wait": { type: "string" },
         "transport": { type: "string" },
         "log-level": { type: "string" },
         "status": { type: "boolean" },
@@ -173,6 +180,11 @@ export function parseConfig(
     rewriteInterval: values["rewrite-interval"] === undefined
       ? DEFAULTS.rewriteInterval
       : parseDuration(values["rewrite-interval"], "--rewrite-interval"),
+    hostWait: values["host-wait"] === undefined
+      ? DEFAULTS.hostWait
+      : values["host-wait"] === "0"
+      ? 0
+      : parseDuration(values["host-wait"], "--host-wait"),
     transport: parseTransport(values.transport ?? "vsock"),
     logLevel: wrap(() =>
       parseLogLevel(values["log-level"] ?? env.LXD_VSOCK_AGENT_LOG_LEVEL ?? "info")

@@ -92,6 +92,7 @@ export async function main(args: string[]): Promise<number> {
     devlxdSocket: config.devlxdSocket,
     devlxdMode: config.devlxdMode,
     rewriteInterval: config.rewriteInterval,
+    hostWait: config.hostWait,
     version: VERSION,
     logger,
   });

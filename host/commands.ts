@@ -12,7 +12,7 @@ import { httpRequest, unwrapEnvelope } from "../shared/http/mod.ts";
 import { connectUnix } from "../shared/vsock/mod.ts";
 import { createAdminApp, type DaemonStatus } from "./admin_app.ts";
 import { type Command, VERSION } from "./cli.ts";
-import { ensureServerCertificate, generateInstanceKeyPair } from "./daemon.ts";
+import { ensureServerCertificate, generateInstanceKeyPair, randomPort } from "./daemon.ts";
 import { InstanceService, type PublicInstance } from "./instance_service.ts";
 import { type ChannelReading, readStatusChannel } from "./monitor/status_watcher.ts";
 import { Registry, RegistryError } from "./registry.ts";
@@ -95,6 +95,16 @@ async function openLocal(stateDir: string): Promise<AdminConnection> {
       registry,
       paths,
       serverCert: cert,
+      // A drive written before the daemon ever ran names the port it will use
+      // (it listens on the registry's port when free, and rewrites drives if not).
+      port: () => {
+        let port = Number(registry.getMeta("port") ?? 0);
+        if (!(port > 0)) {
+          port = randomPort();
+          registry.setMeta("port", String(port));
+        }
+        return port;
+      },
       generateKeyPair: generateInstanceKeyPair,
     });
     const app = createAdminApp({

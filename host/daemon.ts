@@ -106,7 +106,7 @@ export interface DaemonOptions {
 /** Registry meta key: "<port> <server cert fingerprint>" the config drives were last refreshed for. */
 const CONFIG_DRIVES_META = "config_drives";
 
-function randomPort(): number {
+export function randomPort(): number {
   return RANDOM_PORT_MIN + Math.floor(Math.random() * (RANDOM_PORT_MAX - RANDOM_PORT_MIN + 1));
 }
 

@@ -459,3 +459,44 @@ Deno.test("events queued for an offline agent survive a daemon restart and are d
   agentApi.close();
   await serving;
 });
+
+Deno.test("instance add before any daemon ran writes the port the daemon then listens on; the daemon refreshes every drive it recorded", async () => {
+  await using dir = await tempDir("host-port-");
+  const stateDir = join(dir.path, "state");
+  await cliOk([
+    "instance",
+    "add",
+    "vm1",
+    "--cid",
+    "10",
+    "--hybrid",
+    join(dir.path, "vm1.vsock"),
+    "--state-dir",
+    stateDir,
+  ]);
+  const drive = await readConfigDrive(join(stateDir, "instances", "vm1", "config"));
+  assert.ok(drive.info.port > 0, `agent.conf port ${drive.info.port}`);
+  {
+    await using daemon = await DaemonProcess.start(stateDir);
+    assert.equal(daemon.port, drive.info.port);
+  }
+  // A drive in a custom place is refreshed too when the port changes.
+  const custom = join(dir.path, "drives", "vm2");
+  await cliOk([
+    "instance",
+    "add",
+    "vm2",
+    "--cid",
+    "11",
+    "--hybrid",
+    join(dir.path, "vm2.vsock"),
+    "--config-drive",
+    custom,
+    "--state-dir",
+    stateDir,
+  ]);
+  const port = drive.info.port === 40999 ? 40998 : 40999;
+  await using daemon = await DaemonProcess.start(stateDir, ["--port", String(port)]);
+  await daemon.waitFor(/msg="config drives refreshed" rewritten=2 /);
+  assert.equal((await readConfigDrive(custom)).info.port, port);
+});
