@@ -35,7 +35,7 @@ import { EventHub, type LifecycleEvent } from "./event_hub.ts";
 import type { Instance } from "./instance.ts";
 import { InstanceService, type KeyPairGenerator } from "./instance_service.ts";
 import { Registry } from "./registry.ts";
-import { defaultConfigDrive, prepareStateDir, type StatePaths } from "./state_dir.ts";
+import { checkOwner, defaultConfigDrive, prepareStateDir, type StatePaths } from "./state_dir.ts";
 import { DevlxdServer } from "./vsock_server.ts";
 import { Coordinator, type CoordinatorIntervals } from "./monitor/coordinator.ts";
 
@@ -424,6 +424,10 @@ export class Daemon {
 
   async #serveAdmin(): Promise<void> {
     const path = this.paths.adminSocket;
+    // One that another user put here means someone else can write our state directory.
+    await checkOwner(path, "the admin socket").catch((error) => {
+      if (!(error instanceof Deno.errors.NotFound)) throw error;
+    });
     // We hold the registry lock, so any socket file left here is stale.
     await Deno.remove(path).catch(() => {});
     const app = createAdminApp({

@@ -167,7 +167,7 @@ Deno.test("16 guests that stop reading their serial port leave the announce to a
         await s.conn.write(encoder.encode("STOPPED\nSTARTED\n"));
         let line: string;
         try {
-          line = await daemon.waitForCount(done, i, 3000);
+          line = await daemon.waitForCount(done, i, 10_000);
         } catch {
           return; // the host's write to it blocks (no announce completes)
         }
@@ -367,7 +367,12 @@ Deno.test("a state directory or admin socket owned by another user is refused by
   const swapped = await cli(["instance", "list", "--state-dir", stateDir]);
   assert.equal(swapped.code, 1, swapped.stdout);
   assert.match(swapped.stderr, /Refusing to talk to .*admin\.sock: it is owned by uid 4242/);
-  assert.ok(daemon.port > 0);
+  // A daemon does not start over an admin socket another user left there either.
+  await daemon.stop("SIGKILL");
+  await assert.rejects(
+    DaemonProcess.start(stateDir),
+    /Refusing the admin socket .*admin\.sock: it is owned by uid 4242/,
+  );
 });
 
 Deno.test("--config-drive refuses another instance's drive, a non-empty or state-dir directory; remove deletes the recorded drive", async () => {
