@@ -95,6 +95,13 @@ export interface AgentOptions {
    * @default {32}
    */
   maxApiConnections?: number;
+  /**
+   * How long a guest request waits for the host's address when none is known
+   * yet (agent.conf without a port, before the first announce), in ms; 0
+   * answers 503 at once.
+   * @default {30000}
+   */
+  hostWait?: number;
   /** Serial port polling/retry periods, in ms (tests shorten them). */
   serialPollInterval?: number;
   serialRetryInterval?: number;
@@ -118,6 +125,8 @@ export class Agent {
   #info: ConnectionInfo | undefined;
   /** The last connection info a validation request reached the host with. */
   #good: ConnectionInfo | undefined;
+  /** Guest requests waiting for the first connection info. */
+  #infoWaiters = new Set<() => void>();
   #generation = 0;
   #serial: SerialChannel | undefined;
   #relay: EventRelay;
@@ -224,16 +233,43 @@ export class Agent {
     }
   }
 
-  /** One request to the host; the agent's state follows the outcome. */
-  fetchHost(request: Request, options: HostFetchOptions = {}): Promise<Response> {
-    const info = this.#info;
+  /**
+   * One request to the host; the agent's state follows the outcome. Before
+   * any connection info is known it waits up to `hostWait` for one (the boot
+   * race: cloud-init asks as soon as /dev/lxd/sock exists).
+   */
+  async fetchHost(request: Request, options: HostFetchOptions = {}): Promise<Response> {
+    const info = this.#info ?? await this.#awaitInfo(options.signal);
     if (info === undefined) {
+      const waited = this.#options.hostWait ?? 30_000;
       throw new HostUnreachableError(
-        "The host's address is not known yet: no connection info has been received.",
+        "The host's address is not known yet: no connection info has been received" +
+          (waited > 0 ? ` (waited ${waited} ms).` : "."),
         "no-host",
       );
     }
-    return this.#fetchWith(info, request, options);
+    return await this.#fetchWith(info, request, options);
+  }
+
+  /** Waits up to `hostWait` for the first connection info; undefined if none came. */
+  async #awaitInfo(signal?: AbortSignal): Promise<ConnectionInfo | undefined> {
+    const wait = this.#options.hostWait ?? 30_000;
+    if (wait <= 0 || this.#closed) return this.#info;
+    this.#logger.debug("waiting for the host's address", { waitMs: wait });
+    await new Promise<void>((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        this.#infoWaiters.delete(done);
+        signal?.removeEventListener("abort", done);
+        this.#abort.signal.removeEventListener("abort", done);
+        resolve();
+      };
+      const timer = setTimeout(done, wait);
+      this.#infoWaiters.add(done);
+      signal?.addEventListener("abort", done, { once: true });
+      this.#abort.signal.addEventListener("abort", done, { once: true });
+    });
+    return this.#info;
   }
 
   /** One request to the host at `info`; the state follows the outcome while `info` is in use. */
@@ -339,6 +375,7 @@ export class Agent {
     );
     this.#relay.reconnect();
     this.#setDevlxd(info.devlxd);
+    for (const wake of [...this.#infoWaiters]) wake();
   }
 
   async #sendReady(): Promise<void> {

@@ -37,6 +37,8 @@ export interface AgentConfig {
   rewriteInterval: number;
   /** How long an idle keep-alive connection to the host is kept, in ms; 0: one per request. */
   hostIdleTimeout: number;
+  /** How long a guest request waits for the host's address when none is known yet, in ms. */
+  hostWait: number;
   transport: TransportConfig;
   logLevel: LogLevel;
   /** Output format of `--status`. */
@@ -67,6 +69,9 @@ OPTIONS
   --host-idle-timeout DUR   keep an idle connection to the host this long for the next
                             request (keep-alive, at most 4 idle); 0 opens one per request
                             (default 2s)
+  --host-wait DUR           how long a devlxd request waits for the host's address when none
+                            is known yet (agent.conf without a port): 30s, 0 = answer 503 at
+                            once (default 30s)
   --transport KIND          vsock (default) or hybrid:<uds_path> (Firecracker-style unix stand-in)
   --log-level LEVEL         debug, info, warn or error (default info)
   --status                  print the running agent's state; exit 0 if CONNECTED, 1 otherwise
@@ -86,6 +91,7 @@ const DEFAULTS = {
   stateFile: "/run/lxd-vsock-agent/state.json",
   rewriteInterval: 5000,
   hostIdleTimeout: 2000,
+  hostWait: 30_000,
 };
 
 /** Parses `5s`, `500ms`, `1m` or a bare number of seconds into milliseconds. */
@@ -145,6 +151,7 @@ export function parseConfig(
         "state-file": { type: "string" },
         "rewrite-interval": { type: "string" },
         "host-idle-timeout": { type: "string" },
+        "host-wait": { type: "string" },
         "transport": { type: "string" },
         "log-level": { type: "string" },
         "status": { type: "boolean" },
@@ -185,6 +192,11 @@ export function parseConfig(
       : /^0+(ms|s|m)?$/.test(values["host-idle-timeout"].trim())
       ? 0
       : parseDuration(values["host-idle-timeout"], "--host-idle-timeout"),
+    hostWait: values["host-wait"] === undefined
+      ? DEFAULTS.hostWait
+      : values["host-wait"] === "0"
+      ? 0
+      : parseDuration(values["host-wait"], "--host-wait"),
     transport: parseTransport(values.transport ?? "vsock"),
     logLevel: wrap(() =>
       parseLogLevel(values["log-level"] ?? env.LXD_VSOCK_AGENT_LOG_LEVEL ?? "info")

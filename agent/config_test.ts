@@ -92,3 +92,10 @@ Deno.test("parseDuration() accepts ms, s, m and bare seconds", () => {
   assert.equal(parseDuration("2"), 2000);
   assert.equal(parseDuration("0.5s"), 500);
 });
+
+Deno.test("parseConfig() --host-wait: 30 s by default, a duration, or 0 to answer at once", () => {
+  assert.equal(parseConfig([]).hostWait, 30_000);
+  assert.equal(parseConfig(["--host-wait=5s"]).hostWait, 5000);
+  assert.equal(parseConfig(["--host-wait", "0"]).hostWait, 0);
+  assert.throws(() => parseConfig(["--host-wait=soon"]), UsageError);
+});

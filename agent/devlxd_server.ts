@@ -534,8 +534,9 @@ export class DevlxdServer {
     if (listener === undefined) return;
     this.#listener = undefined;
     listener.close();
-    await this.#loop;
+    // Also ends an accept loop's pause after a failed accept at once.
     this.#abort?.abort();
+    await this.#loop;
     for (const connection of this.#connections) {
       if (connection.busy === 0 && !connection.upgraded) connection.socket.destroy();
     }

@@ -93,6 +93,7 @@ export async function main(args: string[]): Promise<number> {
     devlxdMode: config.devlxdMode,
     rewriteInterval: config.rewriteInterval,
     hostIdleTimeout: config.hostIdleTimeout,
+    hostWait: config.hostWait,
     version: VERSION,
     logger,
   });

@@ -117,8 +117,8 @@ export function createAdminApp(options: AdminAppOptions): Hono {
   );
 
   app.delete("/1.0/instances/:name", async (c) => {
-    await service.remove(c.req.param("name"));
-    return syncResponse(null);
+    const removed = await service.remove(c.req.param("name"));
+    return syncResponse({ configDrive: removed.configDrive, driveKept: removed.driveKept });
   });
 
   app.get("/1.0/instances/:name/config/:key", (c) => {
@@ -155,6 +155,55 @@ export function createAdminApp(options: AdminAppOptions): Hono {
   app.delete("/1.0/instances/:name/devices/:device", (c) => {
     service.removeDevice(c.req.param("name"), c.req.param("device"));
     return syncResponse(null);
+  });
+
+  // Long poll: answers once the instance is connected (or ready), or after
+  // `timeout` ms (at most 300000), with `reached` and the state it saw.
+  app.get("/1.0/instances/:name/wait", async (c) => {
+    const name = c.req.param("name");
+    const target = c.req.query("for");
+    if (target !== "connected" && target !== "ready") {
+      throw new HttpError(400, 'Invalid "for": use connected or ready');
+    }
+    const timeoutText = c.req.query("timeout") ?? "30000";
+    if (!/^[0-9]{1,9}$/.test(timeoutText)) {
+      throw new HttpError(400, 'Invalid "timeout": milliseconds, 0-300000');
+    }
+    const timeout = Math.min(Number(timeoutText), 300_000);
+    const view = () => {
+      const { runtime } = service.get(name);
+      const reached = target === "connected" ? runtime.agentState === "CONNECTED" : runtime.ready;
+      return {
+        instance: name,
+        for: target,
+        reached,
+        agentState: runtime.agentState,
+        ready: runtime.ready,
+      };
+    };
+    const lifecycle = service.lifecycle;
+    if (view().reached || lifecycle === undefined || timeout === 0) return syncResponse(view());
+    logger.debug("waiting for an instance", { instance: name, for: target, timeout });
+    const signal = c.req.raw.signal;
+    await new Promise<void>((resolve) => {
+      const finish = () => {
+        clearTimeout(timer);
+        unsubscribe();
+        signal.removeEventListener("abort", finish);
+        resolve();
+      };
+      const unsubscribe = lifecycle.subscribe(name, (event) => {
+        if (event.action === "instance-removed") return finish();
+        try {
+          if (view().reached) finish();
+        } catch {
+          finish();
+        }
+      });
+      const timer = setTimeout(finish, timeout);
+      signal.addEventListener("abort", finish, { once: true });
+    });
+    return syncResponse(view());
   });
 
   app.get("/1.0/events", (c) => {

@@ -81,7 +81,15 @@ export type Command =
   }
   | { kind: "device-remove"; stateDir: string; name: string; device: string }
   | { kind: "status"; stateDir: string; format: OutputFormat; name?: string }
-  | { kind: "events"; stateDir: string };
+  | { kind: "events"; stateDir: string }
+  | {
+    kind: "wait";
+    stateDir: string;
+    name: string;
+    for: "connected" | "ready";
+    /** ms */
+    timeout: number;
+  };
 
 const COMMON_OPTIONS = `  --state-dir DIR   state directory (default: /var/lib/lxd-vsock for root,
                     else $XDG_STATE_HOME/lxd-vsock or ~/.local/state/lxd-vsock;
@@ -98,6 +106,7 @@ USAGE
   ${PROGRAM} device add|remove NAME DEVICE [KEY=VALUE...]
   ${PROGRAM} status [NAME]      (also: ${PROGRAM} --status [NAME])
   ${PROGRAM} events
+  ${PROGRAM} wait NAME --for connected|ready [--timeout DUR]
 
 Registry commands talk to the running daemon through <state-dir>/admin.sock,
 or edit the store directly when no daemon runs.
@@ -150,7 +159,9 @@ ${COMMON_OPTIONS}
   --serial PATH       a socket-backed virtserialport (lines both ways)
   --status-file PATH  a file the guest side appends states to (tests)
   --hybrid PATH       Firecracker/Cloud Hypervisor uds_path (hybrid vsock)
-  --config-drive DIR  where to write the config drive
+  --config-drive DIR  where to write the config drive: a new or empty directory
+                      outside the state directory and no other instance's
+                      drive; recorded, and deleted by "remove"
   -c, --config K=V    initial config (repeatable)
   --format F          output format (default: table)`,
   config: `USAGE
@@ -181,6 +192,17 @@ one read of the channel: for QMP a ringbuf-read, which consumes the bytes).
 OPTIONS
 ${COMMON_OPTIONS}
   --format F     output format (default: table)`,
+  wait: `USAGE
+  ${PROGRAM} wait NAME --for connected|ready [--timeout DUR]
+
+Waits until the instance's agent is connected (it reached the host) or the
+guest said it is ready (PATCH /1.0 {"state":"Ready"}). Exit status 0 once it
+is, 1 on timeout (the message names the state seen) or without a daemon.
+
+OPTIONS
+${COMMON_OPTIONS}
+  --for STATE      connected or ready
+  --timeout DUR    how long to wait: 500ms, 30s, 5m, 1h, or seconds (default: 60s)`,
   events: `USAGE
   ${PROGRAM} events
 
@@ -226,6 +248,16 @@ function keyValues(items: string[], what: string, help: string): Record<string, 
     out[item.slice(0, eq)] = item.slice(eq + 1);
   }
   return out;
+}
+
+/** A duration: `500ms`, `30s`, `5m`, `1h`, or a number of seconds; in ms. */
+export function duration(value: string, help: string): number {
+  const m = /^([0-9]{1,9})(ms|s|m|h)?$/.exec(value);
+  if (!m) {
+    throw new UsageError(`Invalid duration "${value}": use e.g. 500ms, 30s, 5m or 1h`, help);
+  }
+  const unit = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 }[m[2] ?? "s"]!;
+  return Number(m[1]) * unit;
 }
 
 function format(value: unknown, help: string): OutputFormat {
@@ -478,6 +510,26 @@ export function parseConfig(args: string[], env: CliEnvironment): Command {
       };
       if (pos.length === 1) command.name = name(pos[0], help);
       return command;
+    }
+    case "wait": {
+      const help = HELP.wait;
+      const { values, positionals: pos } = parse(rest, {
+        for: { type: "string" },
+        timeout: { type: "string" },
+      }, help);
+      if (values.help) return { kind: "help", text: help };
+      const [n] = positionals(pos, ["NAME"], help);
+      if (values.for === undefined) throw new UsageError("Missing --for connected|ready", help);
+      if (values.for !== "connected" && values.for !== "ready") {
+        throw new UsageError(`Invalid --for "${values.for}": use connected or ready`, help);
+      }
+      return {
+        kind: "wait",
+        stateDir: stateDirOf(values),
+        name: name(n, help),
+        for: values.for,
+        timeout: values.timeout === undefined ? 60_000 : duration(values.timeout, help),
+      };
     }
     case "events": {
       const help = HELP.events;

@@ -209,3 +209,29 @@ Deno.test("parseConfig() --status [NAME] is the status command", () => {
   assert.deepEqual(parseConfig(["--status", "vm1"], user), parseConfig(["status", "vm1"], user));
   assert.deepEqual(parseConfig(["--status"], user), parseConfig(["status"], user));
 });
+
+Deno.test("parseConfig() wait: --for connected|ready, --timeout durations, usage errors", () => {
+  const p = (...a: string[]) => parseConfig([...a, "--state-dir", "/s"], user);
+  assert.deepEqual(p("wait", "vm", "--for", "ready"), {
+    kind: "wait",
+    stateDir: "/s",
+    name: "vm",
+    for: "ready",
+    timeout: 60_000,
+  });
+  for (
+    const [text, ms] of [["500ms", 500], ["30s", 30_000], ["5m", 300_000], ["1h", 3_600_000], [
+      "7",
+      7000,
+    ]] as const
+  ) {
+    assert.equal(
+      (p("wait", "vm", "--for", "connected", "--timeout", text) as { timeout: number }).timeout,
+      ms,
+    );
+  }
+  usage(["wait", "vm"], /Missing --for/);
+  usage(["wait", "vm", "--for", "up"], /Invalid --for "up": use connected or ready/);
+  usage(["wait", "vm", "--for", "ready", "--timeout", "soon"], /Invalid duration "soon"/);
+  usage(["wait", "--for", "ready"], /Missing NAME/);
+});

@@ -7,15 +7,16 @@
  * @module
  */
 
+import { resolve } from "node:path";
 import { httpRequest, unwrapEnvelope } from "../shared/http/mod.ts";
 import { connectUnix } from "../shared/vsock/mod.ts";
 import { createAdminApp, type DaemonStatus } from "./admin_app.ts";
 import { type Command, VERSION } from "./cli.ts";
-import { ensureServerCertificate, generateInstanceKeyPair } from "./daemon.ts";
+import { ensureServerCertificate, generateInstanceKeyPair, randomPort } from "./daemon.ts";
 import { InstanceService, type PublicInstance } from "./instance_service.ts";
 import { type ChannelReading, readStatusChannel } from "./monitor/status_watcher.ts";
 import { Registry, RegistryError } from "./registry.ts";
-import { prepareStateDir, statePaths } from "./state_dir.ts";
+import { checkOwner, OwnershipError, prepareStateDir, statePaths } from "./state_dir.ts";
 
 export interface CommandIO {
   stdout: (text: string) => void;
@@ -41,6 +42,13 @@ async function connectDaemon(socketPath: string): Promise<AdminConnection | unde
     if (!info.isSocket) return undefined;
   } catch {
     return undefined;
+  }
+  // Before a byte goes to it: a socket another user put there could read our traffic.
+  try {
+    await checkOwner(socketPath, "to talk to", "Refusing");
+  } catch (error) {
+    if (error instanceof OwnershipError) throw new CommandError(error.message);
+    throw error;
   }
   // One connection per request with the project's client (Deno's fetch over a
   // unix-socket HttpClient was seen to stall for seconds on a reused connection).
@@ -87,6 +95,16 @@ async function openLocal(stateDir: string): Promise<AdminConnection> {
       registry,
       paths,
       serverCert: cert,
+      // A drive written before the daemon ever ran names the port it will use
+      // (it listens on the registry's port when free, and rewrites drives if not).
+      port: () => {
+        let port = Number(registry.getMeta("port") ?? 0);
+        if (!(port > 0)) {
+          port = randomPort();
+          registry.setMeta("port", String(port));
+        }
+        return port;
+      },
       generateKeyPair: generateInstanceKeyPair,
     });
     const app = createAdminApp({
@@ -130,6 +148,18 @@ async function call(
   const result = unwrapEnvelope(parsed);
   if (!result.ok) throw new CommandError(result.error);
   return result.metadata;
+}
+
+/** What the admin API's `wait` long poll answers. */
+interface WaitView {
+  reached: boolean;
+  agentState: string;
+  ready: boolean;
+}
+
+/** `1500` → `1.5s`, `60000` → `60s`, `250` → `250ms`. */
+function formatDuration(ms: number): string {
+  return ms < 1000 ? `${ms}ms` : `${ms / 1000}s`;
 }
 
 function enc(s: string): string {
@@ -260,7 +290,8 @@ export async function runCommand(command: Command, io: CommandIO): Promise<void>
         status: command.status,
         hybrid: command.hybrid,
         config: command.config,
-        configDrive: command.configDrive,
+        // The daemon's working directory is not ours.
+        configDrive: command.configDrive === undefined ? undefined : resolve(command.configDrive),
       };
       const result = await call(admin, "POST", "/1.0/instances", body) as {
         instance: PublicInstance;
@@ -284,10 +315,21 @@ export async function runCommand(command: Command, io: CommandIO): Promise<void>
     case "instance-show":
       io.stdout(JSON.stringify(await call(admin, "GET", inst(command.name)), null, 2) + "\n");
       return;
-    case "instance-remove":
-      await call(admin, "DELETE", inst(command.name));
+    case "instance-remove": {
+      const removed = await call(admin, "DELETE", inst(command.name)) as {
+        configDrive?: string;
+        driveKept?: string;
+      } | null;
       io.stdout(`Instance ${command.name} removed\n`);
+      if (removed?.configDrive !== undefined) {
+        io.stdout(
+          removed.driveKept === undefined
+            ? `config drive ${removed.configDrive} removed\n`
+            : `config drive ${removed.configDrive} not removed: ${removed.driveKept}\n`,
+        );
+      }
       return;
+    }
     case "config-set":
       await call(admin, "PUT", `${inst(command.name)}/config/${enc(command.key)}`, {
         value: command.value,
@@ -339,6 +381,35 @@ export async function runCommand(command: Command, io: CommandIO): Promise<void>
         command.format === "json" ? JSON.stringify(status, null, 2) + "\n" : formatStatus(status),
       );
       return;
+    }
+    case "wait": {
+      const deadline = Date.now() + command.timeout;
+      const describe = (v: WaitView) => `agent ${v.agentState}, ready ${v.ready ? "yes" : "no"}`;
+      for (;;) {
+        // Long polls of at most 20 s each, below the admin client's 30 s bound.
+        const left = Math.max(0, Math.min(deadline - Date.now(), 20_000));
+        const view = await call(
+          admin,
+          "GET",
+          `${inst(command.name)}/wait?for=${command.for}&timeout=${left}`,
+        ) as WaitView;
+        if (view.reached) {
+          io.stdout(`${command.name}: ${command.for} (${describe(view)})\n`);
+          return;
+        }
+        if (!admin.daemon) {
+          throw new CommandError(
+            `The daemon is not running: ${command.name} is not ${command.for} (${describe(view)})`,
+          );
+        }
+        if (Date.now() >= deadline) {
+          throw new CommandError(
+            `Timed out after ${
+              formatDuration(command.timeout)
+            } waiting for ${command.name} to be ${command.for}; it is: ${describe(view)}`,
+          );
+        }
+      }
     }
     case "events": {
       if (!admin.daemon) throw new CommandError("The daemon is not running: no events to follow");

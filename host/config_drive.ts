@@ -8,7 +8,7 @@
  * @module
  */
 
-import { join } from "node:path";
+import { basename, dirname, join, resolve } from "node:path";
 import { type ConnectionInfo, HOST_CID, parseConnectionInfo } from "../shared/api.ts";
 
 /** What goes on a config drive. */
@@ -69,4 +69,75 @@ export async function readConfigDrive(dir: string): Promise<ConfigDrive> {
     clientCert: await read("server.crt"),
     info,
   };
+}
+
+/** The files a config drive holds (what {@linkcode removeConfigDrive} deletes). */
+export const DRIVE_FILES = ["agent.crt", "agent.key", "server.crt", "agent.conf"] as const;
+
+/**
+ * `path` made absolute with symlinks resolved, for a path that may not exist
+ * yet (its nearest existing ancestor is resolved, the rest appended).
+ */
+export async function canonicalPath(path: string): Promise<string> {
+  const absolute = resolve(path);
+  const rest: string[] = [];
+  let at = absolute;
+  for (;;) {
+    try {
+      return join(await Deno.realPath(at), ...rest.reverse());
+    } catch (error) {
+      if (!(error instanceof Deno.errors.NotFound) || at === "/") throw error;
+      rest.push(basename(at));
+      at = dirname(at);
+    }
+  }
+}
+
+/** Whether `inner` is `outer` or lies inside it (both canonical). */
+export function isWithin(inner: string, outer: string): boolean {
+  return inner === outer || inner.startsWith(outer.endsWith("/") ? outer : outer + "/");
+}
+
+/**
+ * Throws a TypeError unless `dir` can take a new config drive: it does not
+ * exist yet, or is an empty directory (not a symlink).
+ */
+export async function checkNewDriveDir(dir: string): Promise<void> {
+  let info: Deno.FileInfo;
+  try {
+    info = await Deno.lstat(dir);
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) return;
+    throw error;
+  }
+  if (!info.isDirectory) {
+    throw new TypeError(`Invalid config drive ${dir}: it exists and is not a directory`);
+  }
+  for await (const _ of Deno.readDir(dir)) {
+    throw new TypeError(
+      `Invalid config drive ${dir}: the directory is not empty (use a new or empty directory)`,
+    );
+  }
+}
+
+/**
+ * Deletes a config drive: its four files (and leftover temporary files),
+ * then the directory if that leaves it empty. Resolves to undefined when the
+ * directory is gone, else to why it was kept.
+ */
+export async function removeConfigDrive(dir: string): Promise<string | undefined> {
+  try {
+    for await (const entry of Deno.readDir(dir)) {
+      const ours = (DRIVE_FILES as readonly string[]).includes(entry.name) ||
+        DRIVE_FILES.some((f) => entry.name.startsWith(`${f}.tmp-`));
+      if (ours && entry.isFile) await Deno.remove(join(dir, entry.name));
+    }
+    await Deno.remove(dir);
+    return undefined;
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) return undefined;
+    return error instanceof Error && /not empty/i.test(error.message)
+      ? "it holds files that are not the drive's; left in place"
+      : `${(error as Error).message ?? error}`;
+  }
 }

@@ -35,7 +35,7 @@ import { EventHub, type LifecycleEvent } from "./event_hub.ts";
 import { devlxdEnabled, type Instance } from "./instance.ts";
 import { InstanceService, type KeyPairGenerator } from "./instance_service.ts";
 import { Registry } from "./registry.ts";
-import { defaultConfigDrive, prepareStateDir, type StatePaths } from "./state_dir.ts";
+import { checkOwner, defaultConfigDrive, prepareStateDir, type StatePaths } from "./state_dir.ts";
 import { DevlxdServer } from "./vsock_server.ts";
 import { Coordinator, type CoordinatorIntervals } from "./monitor/coordinator.ts";
 
@@ -106,7 +106,7 @@ export interface DaemonOptions {
 /** Registry meta key: "<port> <server cert fingerprint>" the config drives were last refreshed for. */
 const CONFIG_DRIVES_META = "config_drives";
 
-function randomPort(): number {
+export function randomPort(): number {
   return RANDOM_PORT_MIN + Math.floor(Math.random() * (RANDOM_PORT_MAX - RANDOM_PORT_MIN + 1));
 }
 
@@ -184,8 +184,14 @@ export class Daemon {
     let monitor: Coordinator | undefined;
     try {
       const { cert, key } = await ensureServerCertificate(paths);
-      const events = new EventHub<DevlxdEvent>();
-      const lifecycle = new EventHub<LifecycleEvent>();
+      const onDrop = (stream: string) => (topic: string, error: Error) =>
+        logger.warn("event stream dropped: its reader is too slow", {
+          stream,
+          instance: topic,
+          reason: error.message,
+        });
+      const events = new EventHub<DevlxdEvent>({ onDrop: onDrop("devlxd") });
+      const lifecycle = new EventHub<LifecycleEvent>({ onDrop: onDrop("lifecycle") });
       const transport = options.transport ?? "vsock";
 
       // Port: as asked; else the last one used (agents that kept it reconnect
@@ -280,6 +286,9 @@ export class Daemon {
           list: () => registry.list(),
           get: (name) => registry.get(name),
           setRuntime: (name, patch) => service.applyRuntime(name, patch),
+          queueEvent: (name, event) => registry.queueEvent(name, event),
+          dequeueEvents: (ids) => registry.dequeueEvents(ids),
+          queuedEvents: (name) => registry.queuedEvents(name),
         },
         hostPort: () => port,
         serverCert: cert,
@@ -400,14 +409,14 @@ export class Daemon {
     const worker = async () => {
       for (let instance = pending.pop(); instance; instance = pending.pop()) {
         if (this.#closing) return;
-        const dir = defaultConfigDrive(this.paths, instance.name);
+        const dir = instance.configDrive ?? defaultConfigDrive(this.paths, instance.name);
         try {
           const info = JSON.parse(await Deno.readTextFile(join(dir, "agent.conf")));
           if (info?.port === wanted.port && info?.certificate === wanted.certificate) continue;
           await writeFileAtomic(join(dir, "agent.conf"), text);
           rewritten++;
         } catch {
-          // Not there (custom location), unreadable or removed meanwhile: the announce covers it.
+          // Gone, unreadable or removed meanwhile: the announce covers it.
         }
       }
     };
@@ -425,6 +434,10 @@ export class Daemon {
 
   async #serveAdmin(): Promise<void> {
     const path = this.paths.adminSocket;
+    // One that another user put here means someone else can write our state directory.
+    await checkOwner(path, "the admin socket").catch((error) => {
+      if (!(error instanceof Deno.errors.NotFound)) throw error;
+    });
     // We hold the registry lock, so any socket file left here is stale.
     await Deno.remove(path).catch(() => {});
     const app = createAdminApp({

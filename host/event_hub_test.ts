@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { ALL_TOPICS, EventHub } from "./event_hub.ts";
+import { ALL_TOPICS, EventHub, EventStreamOverflow } from "./event_hub.ts";
 
 type E = { n: number };
 
@@ -71,10 +71,33 @@ Deno.test("EventHub.stream() ends on closeTopic() and on abort", async () => {
   assert.equal(hub.subscriberCount("t") + hub.subscriberCount("u"), 0);
 });
 
-Deno.test("EventHub.stream() ends a reader that falls maxQueue events behind, after what was queued", async () => {
-  const hub = new EventHub<E>({ maxQueue: 3 });
+Deno.test("EventHub.stream() drops a reader that falls maxQueue events behind, freeing its queue, and says why", async () => {
+  const drops: string[] = [];
+  const hub = new EventHub<E>({
+    maxQueue: 3,
+    onDrop: (topic, error) => drops.push(`${topic}: ${error.message}`),
+  });
   const stream = hub.stream("t");
   for (let n = 1; n <= 10; n++) hub.publish("t", { n });
   assert.equal(hub.subscriberCount("t"), 0);
-  assert.deepEqual(await readLines(stream, 100), [{ n: 1 }, { n: 2 }, { n: 3 }]);
+  await assert.rejects(readLines(stream, 100), EventStreamOverflow);
+  assert.deepEqual(drops, [
+    "t: Event stream dropped: the reader fell 3 events behind (3 events, 24 bytes unread)",
+  ]);
+});
+
+Deno.test("EventHub.stream() drops a reader that falls maxQueueBytes behind; one large event still goes to a reader that keeps up", async () => {
+  const hub = new EventHub<{ s: string }>({ maxQueueBytes: 1000 });
+  const big = { s: "x".repeat(5000) };
+  const keepsUp = hub.stream("t");
+  const reader = keepsUp.getReader();
+  const read = reader.read();
+  hub.publish("t", big);
+  assert.equal(JSON.parse(new TextDecoder().decode((await read).value)).s, big.s);
+  await reader.cancel();
+  const behind = hub.stream("t");
+  hub.publish("t", big); // fits: nothing queued before it
+  hub.publish("t", { s: "small" }); // 5 kB queued already: over the bound
+  assert.equal(hub.subscriberCount("t"), 0);
+  await assert.rejects(behind.getReader().read(), /fell 1000 bytes behind/);
 });

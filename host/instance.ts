@@ -47,6 +47,11 @@ export interface Instance {
    * agent through `<hybrid>` + `CONNECT 8443`; otherwise AF_VSOCK.
    */
   hybrid?: string;
+  /**
+   * Where its config drive was written (absolute, symlinks resolved), when
+   * recorded; else the default `<state-dir>/instances/<name>/config`.
+   */
+  configDrive?: string;
   /** PEM of the agent's certificate (`agent.crt`), pinned by the host. */
   agentCert: string;
   /** The host's per-instance client certificate (`server.crt` in the VM). */

@@ -13,7 +13,14 @@ import { join } from "node:path";
 import { isGuestVisibleKey } from "../shared/api.ts";
 import type { DevlxdEvent } from "../shared/api.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
-import { agentConf, writeConfigDrive } from "./config_drive.ts";
+import {
+  agentConf,
+  canonicalPath,
+  checkNewDriveDir,
+  isWithin,
+  removeConfigDrive,
+  writeConfigDrive,
+} from "./config_drive.ts";
 import type { EventHub, LifecycleEvent } from "./event_hub.ts";
 import type { AgentStatus, Instance, InstanceRuntime, StatusChannel } from "./instance.ts";
 import type { Registry } from "./registry.ts";
@@ -130,7 +137,7 @@ export class InstanceService {
     // against: keep them valid host names (labels of at most 63 characters).
     const agent = await this.#generate({ commonName: `${spec.name}.agent.lxd-vsock` });
     const client = await this.#generate({ commonName: `${spec.name}.host.lxd-vsock` });
-    const configDrive = spec.configDrive ?? defaultConfigDrive(this.paths, spec.name);
+    const configDrive = await this.#checkDrive(spec);
     await writeConfigDrive(configDrive, {
       agentCert: agent.cert,
       agentKey: agent.key,
@@ -141,11 +148,14 @@ export class InstanceService {
     try {
       instance = this.registry.add({
         ...spec,
+        configDrive,
         agentCert: agent.cert,
         clientCert: client.cert,
         clientKey: client.key,
       });
     } catch (error) {
+      // The drive was new or empty: nothing but what we just wrote goes.
+      await removeConfigDrive(configDrive);
       if (spec.configDrive === undefined) {
         await Deno.remove(join(this.paths.instances, spec.name), { recursive: true }).catch(
           () => {},
@@ -162,14 +172,55 @@ export class InstanceService {
     return { instance, configDrive };
   }
 
-  /** Removes an instance, ends its event streams and deletes its default config drive. */
-  async remove(name: string): Promise<Instance> {
+  /**
+   * Where a new instance's config drive goes: the default place, or
+   * `spec.configDrive` when it is an absolute path outside the state
+   * directory, no other instance's drive (nor inside or around one), and a new
+   * or empty directory. Throws a TypeError saying which rule failed, before
+   * anything is written. Returns the canonical path.
+   */
+  async #checkDrive(spec: AddInstance): Promise<string> {
+    const fallback = defaultConfigDrive(this.paths, spec.name);
+    if (spec.configDrive === undefined) return await canonicalPath(fallback);
+    if (typeof spec.configDrive !== "string" || !spec.configDrive.startsWith("/")) {
+      throw new TypeError("Invalid config drive: expected an absolute path");
+    }
+    const drive = await canonicalPath(spec.configDrive);
+    if (drive === await canonicalPath(fallback)) return drive;
+    if (isWithin(drive, await canonicalPath(this.paths.dir))) {
+      throw new TypeError(
+        `Invalid config drive ${drive}: it is inside the state directory (omit --config-drive for the default place)`,
+      );
+    }
+    for (const other of this.registry.list()) {
+      const theirs = await canonicalPath(
+        other.configDrive ?? defaultConfigDrive(this.paths, other.name),
+      );
+      if (isWithin(drive, theirs) || isWithin(theirs, drive)) {
+        throw new TypeError(
+          `Invalid config drive ${drive}: it is the config drive of instance ${other.name}` +
+            (drive === theirs ? "" : ` (or holds it: ${theirs})`),
+        );
+      }
+    }
+    await checkNewDriveDir(drive);
+    return drive;
+  }
+
+  /**
+   * Removes an instance, ends its event streams and deletes its config drive
+   * (the recorded one, or the default place): `driveKept` says why a drive
+   * was left in place.
+   */
+  async remove(name: string): Promise<Instance & { driveKept?: string }> {
     const instance = this.registry.remove(name);
     this.events?.closeTopic(name);
+    const drive = instance.configDrive ?? defaultConfigDrive(this.paths, name);
+    const kept = await removeConfigDrive(drive);
     await Deno.remove(join(this.paths.instances, name), { recursive: true }).catch(() => {});
-    this.#logger.info("instance removed", { instance: name });
+    this.#logger.info("instance removed", { instance: name, configDrive: drive, kept });
     this.#lifecycle(name, "instance-removed", {});
-    return instance;
+    return kept === undefined ? instance : { ...instance, driveKept: kept };
   }
 
   #configEvent(name: string, key: string, old: string, value: string): void {

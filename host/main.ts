@@ -12,19 +12,19 @@ import { type Command, parseConfig, PROGRAM, UsageError, VERSION } from "./cli.t
 import { CommandError, runCommand } from "./commands.ts";
 import { Daemon } from "./daemon.ts";
 import { RegistryError } from "./registry.ts";
+import { OwnershipError } from "./state_dir.ts";
 
 const encoder = new TextEncoder();
 const stdout = (text: string) => Deno.stdout.writeSync(encoder.encode(text));
 const stderr = (text: string) => Deno.stderr.writeSync(encoder.encode(text));
 
 /**
- * The effective uid, from /proc (Deno.uid() needs `--allow-sys=uid`, which the
- * `host` permission set does not grant); -1 when unknown (treated as non-root).
+ * The user id (`Deno.uid()`, granted by the `host` set's `sys: uid`; reading
+ * /proc/self/status would need --allow-all); -1 when unknown (non-root).
  */
 function effectiveUid(): number {
   try {
-    const m = /^Uid:\s+\d+\s+(\d+)/m.exec(Deno.readTextFileSync("/proc/self/status"));
-    return m ? Number(m[1]) : -1;
+    return Deno.uid() ?? -1;
   } catch {
     return -1;
   }
@@ -53,7 +53,10 @@ async function runDaemon(command: Extract<Command, { kind: "daemon" }>): Promise
     await daemon.close();
     return 0;
   } catch (error) {
-    if (error instanceof RegistryError && error.code === "LOCKED") {
+    if (
+      (error instanceof RegistryError && error.code === "LOCKED") ||
+      error instanceof OwnershipError
+    ) {
       stderr(`${PROGRAM}: cannot start: ${error.message}\n`);
     } else {
       logger.error("daemon failed", { error });
@@ -92,7 +95,8 @@ async function main(args: string[]): Promise<number> {
         return 0;
       } catch (error) {
         const known = error instanceof CommandError || error instanceof RegistryError ||
-          error instanceof TypeError || error instanceof RangeError;
+          error instanceof OwnershipError || error instanceof TypeError ||
+          error instanceof RangeError;
         stderr(
           `Error: ${known ? (error as Error).message : String((error as Error)?.stack ?? error)}\n`,
         );

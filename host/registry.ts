@@ -28,7 +28,7 @@ import { MAX_CID } from "../shared/api.ts";
 import { type Instance, type InstanceRuntime, own, type StatusChannel } from "./instance.ts";
 
 /** Schema version written to `PRAGMA user_version`. */
-export const SCHEMA_VERSION = 1;
+export const SCHEMA_VERSION = 3;
 
 /** How often at most `recordSeen()` writes an instance's `last_seen` to disk. */
 export const SEEN_PERSIST_INTERVAL_MS = 60_000;
@@ -63,6 +63,14 @@ const MIGRATIONS: readonly string[] = [
      PRIMARY KEY (instance, name)
    ) STRICT;
    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;`,
+  // 1 → 2: where each instance's config drive was written (NULL: the default place).
+  `ALTER TABLE instances ADD COLUMN config_drive TEXT;`,
+  // 2 → 3: events waiting for an offline agent, oldest first (they survive a restart).
+  `CREATE TABLE queued_events (
+     id INTEGER PRIMARY KEY AUTOINCREMENT,
+     instance TEXT NOT NULL REFERENCES instances(name) ON DELETE CASCADE,
+     event TEXT NOT NULL
+   ) STRICT;`,
 ];
 
 /** A registry condition callers act on. */
@@ -230,6 +238,8 @@ export interface NewInstance {
   clientKey: string;
   config?: Record<string, string>;
   devices?: Record<string, Record<string, string>>;
+  /** Absolute path of the config drive written for it (omit for the default place). */
+  configDrive?: string;
 }
 
 /** The identity part of a {@linkcode NewInstance}, checked before keys are generated. */
@@ -274,6 +284,7 @@ interface InstanceRow {
   last_seen: string | null;
   last_change: string | null;
   last_error: string | null;
+  config_drive: string | null;
 }
 
 export interface RegistryOptions {
@@ -382,6 +393,7 @@ export class Registry {
         runtime,
       };
       if (row.hybrid !== null) instance.hybrid = row.hybrid;
+      if (row.config_drive !== null) instance.configDrive = row.config_drive;
       this.#instances.set(row.name, instance);
       this.#byCid.set(row.cid, row.name);
       if (row.last_seen) this.#seenPersisted.set(row.name, Date.parse(row.last_seen));
@@ -484,10 +496,13 @@ export class Registry {
       runtime: { agentState: "STOPPED", ready: false },
     };
     if (v.hybrid !== undefined) instance.hybrid = v.hybrid;
+    if (spec.configDrive !== undefined) {
+      instance.configDrive = checkPath(spec.configDrive, "config drive path");
+    }
     this.#transaction(() => {
       this.#db.prepare(
-        `INSERT INTO instances (name, cid, status, hybrid, agent_cert, client_cert, client_key, created_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
+        `INSERT INTO instances (name, cid, status, hybrid, agent_cert, client_cert, client_key, created_at, config_drive)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
       ).run(
         instance.name,
         instance.cid,
@@ -497,6 +512,7 @@ export class Registry {
         clientCert,
         clientKey,
         new Date(this.#now()).toISOString(),
+        instance.configDrive ?? null,
       );
       const insertConfig = this.#db.prepare(
         "INSERT INTO config (instance, key, value) VALUES (?, ?, ?)",
@@ -526,6 +542,35 @@ export class Registry {
     this.#byCid.delete(instance.cid);
     this.#seenPersisted.delete(name);
     return instance;
+  }
+
+  /** Keeps `event` (JSON) for `name`'s offline agent; returns its id. */
+  queueEvent(name: string, event: string): number {
+    this.require(name);
+    let id = 0;
+    this.#transaction(() => {
+      const result = this.#db.prepare("INSERT INTO queued_events (instance, event) VALUES (?, ?)")
+        .run(name, event);
+      id = Number(result.lastInsertRowid);
+    });
+    return id;
+  }
+
+  /** Forgets queued events (delivered, refused or dropped). */
+  dequeueEvents(ids: number[]): void {
+    if (ids.length === 0) return;
+    this.#assertOpen();
+    this.#transaction(() => {
+      const remove = this.#db.prepare("DELETE FROM queued_events WHERE id = ?");
+      for (const id of ids) remove.run(id);
+    });
+  }
+
+  /** The events kept for `name`'s agent, oldest first. */
+  queuedEvents(name: string): { id: number; event: string }[] {
+    this.#assertOpen();
+    return this.#db.prepare("SELECT id, event FROM queued_events WHERE instance = ? ORDER BY id")
+      .all(name) as unknown as { id: number; event: string }[];
   }
 
   /** Sets a config key; returns the previous value ("" when unset). */

@@ -1,6 +1,7 @@
 /**
  * The host's state directory: where it is by default, what lives in it, and
- * creating it owner-only (0700). Needs read/write permission on the directory.
+ * creating it owner-only (0700), refusing one another user owns. Needs
+ * read/write permission on the directory and `--allow-sys=uid`.
  * @module
  */
 
@@ -55,9 +56,39 @@ export function defaultStateDir(
   return join("/tmp", `lxd-vsock-${env.uid}`);
 }
 
-/** Creates the state directory (and parents) if needed and makes it 0700. */
+/** A state directory or admin socket that another user owns. */
+export class OwnershipError extends Error {
+  override name = "OwnershipError";
+}
+
+/** This process's user id. */
+export function currentUid(): number {
+  return Deno.uid() ?? -1;
+}
+
+/**
+ * Throws {@linkcode OwnershipError} unless `path` (not followed if a link)
+ * belongs to this process's user: another user could swap `admin.sock` or
+ * read what goes through it.
+ */
+export async function checkOwner(path: string, what: string, verb = "Refusing"): Promise<void> {
+  const info = await Deno.lstat(path);
+  const uid = currentUid();
+  if (info.uid !== null && info.uid !== uid) {
+    throw new OwnershipError(
+      `${verb} ${what} ${path}: it is owned by uid ${info.uid}, not by this process's user (uid ${uid}); ` +
+        "another user could swap its admin socket or read its traffic. Give it to this user (chown) or use another --state-dir.",
+    );
+  }
+}
+
+/**
+ * Creates the state directory (and parents) if needed, refuses one another
+ * user owns ({@linkcode OwnershipError}), and makes it 0700.
+ */
 export async function prepareStateDir(dir: string): Promise<StatePaths> {
   await Deno.mkdir(dir, { recursive: true, mode: 0o700 });
+  await checkOwner(await Deno.realPath(dir), "the state directory");
   await Deno.chmod(dir, 0o700);
   return statePaths(dir);
 }

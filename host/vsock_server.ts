@@ -80,6 +80,8 @@ export interface DevlxdServerOptions {
 interface Connection {
   /** The raw socket, then the TLS socket once the handshake is done. */
   socket: Duplex;
+  /** The raw socket: its `bytesWritten` is what really left for the peer. */
+  raw: FdSocket;
   key: string;
   done: Promise<void>;
   /** Closes the connection at once (serveHttp's signal). */
@@ -193,6 +195,7 @@ export class DevlxdServer {
     }
     const connection: Connection = {
       socket,
+      raw: socket,
       key,
       done: Promise.resolve(),
       abort: new AbortController(),
@@ -352,7 +355,13 @@ export class DevlxdServer {
 
   /**
    * Counts `response` as in flight until its body has been handed to the
-   * socket, for close(). A response of a closing server says
+   * socket, for close(). Also gives a streamed body the backpressure the TLS
+   * layer does not: Deno's node:tls socket reports "drain" at once whatever
+   * the peer reads (it buffers without bound), so the next chunk is pulled
+   * only while less than {@linkcode MAX_SEND_LAG} bytes handed to TLS have
+   * not left through the raw socket. A source that fails meanwhile (an event
+   * follower dropped for its backlog) fails the body, and serveHttp cuts the
+   * connection. A response of a closing server says
    * `Connection: close` (serveHttp closes after it); a body still streaming
    * when close() begins ends the connection once it is complete.
    */
@@ -369,6 +378,9 @@ export class DevlxdServer {
     const source = response.body;
     if (source === null) return response;
     connection.inFlight++;
+    const raw = connection.raw;
+    const rawStart = raw.bytesWritten;
+    let handed = 0;
     let finished = false;
     const done = () => {
       if (finished) return;
@@ -380,14 +392,33 @@ export class DevlxdServer {
       }
     };
     const reader = source.getReader();
+    const failed = reader.closed.then(() => false, () => true);
     const body = new ReadableStream<Uint8Array>({
+      start(controller) {
+        // Fail at once, even while serveHttp waits for the socket to drain.
+        reader.closed.catch((reason) => {
+          try {
+            controller.error(reason);
+          } catch {
+            // already closed
+          }
+          done();
+        });
+      },
       async pull(controller) {
         try {
+          while (handed - (raw.bytesWritten - rawStart) > MAX_SEND_LAG) {
+            if (raw.destroyed) throw new Error("Connection closed");
+            if (await sleepUnless(LAG_POLL_MS, failed)) break; // read() reports why
+          }
           const { value, done: end } = await reader.read();
           if (end) {
             controller.close();
             done();
-          } else controller.enqueue(value);
+          } else {
+            handed += value.byteLength;
+            controller.enqueue(value);
+          }
         } catch (error) {
           controller.error(error);
           done();
@@ -461,6 +492,20 @@ export class DevlxdServer {
   async [Symbol.asyncDispose](): Promise<void> {
     await this.close();
   }
+}
+
+/** Plaintext bytes of a streamed body that may wait in the TLS layer for a slow peer. */
+const MAX_SEND_LAG = 1 << 20;
+/** How often a streamed body waiting for a slow peer checks the raw socket's progress. */
+const LAG_POLL_MS = 50;
+
+/** Waits `ms`; resolves true at once if `early` resolves true first. */
+function sleepUnless(ms: number, early: Promise<boolean>): Promise<boolean> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  return Promise.race([
+    new Promise<boolean>((resolve) => timer = setTimeout(() => resolve(false), ms)),
+    early.then((yes) => yes ? true : new Promise<boolean>(() => {})),
+  ]).finally(() => clearTimeout(timer));
 }
 
 /**

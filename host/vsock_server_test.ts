@@ -8,6 +8,7 @@ import { connectTls, generateKeyPair, type KeyPair } from "../shared/tls/mod.ts"
 import { connectUnix, listenUnix } from "../shared/vsock/mod.ts";
 import type { Instance } from "./instance.ts";
 import { DevlxdServer, type DevlxdServerOptions } from "./vsock_server.ts";
+import { EventHub } from "./event_hub.ts";
 
 interface Fixture extends AsyncDisposable {
   server: DevlxdServer;
@@ -194,4 +195,29 @@ Deno.test("DevlxdServer closes a connection that ends before sending a byte with
   assert.equal(response.status, 200);
   await response.body?.cancel();
   assert.deepEqual(lines.filter((line) => /TLS|ended with an error/.test(line)), []);
+});
+
+Deno.test("DevlxdServer cuts a connection whose streamed body fails while the peer does not read", async () => {
+  const { promise: dropped, resolve: drop } = Promise.withResolvers<void>();
+  const { promise: subscribed, resolve: subscribe } = Promise.withResolvers<void>();
+  const hub = new EventHub<{ s: string }>({ maxQueueBytes: 1 << 20, onDrop: () => drop() });
+  await using t = await fixture({
+    handler: () => {
+      const stream = hub.stream("vm1");
+      subscribe();
+      return new Response(stream);
+    },
+  });
+  const raw = await connectUnix(t.path);
+  const secure = await connectTls(raw, { ...t.agent, pinned: t.host.cert });
+  secure.on("error", () => {});
+  secure.write("GET /1.0/events HTTP/1.1\r\nHost: x\r\n\r\n");
+  raw.pause(); // reads nothing while the events come
+  await subscribed;
+  for (let i = 0; i < 4; i++) hub.publish("vm1", { s: String(i).repeat(900_000) });
+  await dropped;
+  // Now read: what was sent, then the end of the connection (not a stream left open).
+  raw.resume();
+  await closed(secure);
+  raw.destroy();
 });

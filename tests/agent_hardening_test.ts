@@ -156,3 +156,62 @@ Deno.test("agent: a PUT /1.0 naming a port nobody listens on answers 500 and kee
   const status = await runAgentCommand(["--status", `--state-file=${w.paths.stateFile}`]);
   assert.match(status.stdout, new RegExp(`Host: +vsock 2:${HOST_PORT} `));
 });
+
+Deno.test("agent: a devlxd request before the host is known waits for the connection info, then answers", async () => {
+  const paths = await agentPaths();
+  const pairs = await makePairs();
+  // agent.conf as `instance add` writes it before the daemon ever ran: no port yet.
+  await writeConfigDir(paths.configDir, pairs, { cid: 2, port: 0, devlxd: true });
+  const serial = new SerialPeer(paths.serial);
+  const agent = AgentProcess.start(paths);
+  let host: TestHost | undefined;
+  try {
+    await agent.waitForLog(/serving devlxd/);
+    const early = devlxd(paths.devlxdSocket, "/1.0/config/user.foo");
+    // The host comes up and announces itself after the guest asked.
+    await agent.waitForLog(/waiting for the host's address/);
+    host = TestHost.hybrid(paths.uds, HOST_PORT, pairs);
+    const put = await callAgent(
+      hybridAgent(paths.uds),
+      pairs.hostClient,
+      pairs.agent.cert,
+      new Request("http://agent/1.0", {
+        method: "PUT",
+        body: JSON.stringify({
+          cid: 2,
+          port: HOST_PORT,
+          certificate: pairs.hostServer.cert,
+          devlxd: true,
+        }),
+      }),
+    );
+    assert.equal(put.status, 200);
+    await put.body?.cancel();
+    const answer = await within(early, "the early devlxd request", 15_000);
+    assert.equal(answer.status, 200, await answer.clone().text());
+    assert.equal(await answer.text(), "bar");
+  } finally {
+    await agent[Symbol.asyncDispose]();
+    await host?.close();
+    await serial.close();
+    await Deno.remove(paths.dir, { recursive: true });
+  }
+});
+
+Deno.test("agent: --host-wait bounds the wait for the host's address: then a 503 says it is not known", async () => {
+  const paths = await agentPaths();
+  const pairs = await makePairs();
+  await writeConfigDir(paths.configDir, pairs, { cid: 2, port: 0, devlxd: true });
+  const serial = new SerialPeer(paths.serial);
+  const agent = AgentProcess.start(paths, ["--host-wait=300ms"]);
+  try {
+    await agent.waitForLog(/serving devlxd/);
+    const answer = await within(devlxd(paths.devlxdSocket, "/1.0"), "the devlxd answer", 15_000);
+    assert.equal(answer.status, 503);
+    assert.match(await answer.text(), /not known yet.*waited 300 ms/);
+  } finally {
+    await agent[Symbol.asyncDispose]();
+    await serial.close();
+    await Deno.remove(paths.dir, { recursive: true });
+  }
+});

@@ -72,6 +72,12 @@ export interface CoordinatorStore {
   setRuntime(name: string, patch: Partial<InstanceRuntime>): void;
   /** Cheap note of an authenticated agent request (called on every `agentSeen`). */
   recordSeen?(name: string): void;
+  /** Durably keeps an event (JSON) queued for an offline agent; returns its id. */
+  queueEvent?(name: string, event: string): number;
+  /** Forgets kept events: delivered, refused by the agent, or dropped by the bound. */
+  dequeueEvents?(ids: number[]): void;
+  /** The events kept for an instance, oldest first (loaded when the coordinator adds it). */
+  queuedEvents?(name: string): { id: number; event: string }[];
 }
 
 /** Poll periods per state, in ms. */
@@ -124,6 +130,12 @@ export interface CoordinatorOptions {
   connectLineWait?: number;
   /** Events kept per offline instance; the oldest is dropped beyond. @default 256 */
   eventQueueLimit?: number;
+  /**
+   * Bytes of event JSON kept per offline instance (a config event carries old
+   * and new value, up to 1 MiB each); the oldest is dropped beyond, but the
+   * newest event is always kept. @default 4194304 (4 MiB)
+   */
+  eventQueueBytes?: number;
   /** Bound on connecting to an agent, in ms (LXD uses 3 s). @default 3000 */
   connectTimeout?: number;
   /** Bound on QMP connect + greeting and each QMP command, in ms. @default 3000 */
@@ -178,6 +190,10 @@ export type EventDelivery = "stream" | "pushed" | "queued" | "dropped";
 
 interface QueuedEvent {
   event: DevlxdEvent;
+  /** Size of the event's JSON, for the queue's byte bound. */
+  bytes: number;
+  /** Its row in the store, when kept there. */
+  id?: number;
   settle?: (result: EventDelivery) => void;
 }
 
@@ -375,7 +391,11 @@ export class Coordinator implements AsyncDisposable {
     if (!entry || this.#closed) return Promise.resolve("dropped");
     if (this.#options.deliverViaStream?.(name, event)) return Promise.resolve("stream");
     return new Promise<EventDelivery>((resolve) => {
-      entry.queue.push({ event, settle: resolve });
+      const json = JSON.stringify(event);
+      const item: QueuedEvent = { event, bytes: json.length, settle: resolve };
+      // Kept in the store only when it has to wait (agent offline, or its push failed).
+      if (entry.status !== "CONNECTED") this.#keep(name, item, json);
+      entry.queue.push(item);
       this.#trimQueue(entry);
       if (entry.status === "CONNECTED") this.#flush(entry);
       else this.#settleQueued(entry);
@@ -453,7 +473,7 @@ export class Coordinator implements AsyncDisposable {
       nextAnnounceAt: 0,
       lastCheckAt: -Infinity,
       checking: false,
-      queue: [],
+      queue: this.#loadQueue(instance.name),
       dropped: 0,
       flushing: false,
       pushFailures: 0,
@@ -789,18 +809,69 @@ export class Coordinator implements AsyncDisposable {
     }
   }
 
-  /** Drops the oldest queued events beyond `eventQueueLimit`. */
+  /** Drops the oldest queued events beyond `eventQueueLimit` events or `eventQueueBytes` bytes. */
   #trimQueue(entry: Entry): void {
     const limit = Math.max(1, this.#options.eventQueueLimit ?? 256);
-    while (entry.queue.length > limit) {
+    const maxBytes = this.#options.eventQueueBytes ?? 4 << 20;
+    let bytes = entry.queue.reduce((sum, item) => sum + item.bytes, 0);
+    while (entry.queue.length > limit || (entry.queue.length > 1 && bytes > maxBytes)) {
       const dropped = entry.queue.shift()!;
+      this.#forget(dropped);
+      bytes -= dropped.bytes;
       entry.dropped++;
       dropped.settle?.("dropped");
       this.#logger.warn("event queue full: dropped the oldest event", {
         instance: entry.instance.name,
         limit,
+        maxBytes,
       });
     }
+  }
+
+  /** Events kept in the store for `name` by an earlier host process, oldest first. */
+  #loadQueue(name: string): QueuedEvent[] {
+    let rows: { id: number; event: string }[] = [];
+    try {
+      rows = this.#store.queuedEvents?.(name) ?? [];
+    } catch (error) {
+      this.#logger.warn("cannot read queued events from the registry", { instance: name, error });
+    }
+    const queue: QueuedEvent[] = [];
+    for (const row of rows) {
+      try {
+        queue.push({ event: JSON.parse(row.event), bytes: row.event.length, id: row.id });
+      } catch {
+        this.#store.dequeueEvents?.([row.id]);
+      }
+    }
+    if (queue.length > 0) {
+      this.#logger.info("events kept for an offline agent", {
+        instance: name,
+        queued: queue.length,
+      });
+    }
+    return queue;
+  }
+
+  /** Keeps a waiting event in the store (once), so a host restart does not lose it. */
+  #keep(name: string, item: QueuedEvent, json: string): void {
+    if (item.id !== undefined) return;
+    try {
+      item.id = this.#store.queueEvent?.(name, json);
+    } catch (error) {
+      this.#logger.warn("cannot keep a queued event in the registry", { instance: name, error });
+    }
+  }
+
+  /** Takes a queued event out of the store (delivered, refused or dropped). */
+  #forget(item: QueuedEvent): void {
+    if (item.id === undefined) return;
+    try {
+      this.#store.dequeueEvents?.([item.id]);
+    } catch (error) {
+      this.#logger.warn("cannot forget a delivered event in the registry", { error });
+    }
+    item.id = undefined;
   }
 
   /** Tells callers waiting on queued events that they stay queued. */
@@ -826,6 +897,8 @@ export class Coordinator implements AsyncDisposable {
           try {
             await this.#api.pushEvent(entry.instance, item.event, this.#abort.signal);
             entry.pushFailures = 0;
+            this.#forget(item);
+            this.#logger.debug("event pushed", { instance: name, type: item.event.type });
             item.settle?.("pushed");
           } catch (error) {
             if (this.#closed || entry.removed) {
@@ -838,10 +911,12 @@ export class Coordinator implements AsyncDisposable {
             ) {
               // The agent answered: it will not take this event. Do not block the queue on it.
               entry.dropped++;
+              this.#forget(item);
               item.settle?.("dropped");
               this.#logger.warn("agent refused an event", { instance: name, error });
               continue;
             }
+            this.#keep(name, item, JSON.stringify(item.event));
             entry.queue.unshift(item);
             this.#trimQueue(entry);
             entry.pushFailures++;

@@ -458,6 +458,18 @@ Deno.test("Coordinator queues events while the agent is offline and delivers the
   assert.equal(coordinator.status("vm1")!.droppedEvents, 1);
 });
 
+Deno.test("Coordinator bounds the offline queue in bytes: large events push out the oldest, the newest stays", async () => {
+  const vm = makeInstance("vm1", 10, { kind: "none" });
+  const { coordinator } = setup([vm], { eventQueueBytes: 5000 });
+  await using _c = coordinator;
+  coordinator.start();
+  for (const v of ["a", "b", "c"]) await coordinator.pushEvent("vm1", event(v.repeat(2000)));
+  assert.equal(coordinator.status("vm1")!.queuedEvents, 2);
+  assert.equal(coordinator.status("vm1")!.droppedEvents, 1);
+  await coordinator.pushEvent("vm1", event("x".repeat(9000)));
+  assert.equal(coordinator.status("vm1")!.queuedEvents, 1);
+});
+
 Deno.test("Coordinator keeps an event queued when the push fails and retries it", async () => {
   const vm = makeInstance("vm1", 10, { kind: "none" });
   const { api, coordinator } = setup([vm]);

@@ -537,17 +537,26 @@ class HttpConnection {
         return keepAlive;
       }
       const chunk = result.value;
+      pending = reader.read();
       if (chunk.byteLength > 0) {
         this.#socket.write(chunkHeader(chunk.byteLength));
         this.#socket.write(chunk);
-        if (!this.#socket.write(CRLF)) await drained(this.#socket);
+        if (!this.#socket.write(CRLF)) {
+          // A peer that does not read must not keep a failed stream (a dropped
+          // event follower) and its connection alive: cut it when the body fails.
+          const failed = reader.closed.then(() => new Promise<never>(() => {}), () => FAILED);
+          if (await Promise.race([drained(this.#socket), failed]) === FAILED) {
+            this.#socket.destroy();
+            return false;
+          }
+        }
       }
-      pending = reader.read();
     }
   }
 }
 
 const CLOSED = Symbol("closed");
+const FAILED = Symbol("failed");
 
 /**
  * `promise`'s result if it settles within a few microtask turns, else
