@@ -127,6 +127,7 @@ export class Agent {
       publish: (event) => this.#relay.publish(event),
       version: options.version ?? "",
       logger: this.#logger.with({ part: "api" }),
+      guest: {},
     });
     this.#devlxd = new DevlxdServer(options.devlxdSocket, {
       mode: options.devlxdMode ?? 0o600,
