@@ -18,7 +18,8 @@
  * stream takes `{"command":"window-resize","args":{"width":"…","height":"…"}}`
  * and `{"command":"signal","signal":N}`. When the control stream closes
  * before the command ended (the client went away) the command gets SIGKILL,
- * as lxd-agent does; an interactive input stream that ends hangs the terminal
+ * as lxd-agent does, and so does its process group (lxd-agent kills the
+ * command only, leaving what it started running); an interactive input stream that ends hangs the terminal
  * up (SIGHUP). Once the command ended and its output is sent, the metadata
  * becomes `{"return": <status>}` (exit code, 128 + signal, 127 not found, 126
  * not executable) and every stream is closed.
@@ -280,7 +281,7 @@ export class ExecSession {
     }
     const log = this.#logger.with({ pid: child.pid, interactive: request.interactive });
     log.debug("exec command started", { command: request.command });
-    const onAbort = () => child.kill(SIGNALS.SIGKILL);
+    const onAbort = () => child.kill(SIGNALS.SIGKILL, { group: true });
     signal.addEventListener("abort", onAbort, { once: true });
     try {
       const control = this.#sockets.get("control")!;
@@ -323,7 +324,7 @@ export class ExecSession {
       if (message === null) {
         if (!child.exited) {
           log.warn("exec control websocket closed, killing the command");
-          child.kill(SIGNALS.SIGKILL);
+          child.kill(SIGNALS.SIGKILL, { group: true });
         }
         return;
       }

@@ -134,9 +134,14 @@ export class ChildProcess {
     return this.#exited;
   }
 
-  /** Sends `signal` to the child (not once it has been reaped). False when it could not be sent. */
-  kill(signal: number = SIGNALS.SIGKILL): boolean {
+  /**
+   * Sends `signal` to the child (not once it has been reaped); with `group`,
+   * to its whole process group too (the child leads its own session, so the
+   * group is what it started that did not move away). False when it could not be sent.
+   */
+  kill(signal: number = SIGNALS.SIGKILL, options: { group?: boolean } = {}): boolean {
     if (this.#exited) return false;
+    if (options.group) libc.kill(-this.pid, signal);
     return libc.kill(this.pid, signal) === 0;
   }
 
