@@ -230,3 +230,18 @@ Deno.test("exec: without wait-for-websocket the agent answers 400 as lxd-agent d
   assert.equal(response.status, 400);
   assert.equal((await response.json()).error, "Websockets are required for VM exec");
 });
+
+Deno.test("exec: on a PTY the end of the client's input is the terminal's EOF, so cat ends normally", async () => {
+  await using agent = await agentApi();
+  const out = collector();
+  const result = await within(
+    runExec({ command: ["cat"], interactive: true }, {
+      dial: agent.dial,
+      stdin: input("hello\n"),
+      stdout: out.sink,
+    }),
+    "cat to end",
+  );
+  assert.equal(result.status, 0);
+  assert.match(out.text(), /hello\r\n/);
+});

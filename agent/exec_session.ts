@@ -19,10 +19,12 @@
  * and `{"command":"signal","signal":N}`. When the control stream closes
  * before the command ended (the client went away) the command gets SIGKILL,
  * as lxd-agent does, and so does its process group (lxd-agent kills the
- * command only, leaving what it started running); an interactive input stream that ends hangs the terminal
- * up (SIGHUP). Once the command ended and its output is sent, the metadata
- * becomes `{"return": <status>}` (exit code, 128 + signal, 127 not found, 126
- * not executable) and every stream is closed.
+ * command only, leaving what it started running). On a PTY the end of input
+ * is typed as ^D (lxd-agent closes the PTY, hanging the command up); an input
+ * stream that closes without it hangs the terminal up (SIGHUP). Once the
+ * command ended and its output is sent, the metadata becomes
+ * `{"return": <status>}` (exit code, 128 + signal, 127 not found, 126 not
+ * executable) and every stream is closed.
  *
  * Owns: per session, the child, its pipes or PTY and the websockets; all are
  * closed or ended when `run` returns, on every path. Permissions: `--allow-ffi`,
@@ -352,12 +354,20 @@ export class ExecSession {
     }
   }
 
-  /** Client → PTY; the end of input hangs the terminal up. */
+  /**
+   * Client → PTY. The end-of-input barrier is typed as the terminal's EOF
+   * (^D) — lxd-agent closes the PTY instead, which hangs the command up and
+   * cuts its output; a stream that closes without it hangs the terminal up (SIGHUP).
+   */
   async #ptyInput(ws: WebSocketConnection, pty: Pty, child: ChildProcess): Promise<void> {
     for (;;) {
       const message = await ws.receive();
-      if (message === null || message.type === "text") break;
+      if (message === null) break;
       try {
+        if (message.type === "text") {
+          await pty.master.write(new Uint8Array([0x04]));
+          return;
+        }
         await pty.master.write(message.data);
       } catch {
         break;
