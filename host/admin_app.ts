@@ -8,7 +8,9 @@
  * `GET|DELETE /1.0/instances/{name}`, `GET|PUT|DELETE /1.0/instances/{name}/config/{key}`
  * (PUT body `{"value":"…"}`), `POST /1.0/instances/{name}/devices` (body
  * `{"name":"…","config":{…}}`), `DELETE /1.0/instances/{name}/devices/{device}`,
- * `GET /1.0/events[?instance=NAME]`. Needs no permissions of its own.
+ * `GET /1.0/events[?instance=NAME]`, and with `agentProxy` any request to a VM's
+ * agent API as `/1.0/instances/{name}/agent/<path>` (`agent_proxy.ts`).
+ * Needs no permissions of its own.
  * @module
  */
 
@@ -20,6 +22,7 @@ import { HttpError } from "./devlxd_app.ts";
 import { ALL_TOPICS } from "./event_hub.ts";
 import { type AddInstance, type InstanceService, publicInstance } from "./instance_service.ts";
 import { MAX_CONFIG_VALUE, RegistryError } from "./registry.ts";
+import { type AgentProxyOptions, mountAgentProxy } from "./agent_proxy.ts";
 
 /** What `GET /1.0` reports. */
 export interface DaemonStatus {
@@ -55,6 +58,8 @@ export interface AdminAppOptions {
   service: InstanceService;
   status: () => DaemonStatus;
   logger?: Logger;
+  /** Serves `/1.0/instances/{name}/agent/*` (exec, state, … of the VM's agent). */
+  agentProxy?: AgentProxyOptions;
 }
 
 async function jsonBody(
@@ -97,6 +102,9 @@ export function createAdminApp(options: AdminAppOptions): Hono {
     maxSize: MAX_CONFIG_VALUE + 64 * 1024,
     onError: () => errorResponse(413, "Request body too large"),
   }));
+
+  // WebSockets (exec streams, events) are relayed; answers stream back unbuffered.
+  if (options.agentProxy !== undefined) mountAgentProxy(app, options.agentProxy);
 
   app.get("/1.0", () => syncResponse(options.status()));
 

@@ -11,6 +11,7 @@ import { LOG_LEVELS, type LogLevel, parseLogLevel } from "../shared/log.ts";
 import type { StatusChannel } from "./instance.ts";
 import { checkInstanceCid, checkInstanceName } from "./registry.ts";
 import { defaultStateDir } from "./state_dir.ts";
+import { type AgentCommand, parseAgentCommand } from "./agent_cli.ts";
 
 export const VERSION = "0.1.0";
 export const PROGRAM = "lxd-vsock-host";
@@ -81,7 +82,8 @@ export type Command =
   }
   | { kind: "device-remove"; stateDir: string; name: string; device: string }
   | { kind: "status"; stateDir: string; format: OutputFormat; name?: string }
-  | { kind: "events"; stateDir: string };
+  | { kind: "events"; stateDir: string }
+  | AgentCommand;
 
 const COMMON_OPTIONS = `  --state-dir DIR   state directory (default: /var/lib/lxd-vsock for root,
                     else $XDG_STATE_HOME/lxd-vsock or ~/.local/state/lxd-vsock;
@@ -98,6 +100,8 @@ USAGE
   ${PROGRAM} device add|remove NAME DEVICE [KEY=VALUE...]
   ${PROGRAM} status [NAME]      (also: ${PROGRAM} --status [NAME])
   ${PROGRAM} events
+  ${PROGRAM} exec NAME [-t|-T] [--env K=V]... [--cwd DIR] [--user N] -- COMMAND...
+  ${PROGRAM} state NAME [--format json]
 
 Registry commands talk to the running daemon through <state-dir>/admin.sock,
 or edit the store directly when no daemon runs.
@@ -479,6 +483,9 @@ export function parseConfig(args: string[], env: CliEnvironment): Command {
       if (pos.length === 1) command.name = name(pos[0], help);
       return command;
     }
+    case "exec":
+    case "state":
+      return parseAgentCommand(group, rest, env);
     case "events": {
       const help = HELP.events;
       const { values, positionals: pos } = parse(rest, {}, help);

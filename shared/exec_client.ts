@@ -34,6 +34,12 @@ export class ExecError extends Error {
 export interface ExecClientOptions {
   /** Opens a new connection to the agent API. */
   dial: () => Promise<Duplex>;
+  /**
+   * Put before every path: the agent API behind a proxy, such as the host's
+   * admin API (`/1.0/instances/<name>/agent`).
+   * @default {""}
+   */
+  prefix?: string;
   /** Input for the command; its end ends the command's stdin. @default {no input} */
   stdin?: AsyncIterable<Uint8Array>;
   /** Receives the command's output (with a PTY: all of it). */
@@ -69,7 +75,7 @@ async function request(
   const socket = await options.dial();
   const response = await httpRequest(
     socket,
-    new Request(`${HOST}${path}`, {
+    new Request(`${HOST}${options.prefix ?? ""}${path}`, {
       method,
       body: body === undefined ? undefined : JSON.stringify(body),
       headers: body === undefined ? {} : { "Content-Type": "application/json" },
@@ -93,7 +99,7 @@ async function websocket(
   path: string,
 ): Promise<WebSocketConnection> {
   const socket = await options.dial();
-  return connectWebSocket(socket, `${HOST}${path}`, {
+  return connectWebSocket(socket, `${HOST}${options.prefix ?? ""}${path}`, {
     timeout: options.timeout ?? 10_000,
     signal: options.signal,
   });

@@ -1,0 +1,69 @@
+import assert from "node:assert/strict";
+import { parseConfig, UsageError } from "./cli.ts";
+
+const env = { uid: 0, vars: {} };
+
+Deno.test("parseConfig() reads exec NAME with -t, --env, --cwd, --user and the command after --", () => {
+  assert.deepEqual(
+    parseConfig(
+      [
+        "exec",
+        "vm1",
+        "-t",
+        "--env",
+        "A=1",
+        "--env",
+        "B=x=y",
+        "--cwd",
+        "/srv",
+        "--user",
+        "1000",
+        "--",
+        "ls",
+        "-la",
+      ],
+      env,
+    ),
+    {
+      kind: "exec",
+      stateDir: "/var/lib/lxd-vsock",
+      name: "vm1",
+      command: ["ls", "-la"],
+      mode: "interactive",
+      env: { A: "1", B: "x=y" },
+      cwd: "/srv",
+      user: 1000,
+    },
+  );
+  const plain = parseConfig(["exec", "vm1", "--", "true"], env);
+  assert.equal(plain.kind === "exec" && plain.mode, "auto");
+  const forced = parseConfig(["exec", "vm1", "-T", "--", "true"], env);
+  assert.equal(forced.kind === "exec" && forced.mode, "non-interactive");
+});
+
+Deno.test("parseConfig() refuses exec without a command, with -t and -T, or a bad --env/--user", () => {
+  for (
+    const args of [
+      ["exec", "vm1"],
+      ["exec"],
+      ["exec", "vm1", "-t", "-T", "--", "true"],
+      ["exec", "vm1", "--env", "NOEQUALS", "--", "true"],
+      ["exec", "vm1", "--user", "-1", "--", "true"],
+      ["exec", "Bad_Name", "--", "true"],
+    ]
+  ) {
+    assert.throws(() => parseConfig(args, env), UsageError, args.join(" "));
+  }
+});
+
+Deno.test("parseConfig() reads state NAME [--format json]", () => {
+  assert.deepEqual(parseConfig(["state", "vm1", "--format", "json", "--state-dir", "/s"], env), {
+    kind: "state",
+    stateDir: "/s",
+    name: "vm1",
+    format: "json",
+  });
+  assert.throws(() => parseConfig(["state", "vm1", "--format", "yaml"], env), UsageError);
+  const help = parseConfig(["exec", "--help"], env);
+  assert.equal(help.kind, "help");
+});

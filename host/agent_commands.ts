@@ -1,0 +1,283 @@
+/**
+ * Runs the operator commands that act on a VM through its agent (`exec`,
+ * `state`), against our agent and the stock lxd-agent alike. While the daemon
+ * runs they go through its admin socket (`/1.0/instances/<name>/agent/…`,
+ * `agent_proxy.ts`); without a daemon the CLI reads the instance from the
+ * registry and dials the agent itself.
+ *
+ * `exec` speaks LXD's exec protocol (`shared/exec_client.ts`): with a PTY when
+ * stdin and stdout are terminals (or `-t`), the local terminal in raw mode,
+ * its size sent at start and on SIGWINCH; without one, SIGINT/SIGTERM/SIGHUP
+ * are forwarded to the command. The exit status is the command's (255 for
+ * statuses outside 0–255). Terminal and signal access come in through
+ * {@linkcode AgentCommandIO}; only `main.ts` touches the console.
+ *
+ * Permissions: those of `commands.ts`, and `--allow-ffi` (vsock) without a daemon.
+ * @module
+ */
+
+import type { Duplex } from "node:stream";
+import { ExecError, runExec } from "../shared/exec_client.ts";
+import { unwrapEnvelope } from "../shared/http/envelope.ts";
+import { httpRequest } from "../shared/http/http_request.ts";
+import type { InstanceExecControl, InstanceState } from "../shared/instance_api.ts";
+import { connectUnix } from "../shared/vsock/mod.ts";
+import type { AgentCommand, ExecCommand } from "./agent_cli.ts";
+import { dialAgent } from "./agent_proxy.ts";
+import { CommandError, connectDaemon } from "./commands.ts";
+import { Registry, RegistryError } from "./registry.ts";
+import { statePaths } from "./state_dir.ts";
+
+/** The console, signals and environment an agent command may use. */
+export interface AgentCommandIO {
+  stdout: (bytes: Uint8Array) => void | Promise<void>;
+  stderr: (bytes: Uint8Array) => void | Promise<void>;
+  stdin?: AsyncIterable<Uint8Array>;
+  stdinIsTerminal?: boolean;
+  stdoutIsTerminal?: boolean;
+  /** Puts the local terminal in raw mode (true) or back (false). */
+  setRaw?: (raw: boolean) => void;
+  /** The local terminal's size. */
+  consoleSize?: () => { columns: number; rows: number } | undefined;
+  /** Calls `handler` on SIGWINCH; returns the remover. */
+  onResize?: (handler: () => void) => () => void;
+  /** Calls `handler` with SIGINT (2), SIGTERM (15) or SIGHUP (1); returns the remover. */
+  onSignal?: (handler: (signal: number) => void) => () => void;
+  /** Local environment (TERM is passed on, as `lxc exec` does). */
+  env?: Record<string, string | undefined>;
+  signal?: AbortSignal;
+}
+
+/** How to reach one instance's agent API. */
+interface AgentAccess {
+  dial: () => Promise<Duplex>;
+  prefix: string;
+}
+
+async function agentAccess(stateDir: string, name: string): Promise<AgentAccess> {
+  const paths = statePaths(stateDir);
+  const daemon = await connectDaemon(paths.adminSocket);
+  if (daemon !== undefined) {
+    const response = await daemon.fetch(`/1.0/instances/${encodeURIComponent(name)}`);
+    const answer = unwrapEnvelope(await response.json());
+    if (!answer.ok) throw new CommandError(answer.error);
+    return {
+      dial: () => connectUnix(paths.adminSocket, { timeout: 3000 }),
+      prefix: `/1.0/instances/${encodeURIComponent(name)}/agent`,
+    };
+  }
+  let registry: Registry;
+  try {
+    registry = Registry.open(paths.registry);
+  } catch (error) {
+    if (error instanceof RegistryError && error.code === "LOCKED") {
+      throw new CommandError(
+        `The daemon holds ${paths.dir} but its admin socket ${paths.adminSocket} does not answer`,
+      );
+    }
+    throw error;
+  }
+  try {
+    const instance = registry.get(name);
+    if (instance === undefined) throw new CommandError(`Instance "${name}" not found`);
+    return { dial: () => dialAgent(instance), prefix: "" };
+  } finally {
+    registry.close();
+  }
+}
+
+/** One request to the agent API; its metadata, or a CommandError with the agent's message. */
+async function agentGet(access: AgentAccess, path: string): Promise<unknown> {
+  const socket = await access.dial();
+  const response = await httpRequest(socket, new Request(`http://agent${access.prefix}${path}`), {
+    timeout: 10_000,
+  });
+  const text = await response.text();
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(text);
+  } catch {
+    throw new CommandError(`The agent answered ${path} with HTTP ${response.status}, not JSON`);
+  }
+  const answer = unwrapEnvelope(parsed);
+  if (!answer.ok) throw new CommandError(answer.error);
+  return answer.metadata;
+}
+
+/** The instance's state from its agent. */
+export async function fetchState(stateDir: string, name: string): Promise<InstanceState> {
+  return await agentGet(await agentAccess(stateDir, name), "/1.0/state") as InstanceState;
+}
+
+function bytes(n: number): string {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let value = n;
+  let unit = 0;
+  while (Math.abs(value) >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit++;
+  }
+  return unit === 0 ? `${value} B` : `${value.toFixed(2)} ${units[unit]}`;
+}
+
+/**
+ * The IPv4 addresses `lxc list` shows: global ones of non-loopback interfaces,
+ * as `ADDRESS (IFACE)`, in its (reverse-sorted) order.
+ */
+export function ipv4Addresses(state: Pick<InstanceState, "network">): string[] {
+  const out: string[] = [];
+  for (const [name, net] of Object.entries(state.network ?? {})) {
+    if (net.type === "loopback") continue;
+    for (const address of net.addresses) {
+      if (address.scope === "link" || address.scope === "local") continue;
+      if (address.family === "inet") out.push(`${address.address} (${name})`);
+    }
+  }
+  return out.sort().reverse();
+}
+
+/**
+ * The first IPv4 address (`lxc list`'s first line) of each instance whose
+ * agent answers within `timeout`, asked through the daemon's admin API
+ * (`fetch`), at most 8 at a time; instances that do not answer are left out.
+ */
+export async function firstIpv4ByInstance(
+  fetch: (path: string, init?: RequestInit) => Promise<Response>,
+  names: string[],
+  timeout = 1500,
+): Promise<Map<string, string>> {
+  const result = new Map<string, string>();
+  const queue = [...names];
+  const worker = async () => {
+    for (let name = queue.shift(); name !== undefined; name = queue.shift()) {
+      try {
+        const response = await fetch(
+          `/1.0/instances/${encodeURIComponent(name)}/agent/1.0/state`,
+          { signal: AbortSignal.timeout(timeout) },
+        );
+        const answer = unwrapEnvelope(await response.json());
+        if (!answer.ok) continue;
+        const first = ipv4Addresses(answer.metadata as InstanceState)[0];
+        if (first !== undefined) result.set(name, first);
+      } catch {
+        // Not answering: no address to show.
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(8, names.length) }, worker));
+  return result;
+}
+
+/** The `state` text: processes, CPU, memory, disk and every interface with its addresses. */
+export function formatState(name: string, state: InstanceState): string {
+  const lines = [
+    `Name:       ${name}`,
+    `Processes:  ${state.processes}`,
+    `CPU usage:  ${state.cpu.usage < 0 ? "unknown" : `${(state.cpu.usage / 1e9).toFixed(2)} s`}`,
+    `Memory:     ${bytes(state.memory.usage)}` +
+    (state.memory.usage_peak > 0 ? ` (peak ${bytes(state.memory.usage_peak)})` : ""),
+    `Swap:       ${bytes(state.memory.swap_usage)}`,
+  ];
+  for (const [disk, usage] of Object.entries(state.disk ?? {})) {
+    lines.push(`Disk ${disk}: ${bytes(usage.usage)}`);
+  }
+  lines.push("Network:");
+  for (const [iface, net] of Object.entries(state.network ?? {}).sort()) {
+    lines.push(
+      `  ${iface}: ${net.type}, ${net.state}, mtu ${net.mtu}${
+        net.hwaddr ? `, ${net.hwaddr}` : ""
+      }` +
+        (net.host_name ? `, host ${net.host_name}` : ""),
+    );
+    for (const a of net.addresses) {
+      lines.push(`    ${a.family} ${a.address}/${a.netmask} ${a.scope}`);
+    }
+    const c = net.counters;
+    lines.push(
+      `    received ${bytes(c.bytes_received)} (${c.packets_received} packets), sent ${
+        bytes(c.bytes_sent)
+      } (${c.packets_sent} packets)`,
+    );
+  }
+  return lines.join("\n") + "\n";
+}
+
+async function runExecCommand(command: ExecCommand, io: AgentCommandIO): Promise<number> {
+  const access = await agentAccess(command.stateDir, command.name);
+  const interactive = command.mode === "interactive" ||
+    (command.mode === "auto" && io.stdinIsTerminal === true && io.stdoutIsTerminal === true);
+  const environment = { ...command.env };
+  const term = io.env?.TERM;
+  if (term !== undefined && environment.TERM === undefined) environment.TERM = term;
+  const size = interactive ? io.consoleSize?.() : undefined;
+  const removers: (() => void)[] = [];
+  let rawMode = false;
+  try {
+    if (interactive && io.stdinIsTerminal && io.setRaw) {
+      io.setRaw(true);
+      rawMode = true;
+    }
+    const result = await runExec(
+      {
+        command: command.command,
+        interactive,
+        environment,
+        width: size?.columns ?? 0,
+        height: size?.rows ?? 0,
+        user: command.user ?? 0,
+        group: command.group ?? 0,
+        cwd: command.cwd ?? "",
+      },
+      {
+        dial: access.dial,
+        prefix: access.prefix,
+        stdin: io.stdin,
+        stdout: io.stdout,
+        stderr: io.stderr,
+        signal: io.signal,
+        onControl: (send: (message: InstanceExecControl) => Promise<boolean>) => {
+          if (interactive && io.onResize && io.consoleSize) {
+            removers.push(io.onResize(() => {
+              const now = io.consoleSize!();
+              if (now === undefined) return;
+              send({
+                command: "window-resize",
+                args: { width: String(now.columns), height: String(now.rows) },
+              });
+            }));
+          }
+          if (!interactive && io.onSignal) {
+            removers.push(io.onSignal((signal) => void send({ command: "signal", signal })));
+          }
+        },
+      },
+    );
+    return result.status < 0 || result.status > 255 ? 255 : result.status;
+  } catch (error) {
+    if (error instanceof ExecError) throw new CommandError(error.message);
+    throw error;
+  } finally {
+    for (const remove of removers) remove();
+    if (rawMode) io.setRaw!(false);
+  }
+}
+
+/** Runs `exec` or `state`; resolves with the exit status. Throws CommandError on failure. */
+export async function runAgentCommand(command: AgentCommand, io: AgentCommandIO): Promise<number> {
+  const encoder = new TextEncoder();
+  switch (command.kind) {
+    case "exec":
+      return await runExecCommand(command, io);
+    case "state": {
+      const state = await fetchState(command.stateDir, command.name);
+      await io.stdout(
+        encoder.encode(
+          command.format === "json"
+            ? JSON.stringify(state, null, 2) + "\n"
+            : formatState(command.name, state),
+        ),
+      );
+      return 0;
+    }
+  }
+}

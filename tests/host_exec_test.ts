@@ -1,0 +1,172 @@
+/**
+ * The host's operator commands against our agent, as processes: the daemon
+ * (unix transport), our agent in hybrid-vsock mode serving its agent API
+ * behind `<uds>`, and `lxd-vsock-host exec|state` run as the operator would,
+ * through the daemon's admin socket (exec's websockets relayed by the
+ * daemon) and, with the daemon stopped, straight to the agent.
+ */
+
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { addHybridInstance, bounded, cli, DaemonProcess, tempDir } from "./host_harness.ts";
+
+const ROOT = new URL("..", import.meta.url).pathname;
+
+function startAgent(args: string[]) {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-q", "-P=agent", "agent/main.ts", ...args],
+    cwd: ROOT,
+    stdin: "null",
+    stdout: "null",
+    stderr: "piped",
+    env: { NO_COLOR: "1" },
+  }).spawn();
+  let log = "";
+  const done = (async () => {
+    for await (const chunk of child.stderr.pipeThrough(new TextDecoderStream())) log += chunk;
+  })();
+  return {
+    log: () => log,
+    async listening(): Promise<void> {
+      const deadline = Date.now() + 30_000;
+      while (!log.includes("agent API listening")) {
+        if (Date.now() > deadline) throw new Error(`the agent did not start:\n${log}`);
+        await new Promise((resolve) => setTimeout(resolve, 20));
+      }
+    },
+    async stop(): Promise<void> {
+      try {
+        child.kill("SIGTERM");
+      } catch {
+        // exited
+      }
+      await bounded(child.status, 15_000, "the agent to exit");
+      await done;
+    },
+  };
+}
+
+/** Runs the host CLI with `input` on stdin. */
+async function cliWithInput(args: string[], input: string) {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-P=host", "host/main.ts", ...args],
+    cwd: ROOT,
+    stdin: "piped",
+    stdout: "piped",
+    stderr: "piped",
+    env: { NO_COLOR: "1", DENO_NO_UPDATE_CHECK: "1" },
+  }).spawn();
+  const writer = child.stdin.getWriter();
+  await writer.write(new TextEncoder().encode(input));
+  await writer.close();
+  const output = await bounded(child.output(), 30_000, `${args.join(" ")}`);
+  return {
+    code: output.code,
+    stdout: new TextDecoder().decode(output.stdout),
+    stderr: new TextDecoder().decode(output.stderr),
+  };
+}
+
+Deno.test("host exec/state through the daemon and straight to our agent: output, stdin, exit status, PTY", async () => {
+  await using dir = await tempDir("host-exec-");
+  const p = (name: string) => join(dir.path, name);
+  const state = p("state");
+  const daemon = await DaemonProcess.start(state);
+  const hybrid = await addHybridInstance(state, ["--config-drive", p("lxd_agent")]);
+  const agent = startAgent([
+    `--config-dir=${p("lxd_agent")}`,
+    `--serial-port=${p("no-serial")}`,
+    `--transport=hybrid:${hybrid}`,
+    `--devlxd-socket=${p("dev-lxd/sock")}`,
+    `--state-file=${p("run/state.json")}`,
+  ]);
+  try {
+    await agent.listening();
+    const sd = ["--state-dir", state];
+
+    // Through the daemon's admin socket.
+    const run = await cli([
+      "exec",
+      "vm1",
+      ...sd,
+      "--",
+      "sh",
+      "-c",
+      "echo out; echo err >&2; exit 7",
+    ]);
+    assert.equal(run.code, 7, run.stderr);
+    assert.equal(run.stdout, "out\n");
+    assert.match(run.stderr, /err\n/);
+
+    const piped = await cliWithInput(
+      ["exec", "vm1", ...sd, "-T", "--", "tr", "a-z", "A-Z"],
+      "hello\n",
+    );
+    assert.equal(piped.code, 0, piped.stderr);
+    assert.equal(piped.stdout, "HELLO\n");
+
+    const env = await cli([
+      "exec",
+      "vm1",
+      ...sd,
+      "--env",
+      "GREETING=hi there",
+      "--cwd",
+      "/tmp",
+      "--",
+      "sh",
+      "-c",
+      'echo "$GREETING in $(pwd)"',
+    ]);
+    assert.equal(env.stdout, "hi there in /tmp\n", env.stderr);
+
+    // -t without a local terminal: a PTY of the agent's default size (80x25).
+    const pty = await cli(["exec", "vm1", ...sd, "-t", "--", "sh", "-c", "stty size; tty"]);
+    assert.equal(pty.code, 0, pty.stderr);
+    assert.match(pty.stdout, /^25 80\r\n\/dev\/pts\/\d+\r\n$/);
+
+    const missing = await cli(["exec", "vm1", ...sd, "--", "no-such-command-xyz"]);
+    assert.equal(missing.code, 127);
+
+    const json = await cli(["state", "vm1", ...sd, "--format", "json"]);
+    assert.equal(json.code, 0, json.stderr);
+    const st = JSON.parse(json.stdout);
+    assert.ok(st.processes > 1);
+    assert.equal(st.network.lo.type, "loopback");
+    const table = await cli(["state", "vm1", ...sd]);
+    assert.match(table.stdout, /Processes: +\d+/);
+    assert.match(table.stdout, /inet 127\.0\.0\.1\/8 local/);
+
+    // `instance list` shows the first IPv4 address the agent reports, as `lxc list` does.
+    const links = JSON.parse(
+      new TextDecoder().decode(
+        (await new Deno.Command("ip", { args: ["-j", "addr"], stdout: "piped" }).output()).stdout,
+      ),
+    ) as { ifname: string; link_type: string; addr_info: { family: string; local: string }[] }[];
+    const expected = links.filter((l) =>
+      l.link_type !== "loopback"
+    ).flatMap((l) =>
+      l.addr_info.filter((a) =>
+        a.family === "inet" && !a.local.startsWith("127") && !a.local.startsWith("169.254")
+      ).map((a) => `${a.local} (${l.ifname})`)
+    ).sort().reverse()[0] ?? "-";
+    const list = await cli(["instance", "list", ...sd]);
+    assert.match(list.stdout, /IPV4/);
+    assert.ok(list.stdout.split("\n")[1].trimEnd().endsWith(expected), list.stdout);
+
+    const unknown = await cli(["exec", "vm2", ...sd, "--", "true"]);
+    assert.equal(unknown.code, 1);
+    assert.match(unknown.stderr, /vm2/);
+
+    // Without a daemon: the CLI dials the agent itself.
+    await daemon.stop();
+    const direct = await cli(["exec", "vm1", ...sd, "--", "sh", "-c", "echo direct; exit 3"]);
+    assert.equal(direct.code, 3, direct.stderr);
+    assert.equal(direct.stdout, "direct\n");
+    const directState = await cli(["state", "vm1", ...sd, "--format", "json"]);
+    assert.equal(directState.code, 0, directState.stderr);
+  } finally {
+    await agent.stop();
+    await daemon[Symbol.asyncDispose]();
+  }
+});
