@@ -13,6 +13,9 @@
  *   `GET /1.0/operations/{id}/websocket?secret=`.
  * - `GET /1.0/events`: operation events, as a WebSocket (what LXD's Go client
  *   uses to wait for an operation) or a stream of JSON lines.
+ * - `GET /1.0/sftp` with `Upgrade: sftp`: the connection becomes an SFTP
+ *   session (`sftp_server.ts`), what LXD's `lxc file` uses for VMs; without
+ *   the header 400 "Missing or invalid upgrade header", as lxd-agent.
  *
  * Answers use the LXD envelope. Needs what its collectors and commands need
  * (ffi, read, sys=networkInterfaces).
@@ -27,6 +30,8 @@ import { type Logger, silentLogger } from "../shared/log.ts";
 import { BodyTooLargeError, readBody } from "./read_body.ts";
 import { ExecRequestError, ExecSession, parseExecRequest } from "./exec_session.ts";
 import { collectMetrics } from "./guest_metrics.ts";
+import { SftpServer } from "./sftp_server.ts";
+import { upgradeResponse } from "../shared/http/serve_http.ts";
 import { collectState } from "./guest_state.ts";
 import { type OperationEvent, Operations, TooManyOperationsError } from "./operations.ts";
 
@@ -71,6 +76,16 @@ export function mountGuestApi(app: Hono, options: GuestApiOptions = {}): void {
   app.get("/1.0/state", () => syncResponse(state()));
   app.put("/1.0/state", () => errorResponse(501, "Not implemented"));
   app.get("/1.0/metrics", () => syncResponse(metrics()));
+  app.get("/1.0/sftp", (c) => {
+    if (c.req.header("upgrade") !== "sftp") {
+      return errorResponse(400, "Missing or invalid upgrade header");
+    }
+    return upgradeResponse(
+      (socket, head) =>
+        void new SftpServer(socket, head, { logger: logger.with({ part: "sftp" }) }).serve(),
+      { Upgrade: "sftp", Connection: "Upgrade" },
+    );
+  });
 
   const operations = options.operations;
   if (operations === undefined) return;

@@ -8,6 +8,7 @@
 import assert from "node:assert/strict";
 import type { Duplex } from "node:stream";
 import { runExec } from "../shared/exec_client.ts";
+import { openSftp } from "../shared/sftp/client.ts";
 import { connectTls } from "../shared/tls/mod.ts";
 import {
   agentPaths,
@@ -156,5 +157,21 @@ Deno.test("agent process: a client that drops its connections gets its command a
   while (await alive()) {
     if (Date.now() > gone) throw new Error("the command outlived its client");
     await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+});
+
+Deno.test("agent process: lxc file's SFTP upgrade over TLS round-trips a file with its mode", async () => {
+  await using w = await world();
+  const dir = await Deno.makeTempDir({ prefix: "lxd-vsock-sftp-process-" });
+  try {
+    using client = await within(openSftp(await w.dial()), "the SFTP upgrade", 15_000);
+    const data = new TextEncoder().encode("pushed through the agent\n".repeat(5000));
+    await client.writeFile(`${dir}/pushed`, data, 0o600);
+    await client.chmod(`${dir}/pushed`, 0o751);
+    assert.equal((await Deno.stat(`${dir}/pushed`)).mode! & 0o7777, 0o751);
+    assert.deepEqual(await client.readFile(`${dir}/pushed`), data);
+    assert.deepEqual(await Deno.readFile(`${dir}/pushed`), data);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
   }
 });
