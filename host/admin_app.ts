@@ -9,7 +9,8 @@
  * (PUT body `{"value":"…"}`), `POST /1.0/instances/{name}/devices` (body
  * `{"name":"…","config":{…}}`), `DELETE /1.0/instances/{name}/devices/{device}`,
  * `GET /1.0/events[?instance=NAME]`, and with `agentProxy` any request to a VM's
- * agent API as `/1.0/instances/{name}/agent/<path>` (`agent_proxy.ts`).
+ * agent API as `/1.0/instances/{name}/agent/<path>` (`agent_proxy.ts`) and
+ * `GET|POST /1.0/instances/{name}/files?path=` (`agent_files.ts`).
  * Needs no permissions of its own.
  * @module
  */
@@ -23,6 +24,7 @@ import { ALL_TOPICS } from "./event_hub.ts";
 import { type AddInstance, type InstanceService, publicInstance } from "./instance_service.ts";
 import { MAX_CONFIG_VALUE, RegistryError } from "./registry.ts";
 import { type AgentProxyOptions, mountAgentProxy } from "./agent_proxy.ts";
+import { mountFileRoutes } from "./agent_files.ts";
 
 /** What `GET /1.0` reports. */
 export interface DaemonStatus {
@@ -98,13 +100,16 @@ export function createAdminApp(options: AdminAppOptions): Hono {
     return errorResponse(500, `Internal error: ${(error as Error)?.message ?? error}`);
   });
   app.notFound(() => errorResponse(404, "Not Found"));
+  // Registered before the body limit: file bodies have their own (256 MiB); WebSockets (exec
+  // streams, events) are relayed and answers stream back unbuffered.
+  if (options.agentProxy !== undefined) {
+    mountFileRoutes(app, { dial: options.agentProxy.dial });
+    mountAgentProxy(app, options.agentProxy);
+  }
   app.use(bodyLimit({
     maxSize: MAX_CONFIG_VALUE + 64 * 1024,
     onError: () => errorResponse(413, "Request body too large"),
   }));
-
-  // WebSockets (exec streams, events) are relayed; answers stream back unbuffered.
-  if (options.agentProxy !== undefined) mountAgentProxy(app, options.agentProxy);
 
   app.get("/1.0", () => syncResponse(options.status()));
 

@@ -67,3 +67,37 @@ Deno.test("parseConfig() reads state NAME [--format json]", () => {
   const help = parseConfig(["exec", "--help"], env);
   assert.equal(help.kind, "help");
 });
+
+Deno.test("parseConfig() reads file push LOCAL NAME/PATH with --mode/--uid/--gid and file pull NAME/PATH LOCAL", () => {
+  assert.deepEqual(
+    parseConfig(["file", "push", "./a.txt", "vm1/etc/a.txt", "--mode", "0640", "--uid", "0"], env),
+    {
+      kind: "file-push",
+      stateDir: "/var/lib/lxd-vsock",
+      name: "vm1",
+      path: "/etc/a.txt",
+      local: "./a.txt",
+      mode: 0o640,
+      uid: 0,
+    },
+  );
+  assert.deepEqual(parseConfig(["file", "pull", "vm1/etc/hosts", "."], env), {
+    kind: "file-pull",
+    stateDir: "/var/lib/lxd-vsock",
+    name: "vm1",
+    path: "/etc/hosts",
+    local: ".",
+  });
+  for (
+    const args of [
+      ["file", "copy", "a", "vm1/b"],
+      ["file", "push", "a"],
+      ["file", "push", "a", "vm1"],
+      ["file", "push", "a", "vm1/"],
+      ["file", "push", "a", "vm1/b", "--mode", "999"],
+      ["file", "pull", "vm1/b", "c", "--mode", "0644"],
+    ]
+  ) {
+    assert.throws(() => parseConfig(args, env), UsageError, args.join(" "));
+  }
+});

@@ -1,6 +1,6 @@
 /**
  * Runs the operator commands that act on a VM through its agent (`exec`,
- * `state`), against our agent and the stock lxd-agent alike. While the daemon
+ * `state`, `file push|pull`), against our agent and the stock lxd-agent alike. While the daemon
  * runs they go through its admin socket (`/1.0/instances/<name>/agent/…`,
  * `agent_proxy.ts`); without a daemon the CLI reads the instance from the
  * registry and dials the agent itself.
@@ -22,7 +22,15 @@ import { unwrapEnvelope } from "../shared/http/envelope.ts";
 import { httpRequest } from "../shared/http/http_request.ts";
 import type { InstanceExecControl, InstanceState } from "../shared/instance_api.ts";
 import { connectUnix } from "../shared/vsock/mod.ts";
-import type { AgentCommand, ExecCommand } from "./agent_cli.ts";
+import type { AgentCommand, ExecCommand, FileCommand } from "./agent_cli.ts";
+import {
+  pullPath,
+  type PushEntry,
+  pushPath,
+  type RemoteEntry,
+  sftpErrorStatus,
+} from "./agent_files.ts";
+import { openSftp, SftpStatusError } from "../shared/sftp/client.ts";
 import { dialAgent } from "./agent_proxy.ts";
 import { CommandError, connectDaemon } from "./commands.ts";
 import { Registry, RegistryError } from "./registry.ts";
@@ -43,6 +51,8 @@ export interface AgentCommandIO {
   onResize?: (handler: () => void) => () => void;
   /** Calls `handler` with SIGINT (2), SIGTERM (15) or SIGHUP (1); returns the remover. */
   onSignal?: (handler: (signal: number) => void) => () => void;
+  /** The effective uid (`file pull` keeps the owner only as root). */
+  uid?: number;
   /** Local environment (TERM is passed on, as `lxc exec` does). */
   env?: Record<string, string | undefined>;
   signal?: AbortSignal;
@@ -262,7 +272,140 @@ async function runExecCommand(command: ExecCommand, io: AgentCommandIO): Promise
   }
 }
 
-/** Runs `exec` or `state`; resolves with the exit status. Throws CommandError on failure. */
+function basename(path: string): string {
+  const parts = path.split("/").filter((p) => p !== "");
+  return parts[parts.length - 1] ?? "";
+}
+
+/** The remote entry at `path`, through the daemon's files API or straight through SFTP. */
+async function pullRemote(access: AgentAccess, name: string, path: string): Promise<RemoteEntry> {
+  if (access.prefix === "") {
+    const client = await openSftp(await access.dial());
+    try {
+      return await pullPath(client, path);
+    } finally {
+      client.close();
+    }
+  }
+  const socket = await access.dial();
+  const response = await httpRequest(
+    socket,
+    new Request(
+      `http://lxd-vsock-host/1.0/instances/${encodeURIComponent(name)}/files?path=${
+        encodeURIComponent(path)
+      }`,
+    ),
+    { timeout: 30_000 },
+  );
+  const body = new Uint8Array(await response.arrayBuffer());
+  if (!response.ok) {
+    let message = `HTTP ${response.status}`;
+    try {
+      message = JSON.parse(new TextDecoder().decode(body)).error ?? message;
+    } catch {
+      // not the envelope
+    }
+    throw new CommandError(message);
+  }
+  const type = response.headers.get("x-lxd-type") as RemoteEntry["type"];
+  const entry: RemoteEntry = {
+    type,
+    uid: Number(response.headers.get("x-lxd-uid")),
+    gid: Number(response.headers.get("x-lxd-gid")),
+    mode: parseInt(response.headers.get("x-lxd-mode") ?? "644", 8),
+  };
+  if (type === "file") entry.content = body;
+  else if (type === "symlink") entry.target = new TextDecoder().decode(body);
+  else entry.entries = JSON.parse(new TextDecoder().decode(body)).metadata;
+  return entry;
+}
+
+async function pushRemote(
+  access: AgentAccess,
+  name: string,
+  path: string,
+  entry: PushEntry,
+): Promise<void> {
+  if (access.prefix === "") {
+    const client = await openSftp(await access.dial());
+    try {
+      return await pushPath(client, path, entry);
+    } finally {
+      client.close();
+    }
+  }
+  const headers: Record<string, string> = { "X-LXD-type": entry.type };
+  if (entry.mode !== undefined) headers["X-LXD-mode"] = entry.mode.toString(8).padStart(4, "0");
+  if (entry.uid !== undefined) headers["X-LXD-uid"] = String(entry.uid);
+  if (entry.gid !== undefined) headers["X-LXD-gid"] = String(entry.gid);
+  const body = entry.type === "symlink"
+    ? new TextEncoder().encode(entry.target)
+    : entry.content ?? new Uint8Array(0);
+  const response = await httpRequest(
+    await access.dial(),
+    new Request(
+      `http://lxd-vsock-host/1.0/instances/${encodeURIComponent(name)}/files?path=${
+        encodeURIComponent(path)
+      }`,
+      { method: "POST", headers, body: body as Uint8Array<ArrayBuffer> },
+    ),
+    { timeout: 60_000 },
+  );
+  const answer = unwrapEnvelope(await response.json());
+  if (!answer.ok) throw new CommandError(answer.error);
+}
+
+async function runFileCommand(command: FileCommand, uid: number | undefined): Promise<number> {
+  const access = await agentAccess(command.stateDir, command.name);
+  try {
+    if (command.kind === "file-push") {
+      const info = await Deno.lstat(command.local);
+      const path = command.path.endsWith("/")
+        ? command.path + basename(command.local)
+        : command.path;
+      const entry: PushEntry = info.isSymlink
+        ? { type: "symlink", target: await Deno.readLink(command.local) }
+        : info.isFile
+        ? { type: "file", content: await Deno.readFile(command.local) }
+        : (() => {
+          throw new CommandError(`${command.local} is not a file or a symlink`);
+        })();
+      entry.mode = command.mode ?? (info.mode ?? 0o644) & 0o7777;
+      entry.uid = command.uid ?? info.uid ?? undefined;
+      entry.gid = command.gid ?? info.gid ?? undefined;
+      await pushRemote(access, command.name, path, entry);
+      return 0;
+    }
+    const entry = await pullRemote(access, command.name, command.path);
+    let local = command.local;
+    try {
+      if (local.endsWith("/") || (await Deno.stat(local)).isDirectory) {
+        local = `${local.replace(/\/+$/, "")}/${basename(command.path)}`;
+      }
+    } catch {
+      // A new file.
+    }
+    if (entry.type === "directory") {
+      throw new CommandError(`${command.name}${command.path} is a directory`);
+    }
+    if (entry.type === "symlink") {
+      await Deno.remove(local).catch(() => {});
+      await Deno.symlink(entry.target!, local);
+      return 0;
+    }
+    await Deno.writeFile(local, entry.content!, { mode: entry.mode });
+    await Deno.chmod(local, entry.mode);
+    if (uid === 0) await Deno.chown(local, entry.uid, entry.gid);
+    return 0;
+  } catch (error) {
+    if (error instanceof SftpStatusError) {
+      throw new CommandError(sftpErrorStatus(error) === 404 ? "Not Found" : error.message);
+    }
+    throw error;
+  }
+}
+
+/** Runs `exec`, `state` or `file`; resolves with the exit status. Throws CommandError on failure. */
 export async function runAgentCommand(command: AgentCommand, io: AgentCommandIO): Promise<number> {
   const encoder = new TextEncoder();
   switch (command.kind) {
@@ -279,5 +422,8 @@ export async function runAgentCommand(command: AgentCommand, io: AgentCommandIO)
       );
       return 0;
     }
+    case "file-push":
+    case "file-pull":
+      return await runFileCommand(command, io.uid);
   }
 }

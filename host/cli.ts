@@ -102,6 +102,7 @@ USAGE
   ${PROGRAM} events
   ${PROGRAM} exec NAME [-t|-T] [--env K=V]... [--cwd DIR] [--user N] -- COMMAND...
   ${PROGRAM} state NAME [--format json]
+  ${PROGRAM} file push LOCAL NAME/PATH | file pull NAME/PATH LOCAL
 
 Registry commands talk to the running daemon through <state-dir>/admin.sock,
 or edit the store directly when no daemon runs.
@@ -485,6 +486,7 @@ export function parseConfig(args: string[], env: CliEnvironment): Command {
     }
     case "exec":
     case "state":
+    case "file":
       return parseAgentCommand(group, rest, env);
     case "events": {
       const help = HELP.events;

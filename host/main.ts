@@ -11,6 +11,7 @@ import { createLogger } from "../shared/log.ts";
 import { type Command, parseConfig, PROGRAM, UsageError, VERSION } from "./cli.ts";
 import { CommandError, runCommand } from "./commands.ts";
 import { type AgentCommandIO, runAgentCommand } from "./agent_commands.ts";
+import { currentUid } from "../shared/sys/ids.ts";
 import { Daemon } from "./daemon.ts";
 import { RegistryError } from "./registry.ts";
 
@@ -93,6 +94,7 @@ async function runAgent(command: Parameters<typeof runAgentCommand>[0]): Promise
       return () => listeners.forEach(([s, l]) => Deno.removeSignalListener(s, l));
     },
     env: { TERM: Deno.env.get("TERM") },
+    uid: currentUid(),
   };
   try {
     return await runAgentCommand(command, io);
@@ -128,6 +130,8 @@ async function main(args: string[]): Promise<number> {
       return await runDaemon(command);
     case "exec":
     case "state":
+    case "file-push":
+    case "file-pull":
       return await runAgent(command);
     default: {
       const controller = new AbortController();

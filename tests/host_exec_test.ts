@@ -67,7 +67,36 @@ async function cliWithInput(args: string[], input: string) {
   };
 }
 
-Deno.test("host exec/state through the daemon and straight to our agent: output, stdin, exit status, PTY", async () => {
+/** Pushes a file with a mode and owner, checks it landed so, pulls it back and checks again. */
+async function fileRoundTrip(p: (name: string) => string, sd: string[], tag: string) {
+  const root = (await new Deno.Command("id", { args: ["-u"], stdout: "piped" }).output()).stdout;
+  const asRoot = new TextDecoder().decode(root).trim() === "0";
+  const local = p(`local-${tag}`);
+  const content = `pushed ${tag}\n`.repeat(3000);
+  await Deno.writeTextFile(local, content);
+  await Deno.chmod(local, 0o640);
+  const remote = p(`remote-${tag}`);
+  const owner = asRoot ? ["--uid", "1234", "--gid", "5678"] : [];
+  const push = await cli(["file", "push", local, `vm1${remote}`, ...owner, ...sd]);
+  assert.equal(push.code, 0, push.stderr);
+  const pushed = await Deno.lstat(remote);
+  assert.equal(await Deno.readTextFile(remote), content);
+  assert.equal(pushed.mode! & 0o7777, 0o640);
+  if (asRoot) assert.deepEqual([pushed.uid, pushed.gid], [1234, 5678]);
+  await Deno.chmod(remote, 0o604);
+  const back = p(`back-${tag}`);
+  const pull = await cli(["file", "pull", `vm1${remote}`, back, ...sd]);
+  assert.equal(pull.code, 0, pull.stderr);
+  const pulled = await Deno.lstat(back);
+  assert.equal(await Deno.readTextFile(back), content);
+  assert.equal(pulled.mode! & 0o7777, 0o604);
+  if (asRoot) assert.deepEqual([pulled.uid, pulled.gid], [1234, 5678]);
+  const missing = await cli(["file", "pull", `vm1${p("no-such-file")}`, p("x"), ...sd]);
+  assert.equal(missing.code, 1);
+  assert.match(missing.stderr, /Not Found/);
+}
+
+Deno.test("host exec/state/file through the daemon and straight to our agent: output, stdin, exit status, PTY, files", async () => {
   await using dir = await tempDir("host-exec-");
   const p = (name: string) => join(dir.path, name);
   const state = p("state");
@@ -154,6 +183,9 @@ Deno.test("host exec/state through the daemon and straight to our agent: output,
     assert.match(list.stdout, /IPV4/);
     assert.ok(list.stdout.split("\n")[1].trimEnd().endsWith(expected), list.stdout);
 
+    // file push/pull through the daemon: content, mode and owner round-trip.
+    await fileRoundTrip(p, sd, "daemon");
+
     const unknown = await cli(["exec", "vm2", ...sd, "--", "true"]);
     assert.equal(unknown.code, 1);
     assert.match(unknown.stderr, /vm2/);
@@ -165,6 +197,7 @@ Deno.test("host exec/state through the daemon and straight to our agent: output,
     assert.equal(direct.stdout, "direct\n");
     const directState = await cli(["state", "vm1", ...sd, "--format", "json"]);
     assert.equal(directState.code, 0, directState.stderr);
+    await fileRoundTrip(p, sd, "direct");
   } finally {
     await agent.stop();
     await daemon[Symbol.asyncDispose]();
