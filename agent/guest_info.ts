@@ -9,9 +9,11 @@
  * `os_version` from `/etc/os-release` (lxd-agent 5.0.2 leaves them empty).
  *
  * `api_extensions` lists the extensions LXD's Go client checks before using
- * what this agent implements: `container_exec_user_group_cwd` (exec with
- * `user`, `group` or `cwd` is refused by the client without it),
- * `container_exec_signal_handling` and `metrics`.
+ * what this agent implements (`client/lxd_instances.go` `ExecInstance`):
+ * `container_exec_user_group_cwd` (exec with `user`, `group` or `cwd` is
+ * refused by the client without it), `container_exec_recording` (checked
+ * when `record-output` is set; LXD records on its side, the agent ignores
+ * the flag as lxd-agent does), `container_exec_signal_handling` and `metrics`.
  *
  * Permissions: `--allow-ffi` (uname), `--allow-read=/etc/os-release`.
  * @module
@@ -21,6 +23,7 @@ import { kernelInfo } from "../shared/sys/fs.ts";
 
 /** The API extensions this agent implements (names from LXD's `shared/version/api.go`). */
 export const AGENT_API_EXTENSIONS = [
+  "container_exec_recording",
   "container_exec_user_group_cwd",
   "container_exec_signal_handling",
   "metrics",
