@@ -16,8 +16,10 @@
  * FAILURE with the message. Paths Deno refuses without `--allow-all`
  * (`/proc`, `/sys`, `/dev`) answer PERMISSION_DENIED.
  *
- * Bounds: packets up to 256 KiB + 1 KiB, reads answered with at most 256 KiB,
- * 256 open handles per connection, directories listed up to 100,000 entries.
+ * Bounds: packets up to 320 KiB, reads answered with at most 128 KiB (clients
+ * ask for less; answers stay well under the 256 KiB SFTP implementations
+ * commonly accept), 256 open handles per connection, directories listed up to
+ * 100,000 entries.
  *
  * Owns: the upgraded connection and every handle it opened, all closed when
  * the connection ends. Permissions: `--allow-read`, `--allow-write`.
@@ -65,7 +67,7 @@ export function guestPath(raw: string): string {
 
 /** Options of {@linkcode SftpServer}. */
 export interface SftpServerOptions {
-  /** @default {263168} (256 KiB of data plus headers) */
+  /** @default {327680} (a write of 256 KiB plus headers, with room) */
   maxPacket?: number;
   /** @default {256} */
   maxHandles?: number;
@@ -76,7 +78,8 @@ type Handle =
   | { kind: "file"; path: string; file: Deno.FsFile }
   | { kind: "dir"; path: string; entries: string[]; next: number };
 
-const MAX_READ = 256 * 1024;
+const MAX_READ = 128 * 1024;
+const MAX_PACKET = 320 * 1024;
 const MAX_DIR_ENTRIES = 100_000;
 const DIR_BATCH = 100;
 
@@ -128,7 +131,7 @@ export class SftpServer {
   constructor(socket: Duplex, head: Uint8Array, options: SftpServerOptions = {}) {
     this.#socket = socket;
     this.#head = head;
-    this.#splitter = new PacketSplitter(options.maxPacket ?? MAX_READ + 1024 + 64 * 1024);
+    this.#splitter = new PacketSplitter(options.maxPacket ?? MAX_PACKET);
     this.#maxHandles = options.maxHandles ?? 256;
     this.#logger = options.logger ?? silentLogger;
   }
