@@ -9,6 +9,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { addHybridInstance, bounded, cli, DaemonProcess, tempDir } from "./host_harness.ts";
+import { missingProgram, requires } from "../shared/_requires.ts";
 
 const ROOT = new URL("..", import.meta.url).pathname;
 
@@ -203,3 +204,47 @@ Deno.test("host exec/state/file through the daemon and straight to our agent: ou
     await daemon[Symbol.asyncDispose]();
   }
 });
+
+Deno.test(requires(missingProgram("script", "it gives the CLI a real terminal"), {
+  name: "host exec from a terminal: a PTY of the terminal's size, chosen without -t",
+  async fn() {
+    await using dir = await tempDir("host-exec-tty-");
+    const p = (name: string) => join(dir.path, name);
+    const state = p("state");
+    const daemon = await DaemonProcess.start(state);
+    const hybrid = await addHybridInstance(state, ["--config-drive", p("lxd_agent")]);
+    const agent = startAgent([
+      `--config-dir=${p("lxd_agent")}`,
+      `--serial-port=${p("no-serial")}`,
+      `--transport=hybrid:${hybrid}`,
+      `--devlxd-socket=${p("dev-lxd/sock")}`,
+      `--state-file=${p("run/state.json")}`,
+    ]);
+    try {
+      await agent.listening();
+      // From a real terminal (script(1) gives the CLI one): a PTY of the terminal's size, auto-detected.
+      const deno = Deno.execPath();
+      const line = `stty cols 101 rows 31; ${deno} run -q -P=host host/main.ts exec vm1 ` +
+        `--state-dir ${state} -- sh -c 'stty size; tty; exit 4'`;
+      const out = await bounded(
+        new Deno.Command("script", {
+          args: ["-qefc", line, "/dev/null"],
+          cwd: ROOT,
+          stdin: "null",
+          stdout: "piped",
+          stderr: "piped",
+          env: { NO_COLOR: "1", DENO_NO_UPDATE_CHECK: "1" },
+        }).output(),
+        30_000,
+        "exec from a terminal",
+      );
+      const text = new TextDecoder().decode(out.stdout);
+      assert.equal(out.code, 4, text);
+      assert.match(text, /31 101\r*\n/);
+      assert.match(text, /\/dev\/pts\/\d+/);
+    } finally {
+      await agent.stop();
+      await daemon[Symbol.asyncDispose]();
+    }
+  },
+}));
