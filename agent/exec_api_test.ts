@@ -12,6 +12,8 @@ import { AgentStatus } from "./agent_state.ts";
 import { createAgentApi } from "./agent_api.ts";
 import { Operations } from "./operations.ts";
 import { within } from "./_testing.ts";
+import { requires } from "../shared/_requires.ts";
+import { getuid } from "../shared/vsock/_libc.ts";
 
 async function agentApi(options: { maxRunning?: number; connectTimeout?: number } = {}) {
   const dir = await Deno.makeTempDir({ prefix: "lxd-vsock-exec-" });
@@ -78,21 +80,24 @@ Deno.test("exec: non-interactive command gets stdin, returns stdout, stderr and 
   assert.deepEqual(result.operation.metadata, { return: 3 });
 });
 
-Deno.test("exec: lxd-agent's defaults for HOME, USER, LANG and PATH", async () => {
-  await using agent = await agentApi();
-  const out = collector();
-  const result = await runExec(
-    { command: ["sh", "-c", 'echo "$HOME|$USER|$LANG|$PATH"; pwd'] },
-    { dial: agent.dial, stdout: out.sink },
-  );
-  assert.equal(result.status, 0);
-  const [env, cwd] = out.text().trim().split("\n");
-  assert.match(
-    env,
-    /^\/root\|root\|C\.UTF-8\|\/usr\/local\/sbin:\/usr\/local\/bin:\/usr\/sbin:\/usr\/bin:\/sbin:\/bin/,
-  );
-  assert.equal(cwd, "/root");
-});
+Deno.test(requires(getuid() === 0 ? undefined : "not root (the default cwd is /root)", {
+  name: "exec: lxd-agent's defaults for HOME, USER, LANG, PATH and the working directory",
+  fn: async () => {
+    await using agent = await agentApi();
+    const out = collector();
+    const result = await runExec(
+      { command: ["sh", "-c", 'echo "$HOME|$USER|$LANG|$PATH"; pwd'] },
+      { dial: agent.dial, stdout: out.sink },
+    );
+    assert.equal(result.status, 0);
+    const [env, cwd] = out.text().trim().split("\n");
+    assert.match(
+      env,
+      /^\/root\|root\|C\.UTF-8\|\/usr\/local\/sbin:\/usr\/local\/bin:\/usr\/sbin:\/usr\/bin:\/sbin:\/bin/,
+    );
+    assert.equal(cwd, "/root");
+  },
+}));
 
 Deno.test("exec: a missing command ends with status 127, a non-executable one 126", async () => {
   await using agent = await agentApi();
@@ -120,7 +125,14 @@ Deno.test("exec: interactive command runs on a PTY of the requested size and fol
     | ((m: { command: string; args?: Record<string, string> }) => Promise<boolean>)
     | undefined;
   const running = runExec(
-    { command: ["sh"], interactive: true, width: 100, height: 30, environment: { TERM: "dumb" } },
+    {
+      command: ["sh"],
+      interactive: true,
+      width: 100,
+      height: 30,
+      environment: { TERM: "dumb" },
+      cwd: "/",
+    },
     {
       dial: agent.dial,
       stdin: stdin.readable,
@@ -157,7 +169,7 @@ Deno.test("exec: a client that goes away gets its command killed (nothing left r
   const abort = new AbortController();
   const out = collector();
   const running = runExec(
-    { command: ["sh", "-c", "echo started; exec sleep 300"] },
+    { command: ["sh", "-c", "echo started; exec sleep 300"], cwd: "/tmp" },
     { dial: agent.dial, stdout: out.sink, signal: abort.signal },
   ).catch((error) => error);
   const deadline = Date.now() + 5000;
@@ -235,7 +247,7 @@ Deno.test("exec: on a PTY the end of the client's input is the terminal's EOF, s
   await using agent = await agentApi();
   const out = collector();
   const result = await within(
-    runExec({ command: ["cat"], interactive: true }, {
+    runExec({ command: ["cat"], interactive: true, cwd: "/" }, {
       dial: agent.dial,
       stdin: input("hello\n"),
       stdout: out.sink,

@@ -36,7 +36,13 @@ import type { InstanceExecControl, InstanceExecPost } from "../shared/instance_a
 import { acceptWebSocket, type WebSocketConnection } from "../shared/http/websocket_conn.ts";
 import { errorResponse } from "../shared/http/envelope.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
-import { type ChildProcess, SIGNALS, spawnChild, SpawnError } from "../shared/sys/child.ts";
+import {
+  type ChildProcess,
+  effectiveIdentity,
+  SIGNALS,
+  spawnChild,
+  SpawnError,
+} from "../shared/sys/child.ts";
 import type { FdStream } from "../shared/sys/fd_stream.ts";
 import { Pty } from "../shared/sys/pty.ts";
 import type { AgentOperation, OperationSpec } from "./operations.ts";
@@ -259,9 +265,10 @@ export class ExecSession {
     let child: ChildProcess;
     try {
       if (request.interactive) {
+        const owner = effectiveIdentity(request.user, request.group);
         pty = Pty.open({
-          uid: request.user,
-          gid: request.group,
+          uid: owner.uid,
+          gid: owner.gid,
           size: request.width > 0 && request.height > 0
             ? { cols: request.width, rows: request.height }
             : undefined,

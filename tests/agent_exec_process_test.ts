@@ -80,7 +80,7 @@ Deno.test("agent process: exec over TLS passes output and a non-zero exit status
   await using w = await world();
   let out = "";
   const result = await within(
-    runExec({ command: ["sh", "-c", "uname -s; exit 42"] }, {
+    runExec({ command: ["sh", "-c", "uname -s; exit 42"], cwd: "/" }, {
       dial: w.dial,
       stdout: (chunk) => void (out += new TextDecoder().decode(chunk)),
     }),
@@ -99,7 +99,14 @@ Deno.test("agent process: interactive exec over TLS runs a shell on a PTY and se
   const controls: ((m: { command: string; args?: Record<string, string> }) => Promise<boolean>)[] =
     [];
   const running = runExec(
-    { command: ["sh"], interactive: true, width: 80, height: 24, environment: { TERM: "dumb" } },
+    {
+      command: ["sh"],
+      interactive: true,
+      width: 80,
+      height: 24,
+      environment: { TERM: "dumb" },
+      cwd: "/",
+    },
     {
       dial: w.dial,
       stdin: stdin.readable,
@@ -132,7 +139,7 @@ Deno.test("agent process: a client that drops its connections gets its command a
   const abort = new AbortController();
   let out = "";
   const running = runExec(
-    { command: ["sh", "-c", `echo started; ${marker}; echo never`] },
+    { command: ["sh", "-c", `echo started; ${marker}; echo never`], cwd: "/" },
     {
       dial: w.dial,
       stdout: (chunk) => void (out += new TextDecoder().decode(chunk)),

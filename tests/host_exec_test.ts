@@ -113,12 +113,14 @@ Deno.test("host exec/state/file through the daemon and straight to our agent: ou
   try {
     await agent.listening();
     const sd = ["--state-dir", state];
+    // The default working directory is /root (user 0's HOME): "/" also suits an unprivileged run.
+    const ex = [...sd, "--cwd", "/"];
 
     // Through the daemon's admin socket.
     const run = await cli([
       "exec",
       "vm1",
-      ...sd,
+      ...ex,
       "--",
       "sh",
       "-c",
@@ -129,7 +131,7 @@ Deno.test("host exec/state/file through the daemon and straight to our agent: ou
     assert.match(run.stderr, /err\n/);
 
     const piped = await cliWithInput(
-      ["exec", "vm1", ...sd, "-T", "--", "tr", "a-z", "A-Z"],
+      ["exec", "vm1", ...ex, "-T", "--", "tr", "a-z", "A-Z"],
       "hello\n",
     );
     assert.equal(piped.code, 0, piped.stderr);
@@ -151,11 +153,11 @@ Deno.test("host exec/state/file through the daemon and straight to our agent: ou
     assert.equal(env.stdout, "hi there in /tmp\n", env.stderr);
 
     // -t without a local terminal: a PTY of the agent's default size (80x25).
-    const pty = await cli(["exec", "vm1", ...sd, "-t", "--", "sh", "-c", "stty size; tty"]);
+    const pty = await cli(["exec", "vm1", ...ex, "-t", "--", "sh", "-c", "stty size; tty"]);
     assert.equal(pty.code, 0, pty.stderr);
     assert.match(pty.stdout, /^25 80\r\n\/dev\/pts\/\d+\r\n$/);
 
-    const missing = await cli(["exec", "vm1", ...sd, "--", "no-such-command-xyz"]);
+    const missing = await cli(["exec", "vm1", ...ex, "--", "no-such-command-xyz"]);
     assert.equal(missing.code, 127);
 
     const json = await cli(["state", "vm1", ...sd, "--format", "json"]);
@@ -193,7 +195,7 @@ Deno.test("host exec/state/file through the daemon and straight to our agent: ou
 
     // Without a daemon: the CLI dials the agent itself.
     await daemon.stop();
-    const direct = await cli(["exec", "vm1", ...sd, "--", "sh", "-c", "echo direct; exit 3"]);
+    const direct = await cli(["exec", "vm1", ...ex, "--", "sh", "-c", "echo direct; exit 3"]);
     assert.equal(direct.code, 3, direct.stderr);
     assert.equal(direct.stdout, "direct\n");
     const directState = await cli(["state", "vm1", ...sd, "--format", "json"]);
@@ -225,7 +227,7 @@ Deno.test(requires(missingProgram("script", "it gives the CLI a real terminal"),
       // From a real terminal (script(1) gives the CLI one): a PTY of the terminal's size, auto-detected.
       const deno = Deno.execPath();
       const line = `stty cols 101 rows 31; ${deno} run -q -P=host host/main.ts exec vm1 ` +
-        `--state-dir ${state} -- sh -c 'stty size; tty; exit 4'`;
+        `--state-dir ${state} --cwd / -- sh -c 'stty size; tty; exit 4'`;
       const out = await bounded(
         new Deno.Command("script", {
           args: ["-qefc", line, "/dev/null"],

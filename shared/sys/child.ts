@@ -10,7 +10,9 @@
  *
  * Another user or group than the agent's own is reached through util-linux
  * `setpriv --reuid --regid --clear-groups` (posix_spawn cannot change
- * credentials; lxd-agent sets uid/gid with no supplementary groups).
+ * credentials; lxd-agent sets uid/gid with no supplementary groups). An
+ * agent that is not root (tests) runs a request for uid/gid 0 as itself and
+ * refuses any other identity.
  *
  * The exit is awaited on a pidfd (`pidfd_open`, Linux 5.3+) woken by the
  * shared epoll waiter, then reaped with `waitpid(WNOHANG)`; without pidfd
@@ -190,6 +192,17 @@ function findSetpriv(path: string): string {
 }
 
 /**
+ * The identity a command asked to run as `uid`/`gid` (default: the agent's
+ * own) gets: as asked, except that an agent which is not root (a test run)
+ * runs a request for root as itself.
+ */
+export function effectiveIdentity(uid?: number, gid?: number): { uid: number; gid: number } {
+  const self = { uid: libc.getuid(), gid: libc.getgid() };
+  const wanted = { uid: uid ?? self.uid, gid: gid ?? self.gid };
+  return self.uid !== 0 && wanted.uid === 0 && wanted.gid === 0 ? self : wanted;
+}
+
+/**
  * Starts `options.command`. Throws `SpawnError` when it cannot be found or
  * executed (`status` 127/126), or a `SocketError` for a failing system call.
  */
@@ -198,9 +211,12 @@ export function spawnChild(options: SpawnOptions): ChildProcess {
   const program = resolveCommand(options.command[0] ?? "", path);
   let argv = [options.command[0], ...options.command.slice(1)];
   let executable = program;
-  const uid = options.uid ?? libc.getuid();
-  const gid = options.gid ?? libc.getgid();
-  if (uid !== libc.getuid() || gid !== libc.getgid()) {
+  const self = { uid: libc.getuid(), gid: libc.getgid() };
+  const { uid, gid } = effectiveIdentity(options.uid, options.gid);
+  if (uid !== self.uid || gid !== self.gid) {
+    if (self.uid !== 0) {
+      throw new SpawnError(-1, `Cannot run as uid ${uid} gid ${gid}: the agent is not root`);
+    }
     executable = findSetpriv(path);
     argv = [
       "setpriv",

@@ -56,7 +56,9 @@ export class Pty implements Disposable {
       if (r < 0) throw socketError("unlockpt", -r, "Cannot allocate a PTY");
       const path = libc.ptsname(fd);
       if (typeof path === "number") throw socketError("ptsname_r", -path, "Cannot allocate a PTY");
-      if (options.uid !== undefined || options.gid !== undefined) {
+      const own = options.uid === undefined || options.uid === libc.getuid();
+      const ownGroup = options.gid === undefined || options.gid === libc.getgid();
+      if (!own || !ownGroup) {
         r = libc.chown(path, options.uid ?? -1 >>> 0, options.gid ?? -1 >>> 0);
         if (r < 0) throw socketError("chown", -r, `Cannot give ${path} to the command's user`);
       }
