@@ -147,7 +147,10 @@ export class Agent {
     this.#api = createAgentApi({
       status: () => this.#status.snapshot(),
       applyConnection: (info) => this.applyConnection(info, "PUT /1.0"),
-      publish: (event) => this.#relay.publish(event),
+      publish: (event) => {
+        this.#relay.publish(event);
+        this.#operations.broadcast(event as { type: string });
+      },
       version: options.version ?? "",
       logger: this.#logger.with({ part: "api" }),
       guest: { operations: this.#operations, logger: this.#logger.with({ part: "guest" }) },

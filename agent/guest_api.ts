@@ -11,8 +11,9 @@
  *   `GET|DELETE /1.0/operations/{id}`, `GET /1.0/operations/{id}/wait`
  *   (`?timeout=` seconds; LXD's daemon has it, lxd-agent 5.0.2 does not) and
  *   `GET /1.0/operations/{id}/websocket?secret=`.
- * - `GET /1.0/events`: operation events, as a WebSocket (what LXD's Go client
- *   uses to wait for an operation) or a stream of JSON lines.
+ * - `GET /1.0/events[?type=…]`: operation events and the events the host
+ *   pushes (`POST /1.0/events`), as a WebSocket (what LXD's Go client uses to
+ *   wait for an operation) or a stream of JSON lines.
  * - `GET /1.0/sftp` with `Upgrade: sftp`: the connection becomes an SFTP
  *   session (`sftp_server.ts`), what LXD's `lxc file` uses for VMs; without
  *   the header 400 "Missing or invalid upgrade header", as lxd-agent.
@@ -33,7 +34,7 @@ import { collectMetrics } from "./guest_metrics.ts";
 import { SftpServer } from "./sftp_server.ts";
 import { upgradeResponse } from "../shared/http/serve_http.ts";
 import { collectState } from "./guest_state.ts";
-import { type OperationEvent, Operations, TooManyOperationsError } from "./operations.ts";
+import { type AgentEvent, Operations, TooManyOperationsError } from "./operations.ts";
 
 /** Options of {@linkcode mountGuestApi}. */
 export interface GuestApiOptions {
@@ -193,7 +194,7 @@ export function mountGuestApi(app: Hono, options: GuestApiOptions = {}): void {
 
   app.get("/1.0/events", (c) => {
     const types = (c.req.query("type") || "logging,operation,lifecycle,config").split(",");
-    const wanted = (event: OperationEvent) => types.includes(event.type);
+    const wanted = (event: AgentEvent) => types.includes(event.type);
     if (c.req.header("upgrade")?.toLowerCase() === "websocket") {
       try {
         return acceptWebSocket(c.req.raw, (ws) => {

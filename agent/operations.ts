@@ -20,8 +20,15 @@
 import { type Operation, STATUS_CODE } from "../shared/instance_api.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
 
+/** An event as LXD's `/1.0/events` carries it (`api.Event`). */
+export interface AgentEvent {
+  type: string;
+  timestamp?: string;
+  metadata?: unknown;
+}
+
 /** An `operation` event as LXD sends it. */
-export interface OperationEvent {
+export interface OperationEvent extends AgentEvent {
   type: "operation";
   timestamp: string;
   metadata: Operation;
@@ -146,7 +153,7 @@ export interface OperationsOptions {
 export class Operations {
   #ops = new Map<string, AgentOperation>();
   #running = new Map<AgentOperation, { abort: AbortController; run: Promise<void> }>();
-  #listeners = new Set<(event: OperationEvent) => void>();
+  #listeners = new Set<(event: AgentEvent) => void>();
   #timers = new Set<ReturnType<typeof setTimeout>>();
   #maxRunning: number;
   #retention: number;
@@ -206,8 +213,11 @@ export class Operations {
     return [...this.#ops.values()];
   }
 
-  /** Calls `listener` with every operation event from now on; returns the unsubscribe function. */
-  subscribe(listener: (event: OperationEvent) => void): () => void {
+  /**
+   * Calls `listener` with every event from now on (operation events, and
+   * what {@linkcode broadcast} hands over); returns the unsubscribe function.
+   */
+  subscribe(listener: (event: AgentEvent) => void): () => void {
     this.#listeners.add(listener);
     return () => this.#listeners.delete(listener);
   }
@@ -218,6 +228,11 @@ export class Operations {
       timestamp: new Date().toISOString(),
       metadata: operation.render(),
     };
+    this.broadcast(event);
+  }
+
+  /** Hands `event` to every subscriber (events the host pushes reach `/1.0/events` too, as in lxd-agent). */
+  broadcast(event: AgentEvent): void {
     for (const listener of this.#listeners) {
       try {
         listener(event);

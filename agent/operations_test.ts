@@ -5,7 +5,7 @@ import { within } from "./_testing.ts";
 Deno.test("Operations: Pending → Running → Success, each step and metadata update an event", async () => {
   const operations = new Operations({ retention: 10_000 });
   const events: OperationEvent[] = [];
-  operations.subscribe((event) => events.push(event));
+  operations.subscribe((event) => events.push(event as OperationEvent));
   const release = Promise.withResolvers<void>();
   const operation = operations.start({
     class: "websocket",
@@ -88,4 +88,14 @@ Deno.test("Operations: at most maxRunning at once, and close() aborts the runs",
   await within(operations.close(), "close()");
   assert.equal(started.render().status, "Failure");
   assert.equal(operations.running, 0);
+});
+
+Deno.test("Operations.broadcast() hands other events to the same subscribers", () => {
+  const operations = new Operations();
+  const seen: string[] = [];
+  const unsubscribe = operations.subscribe((event) => seen.push(event.type));
+  operations.broadcast({ type: "config", metadata: { key: "user.foo" } });
+  unsubscribe();
+  operations.broadcast({ type: "config" });
+  assert.deepEqual(seen, ["config"]);
 });

@@ -9,6 +9,7 @@ import assert from "node:assert/strict";
 import type { Duplex } from "node:stream";
 import { runExec } from "../shared/exec_client.ts";
 import { openSftp } from "../shared/sftp/client.ts";
+import { connectWebSocket } from "../shared/http/websocket_conn.ts";
 import { connectTls } from "../shared/tls/mod.ts";
 import {
   agentPaths,
@@ -45,6 +46,13 @@ async function world() {
   return {
     agent,
     dial,
+    post: async (path: string, body: unknown) =>
+      await callAgent(
+        connect,
+        pairs.hostClient,
+        pairs.agent.cert,
+        new Request(`http://agent${path}`, { method: "POST", body: JSON.stringify(body) }),
+      ),
     get: async (path: string) =>
       await envelope(
         await callAgent(
@@ -180,5 +188,24 @@ Deno.test("agent process: lxc file's SFTP upgrade over TLS round-trips a file wi
     assert.deepEqual(await Deno.readFile(`${dir}/pushed`), data);
   } finally {
     await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("agent process: an event the host pushes reaches GET /1.0/events subscribers of its type", async () => {
+  await using w = await world();
+  const events = await connectWebSocket(await w.dial(), "http://agent/1.0/events?type=config");
+  try {
+    const pushed = {
+      type: "config",
+      timestamp: new Date().toISOString(),
+      metadata: { key: "user.foo" },
+    };
+    // The agent subscribes before it answers the upgrade, so one push is enough.
+    const received = within(events.receive(), "the pushed event", 10_000);
+    assert.equal((await w.post("/1.0/events", pushed)).status, 200);
+    const message = await received;
+    assert.deepEqual(JSON.parse(new TextDecoder().decode(message!.data)), pushed);
+  } finally {
+    events.close();
   }
 });
