@@ -15,7 +15,9 @@ import { within } from "./_testing.ts";
 import { requires } from "../shared/_requires.ts";
 import { getuid } from "../shared/vsock/_libc.ts";
 
-async function agentApi(options: { maxRunning?: number; connectTimeout?: number } = {}) {
+async function agentApi(
+  options: { maxRunning?: number; connectTimeout?: number; closeTimeout?: number } = {},
+) {
   const dir = await Deno.makeTempDir({ prefix: "lxd-vsock-exec-" });
   const path = `${dir}/agent.sock`;
   const operations = new Operations({ maxRunning: options.maxRunning, retention: 200 });
@@ -25,7 +27,11 @@ async function agentApi(options: { maxRunning?: number; connectTimeout?: number 
     applyConnection: () => Promise.resolve(),
     publish: () => {},
     version: "test",
-    guest: { operations, execConnectTimeout: options.connectTimeout },
+    guest: {
+      operations,
+      execConnectTimeout: options.connectTimeout,
+      execCloseTimeout: options.closeTimeout,
+    },
   });
   const listener = listenUnix(path);
   const served: Promise<void>[] = [];
@@ -256,4 +262,40 @@ Deno.test("exec: on a PTY the end of the client's input is the terminal's EOF, s
   );
   assert.equal(result.status, 0);
   assert.match(out.text(), /hello\r\n/);
+});
+
+Deno.test("exec: the status does not wait for a client that never reads its control stream (LXD's)", async () => {
+  // A close timeout far beyond the bound below: waiting for the client's close frame would show.
+  await using agent = await agentApi({ closeTimeout: 60_000 });
+  const { httpRequest } = await import("../shared/http/http_request.ts");
+  const response = await httpRequest(
+    await agent.dial(),
+    new Request("http://a/1.0/exec", {
+      method: "POST",
+      body: JSON.stringify({ command: ["true"], "wait-for-websocket": true, cwd: "/" }),
+    }),
+  );
+  const body = await response.json();
+  const id = body.metadata.id as string;
+  const fds = body.metadata.metadata.fds as Record<string, string>;
+  const url = (name: string) => `http://a/1.0/operations/${id}/websocket?secret=${fds[name]}`;
+  // The control stream by hand: handshake written, nothing ever read (as LXD's Go client).
+  const control = await agent.dial();
+  control.write(
+    `GET ${new URL(url("control")).pathname}${new URL(url("control")).search} HTTP/1.1\r\n` +
+      "Host: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+  );
+  control.pause();
+  const streams = await Promise.all(
+    ["0", "1", "2"].map(async (name) => await connectWebSocket(await agent.dial(), url(name))),
+  );
+  try {
+    const operation = agent.operations.get(id)!;
+    await within(operation.done, "the exec to end without the control close handshake", 10_000);
+    assert.deepEqual(operation.render().metadata, { return: 0 });
+  } finally {
+    control.destroy();
+    for (const ws of streams) ws.close();
+  }
 });

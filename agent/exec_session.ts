@@ -169,6 +169,11 @@ export interface ExecSessionOptions {
    * @default {4194304}
    */
   maxMessageSize?: number;
+  /**
+   * Milliseconds a stream waits for the client's close frame before it is cut.
+   * @default {2000}
+   */
+  closeTimeout?: number;
   logger?: Logger;
 }
 
@@ -230,7 +235,10 @@ export class ExecSession {
         }
         this.#sockets.set(name, ws);
         if (this.#sockets.size === this.secrets.size) this.#allConnected.resolve();
-      }, { maxMessageSize: this.#options.maxMessageSize });
+      }, {
+        maxMessageSize: this.#options.maxMessageSize,
+        closeTimeout: this.#options.closeTimeout,
+      });
     } catch (error) {
       return errorResponse(400, (error as Error).message);
     }
@@ -311,8 +319,10 @@ export class ExecSession {
       pty?.releaseSlave();
       await output;
       log.debug("exec command ended", { status });
+      // Not waiting for the client's close frame: LXD's client never reads its
+      // control stream, so it would only come with the close timeout.
       control.close(1000);
-      await controlDone;
+      controlDone.catch(() => {});
       operation.updateMetadata({ return: status });
     } finally {
       signal.removeEventListener("abort", onAbort);

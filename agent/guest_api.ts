@@ -56,6 +56,11 @@ export interface GuestApiOptions {
    */
   execConnectTimeout?: number;
   /**
+   * Milliseconds an exec stream waits for the client's close frame.
+   * @default {2000}
+   */
+  execCloseTimeout?: number;
+  /**
    * Largest exec request body, in bytes.
    * @default {65536}
    */
@@ -110,6 +115,7 @@ export function mountGuestApi(app: Hono, options: GuestApiOptions = {}): void {
       }
       session = new ExecSession(parseExecRequest(body, { snapBin }), {
         connectTimeout: options.execConnectTimeout,
+        closeTimeout: options.execCloseTimeout,
         logger: logger.with({ part: "exec" }),
       });
     } catch (error) {
