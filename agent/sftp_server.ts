@@ -16,10 +16,10 @@
  * FAILURE with the message. Paths Deno refuses without `--allow-all`
  * (`/proc`, `/sys`, `/dev`) answer PERMISSION_DENIED.
  *
- * Bounds: packets up to 320 KiB, reads answered with at most 128 KiB (clients
- * ask for less; answers stay well under the 256 KiB SFTP implementations
- * commonly accept), 256 open handles per connection, directories listed up to
- * 100,000 entries.
+ * Bounds: packets up to 320 KiB, reads answered with at most 128 KiB
+ * (pkg/sftp v1.13.5, which LXD 5.0.2's go.mod pins, asks for 32 KiB with up
+ * to 64 requests in flight and refuses packets over 256 KiB), 256 open
+ * handles per connection, directories listed up to 100,000 entries.
  *
  * Owns: the upgraded connection and every handle it opened, all closed when
  * the connection ends. Permissions: `--allow-read`, `--allow-write`.
@@ -350,7 +350,7 @@ export class SftpServer {
       case FXP.READLINK:
         return nameReply(id, await Deno.readLink(guestPath(r.string())));
       case FXP.SYMLINK: {
-        // pkg/sftp sends the target first, then the link's path (OpenSSH swaps them).
+        // pkg/sftp v1.13.5 (client.go Symlink, server.go): the target first, then the link's path.
         const target = r.string();
         if (target.includes("\0")) {
           throw new SftpPathError("Invalid symlink target: contains a NUL byte");
