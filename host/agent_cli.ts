@@ -99,7 +99,7 @@ with a PTY when stdin and stdout are terminals; the exit status is COMMAND's.
 OPTIONS
   -t, --force-interactive      always use a PTY
   -T, --force-noninteractive   never use a PTY
-  --env KEY=VALUE              set an environment variable (repeatable)
+  --env KEY[=VALUE]            set an environment variable (repeatable)
   --cwd DIR                    working directory (default: the user's HOME, or /)
   --user N                     user id (default 0)
   --group N                    group id (default 0)
@@ -238,9 +238,11 @@ export function parseAgentCommand(
   }
   const environment: Record<string, string> = {};
   for (const entry of (values.env as string[] | undefined) ?? []) {
+    // As lxc exec: KEY alone sets an empty value.
     const at = entry.indexOf("=");
-    if (at <= 0) throw new UsageError(`Invalid --env "${entry}": expected KEY=VALUE`, help);
-    environment[entry.slice(0, at)] = entry.slice(at + 1);
+    const key = at < 0 ? entry : entry.slice(0, at);
+    if (key === "") throw new UsageError(`Invalid --env "${entry}": expected KEY=VALUE`, help);
+    environment[key] = at < 0 ? "" : entry.slice(at + 1);
   }
   const command: ExecCommand = {
     kind: "exec",

@@ -7,8 +7,9 @@
  *
  * `exec` speaks LXD's exec protocol (`shared/exec_client.ts`): with a PTY when
  * stdin and stdout are terminals (or `-t`), the local terminal in raw mode,
- * its size sent at start and on SIGWINCH; without one, SIGINT/SIGTERM/SIGHUP
- * are forwarded to the command. The exit status is the command's (255 for
+ * its size sent at start and on SIGWINCH; in both modes the signals `lxc exec`
+ * forwards (INT, TERM, HUP, QUIT, TSTP, TTIN, TTOU, USR1, USR2, CONT) go to
+ * the command. The exit status is the command's (255 for
  * statuses outside 0–255). Terminal and signal access come in through
  * {@linkcode AgentCommandIO}; only `main.ts` touches the console.
  *
@@ -49,7 +50,7 @@ export interface AgentCommandIO {
   consoleSize?: () => { columns: number; rows: number } | undefined;
   /** Calls `handler` on SIGWINCH; returns the remover. */
   onResize?: (handler: () => void) => () => void;
-  /** Calls `handler` with SIGINT (2), SIGTERM (15) or SIGHUP (1); returns the remover. */
+  /** Calls `handler` with the number of each forwarded signal this process gets; returns the remover. */
   onSignal?: (handler: (signal: number) => void) => () => void;
   /** The effective uid (`file pull` keeps the owner only as root). */
   uid?: number;
@@ -256,7 +257,8 @@ async function runExecCommand(command: ExecCommand, io: AgentCommandIO): Promise
               });
             }));
           }
-          if (!interactive && io.onSignal) {
+          // As lxc exec, in both modes: signals this process gets go to the command.
+          if (io.onSignal) {
             removers.push(io.onSignal((signal) => void send({ command: "signal", signal })));
           }
         },

@@ -68,8 +68,20 @@ async function runDaemon(command: Extract<Command, { kind: "daemon" }>): Promise
 
 /** `exec` and `state`: the console, the terminal and signals handed to `agent_commands.ts`. */
 async function runAgent(command: Parameters<typeof runAgentCommand>[0]): Promise<number> {
-  const signals: Deno.Signal[] = ["SIGINT", "SIGTERM", "SIGHUP"];
-  const numbers: Record<string, number> = { SIGHUP: 1, SIGINT: 2, SIGTERM: 15 };
+  // What lxc exec forwards (lxc/exec_unix.go), minus SIGABRT and SIGSEGV, which Deno cannot catch.
+  const numbers: Record<string, number> = {
+    SIGHUP: 1,
+    SIGINT: 2,
+    SIGQUIT: 3,
+    SIGUSR1: 10,
+    SIGUSR2: 12,
+    SIGTERM: 15,
+    SIGCONT: 18,
+    SIGTSTP: 20,
+    SIGTTIN: 21,
+    SIGTTOU: 22,
+  };
+  const signals = Object.keys(numbers) as Deno.Signal[];
   const io: AgentCommandIO = {
     stdout: (bytes) => void Deno.stdout.writeSync(bytes),
     stderr: (bytes) => void Deno.stderr.writeSync(bytes),

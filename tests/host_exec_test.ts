@@ -157,6 +157,44 @@ Deno.test("host exec/state/file through the daemon and straight to our agent: ou
     assert.equal(pty.code, 0, pty.stderr);
     assert.match(pty.stdout, /^25 80\r\n\/dev\/pts\/\d+\r\n$/);
 
+    // A signal the CLI gets goes to the command (as lxc exec forwards it).
+    const trapped = new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "-P=host",
+        "host/main.ts",
+        "exec",
+        "vm1",
+        ...ex,
+        "--",
+        "sh",
+        "-c",
+        'trap "echo got-term; exit 9" TERM; echo ready; while :; do sleep 0.05; done',
+      ],
+      cwd: ROOT,
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+      env: { NO_COLOR: "1", DENO_NO_UPDATE_CHECK: "1" },
+    }).spawn();
+    const reader = trapped.stdout.pipeThrough(new TextDecoderStream()).getReader();
+    let seen = "";
+    while (!seen.includes("ready")) {
+      const { value, done } = await bounded(reader.read(), 30_000, "the trapping command");
+      if (done) throw new Error(`exec ended before ready: ${seen}`);
+      seen += value;
+    }
+    trapped.kill("SIGTERM");
+    for (;;) {
+      const { value, done } = await bounded(reader.read(), 30_000, "got-term");
+      if (done) break;
+      seen += value;
+    }
+    const trappedStatus = await bounded(trapped.status, 30_000, "the exec to end");
+    await trapped.stderr.cancel();
+    assert.match(seen, /got-term/);
+    assert.equal(trappedStatus.code, 9);
+
     const missing = await cli(["exec", "vm1", ...ex, "--", "no-such-command-xyz"]);
     assert.equal(missing.code, 127);
 
