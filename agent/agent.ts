@@ -31,6 +31,7 @@ import { certificateFingerprint } from "../shared/tls/certificate.ts";
 import { acceptTls } from "../shared/tls/mutual_tls.ts";
 import { acceptLoop, type Listener, type Transport } from "../shared/vsock/mod.ts";
 import { createAgentApi } from "./agent_api.ts";
+import { Operations } from "./operations.ts";
 import type { AgentStatus } from "./agent_state.ts";
 import { createDevlxdApp, DevlxdServer } from "./devlxd_server.ts";
 import { EventRelay } from "./event_relay.ts";
@@ -105,6 +106,11 @@ export interface AgentOptions {
   /** Serial port polling/retry periods, in ms (tests shorten them). */
   serialPollInterval?: number;
   serialRetryInterval?: number;
+  /**
+   * Operations (exec sessions) running at once; more are refused with 503.
+   * @default {32}
+   */
+  maxOperations?: number;
   version?: string;
   logger?: Logger;
 }
@@ -116,6 +122,18 @@ function fingerprint(pem: string): string | undefined {
   } catch {
     return undefined;
   }
+}
+
+/** Resolves once `socket` has closed, or `signal` aborted. */
+function untilClosed(socket: Duplex, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    const done = () => {
+      signal.removeEventListener("abort", done);
+      resolve();
+    };
+    socket.once("close", done);
+    signal.addEventListener("abort", done, { once: true });
+  });
 }
 
 export class Agent {
@@ -145,6 +163,7 @@ export class Agent {
   #api: ReturnType<typeof createAgentApi>;
   #hostSlots: Slots;
   #hostPool: HostPool;
+  #operations: Operations;
 
   constructor(options: AgentOptions) {
     this.#options = options;
@@ -153,6 +172,10 @@ export class Agent {
     this.#hostSlots = new Slots(options.maxHostConnections ?? 16);
     this.#hostPool = new HostPool({ idleTimeout: options.hostIdleTimeout ?? 2000, maxIdle: 4 });
     this.#summary = new LogSummary(this.#logger);
+    this.#operations = new Operations({
+      maxRunning: options.maxOperations,
+      logger: this.#logger.with({ part: "operations" }),
+    });
     this.#relay = new EventRelay({
       fetchHost: (request, opts) => this.fetchHost(request, opts),
       canPull: () => this.#info !== undefined && (options.pullEvents ?? true),
@@ -161,9 +184,13 @@ export class Agent {
     this.#api = createAgentApi({
       status: () => this.#status.snapshot(),
       applyConnection: (info) => this.applyConnection(info, "PUT /1.0"),
-      publish: (event) => this.#relay.publish(event),
+      publish: (event) => {
+        this.#relay.publish(event);
+        this.#operations.broadcast(event as { type: string });
+      },
       version: options.version ?? "",
       logger: this.#logger.with({ part: "api" }),
+      guest: { operations: this.#operations, logger: this.#logger.with({ part: "guest" }) },
     });
     this.#devlxd = new DevlxdServer(options.devlxdSocket, {
       mode: options.devlxdMode ?? 0o600,
@@ -473,6 +500,8 @@ export class Agent {
       tlsSocket = secure;
       this.#connections.add(secure);
       await serveHttp(secure, this.#api.fetch, { signal, idleTimeout: 30_000 });
+      // An upgraded connection (exec streams, events) is its handler's until it closes.
+      if (!secure.destroyed) await untilClosed(secure, signal);
     } catch (error) {
       this.#logger.debug("agent API connection refused or failed", { error });
     } finally {
@@ -530,6 +559,8 @@ export class Agent {
     for (const socket of this.#connections) socket.destroy();
     await this.#acceptLoop;
     this.#summary.close();
+    // Running commands are killed; their websockets are closed.
+    await this.#operations.close();
     // Guests first: their streams end because the server stops (a WebSocket gets 1001).
     await this.#devlxdChange;
     await this.#devlxd.stop();

@@ -8,6 +8,8 @@
  * - `PUT /1.0`: new connection info `{"cid","port","certificate","devlxd"}`;
  *   validated, applied (one request to the host), 200 or 500 as LXD answers.
  * - `POST /1.0/events`: an event pushed by the host, handed to local subscribers.
+ * - The rest of lxd-agent's API (state, metrics, exec, operations) comes from
+ *   `guest_api.ts`, mounted here when `guest` is given.
  *
  * Answers use the LXD envelope. Needs no permissions of its own.
  * @module
@@ -20,6 +22,13 @@ import { type Logger, silentLogger } from "../shared/log.ts";
 import { certificateValidity } from "../shared/tls/certificate.ts";
 import type { StatusSnapshot } from "./agent_state.ts";
 import { BodyTooLargeError, readBody } from "./read_body.ts";
+import {
+  AGENT_API_EXTENSIONS,
+  type GuestFacts,
+  readGuestFacts,
+  serverEnvironment,
+} from "./guest_info.ts";
+import { type GuestApiOptions, mountGuestApi } from "./guest_api.ts";
 
 export interface AgentApiOptions {
   /** The agent's current status. */
@@ -35,6 +44,13 @@ export interface AgentApiOptions {
    */
   maxBodySize?: number;
   logger?: Logger;
+  /**
+   * The guest's facts for `GET /1.0` (uname, os-release).
+   * @default {readGuestFacts} (read once, on first use)
+   */
+  facts?: () => GuestFacts;
+  /** Serves state, metrics, exec and operations (`guest_api.ts`); without it they answer 404. */
+  guest?: GuestApiOptions;
 }
 
 class ApiError extends Error {
@@ -87,23 +103,18 @@ export function createAgentApi(options: AgentApiOptions): Hono {
 
   app.get("/", () => syncResponse(["/1.0"]));
 
+  let facts: GuestFacts | undefined;
   app.get("/1.0", () => {
     const status = options.status();
+    facts ??= (options.facts ?? readGuestFacts)();
     return syncResponse({
-      api_extensions: [],
+      api_extensions: options.guest === undefined ? [] : [...AGENT_API_EXTENSIONS],
       api_status: "stable",
       api_version: "1.0",
       auth: "trusted",
       auth_methods: ["tls"],
       public: false,
-      environment: {
-        kernel: Deno.build.os,
-        kernel_architecture: Deno.build.arch,
-        os_name: Deno.build.os,
-        server: "lxd-vsock-agent",
-        server_pid: status.pid,
-        server_version: options.version,
-      },
+      environment: serverEnvironment(facts, status.pid, options.version),
       state: status.state,
       connection: status.host === null ? null : { cid: status.host.cid, port: status.host.port },
       devlxd: status.devlxd.serving,
@@ -141,6 +152,8 @@ export function createAgentApi(options: AgentApiOptions): Hono {
     options.publish(event);
     return syncResponse({});
   });
+
+  if (options.guest !== undefined) mountGuestApi(app, options.guest);
 
   app.notFound(() => errorResponse(404, "not found"));
 

@@ -10,7 +10,8 @@
  * Exit codes: 0 success, 1 failure, 2 usage error.
  *
  * Permissions: the "agent" set of deno.json (read, write, net, ffi, env,
- * sys=hostname).
+ * sys=hostname,networkInterfaces: the addresses `GET /1.0/state` reports).
+ * Commands run by `exec` are spawned through libc (posix_spawn), so no `run`.
  * @module
  */
 

@@ -8,7 +8,10 @@
  * `GET|DELETE /1.0/instances/{name}`, `GET|PUT|DELETE /1.0/instances/{name}/config/{key}`
  * (PUT body `{"value":"…"}`), `POST /1.0/instances/{name}/devices` (body
  * `{"name":"…","config":{…}}`), `DELETE /1.0/instances/{name}/devices/{device}`,
- * `GET /1.0/events[?instance=NAME]`. Needs no permissions of its own.
+ * `GET /1.0/events[?instance=NAME]`, and with `agentProxy` any request to a VM's
+ * agent API as `/1.0/instances/{name}/agent/<path>` (`agent_proxy.ts`) and
+ * `GET|POST /1.0/instances/{name}/files?path=` (`agent_files.ts`).
+ * Needs no permissions of its own.
  * @module
  */
 
@@ -21,6 +24,8 @@ import { ALL_TOPICS } from "./event_hub.ts";
 import { own } from "./instance.ts";
 import { type AddInstance, type InstanceService, publicInstance } from "./instance_service.ts";
 import { MAX_CONFIG_VALUE, RegistryError } from "./registry.ts";
+import { type AgentProxyOptions, mountAgentProxy } from "./agent_proxy.ts";
+import { mountFileRoutes } from "./agent_files.ts";
 
 /** What `GET /1.0` reports. */
 export interface DaemonStatus {
@@ -58,6 +63,8 @@ export interface AdminAppOptions {
   service: InstanceService;
   status: () => DaemonStatus;
   logger?: Logger;
+  /** Serves `/1.0/instances/{name}/agent/*` (exec, state, … of the VM's agent). */
+  agentProxy?: AgentProxyOptions;
 }
 
 async function jsonBody(
@@ -96,6 +103,12 @@ export function createAdminApp(options: AdminAppOptions): Hono {
     return errorResponse(500, `Internal error: ${(error as Error)?.message ?? error}`);
   });
   app.notFound(() => errorResponse(404, "Not Found"));
+  // Registered before the body limit: file bodies have their own (256 MiB); WebSockets (exec
+  // streams, events) are relayed and answers stream back unbuffered.
+  if (options.agentProxy !== undefined) {
+    mountFileRoutes(app, { dial: options.agentProxy.dial });
+    mountAgentProxy(app, options.agentProxy);
+  }
   app.use(bodyLimit({
     maxSize: MAX_CONFIG_VALUE + 64 * 1024,
     onError: () => errorResponse(413, "Request body too large"),

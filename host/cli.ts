@@ -11,6 +11,7 @@ import { LOG_LEVELS, type LogLevel, parseLogLevel } from "../shared/log.ts";
 import type { StatusChannel } from "./instance.ts";
 import { checkInstanceCid, checkInstanceName } from "./registry.ts";
 import { defaultStateDir } from "./state_dir.ts";
+import { type AgentCommand, parseAgentCommand } from "./agent_cli.ts";
 
 export const VERSION = "0.1.0";
 export const PROGRAM = "lxd-vsock-host";
@@ -89,7 +90,8 @@ export type Command =
     for: "connected" | "ready";
     /** ms */
     timeout: number;
-  };
+  }
+  | AgentCommand;
 
 const COMMON_OPTIONS = `  --state-dir DIR   state directory (default: /var/lib/lxd-vsock for root,
                     else $XDG_STATE_HOME/lxd-vsock or ~/.local/state/lxd-vsock;
@@ -107,6 +109,9 @@ USAGE
   ${PROGRAM} status [NAME]      (also: ${PROGRAM} --status [NAME])
   ${PROGRAM} events
   ${PROGRAM} wait NAME --for connected|ready [--timeout DUR]
+  ${PROGRAM} exec NAME [-t|-T] [--env K=V]... [--cwd DIR] [--user N] -- COMMAND...
+  ${PROGRAM} state NAME [--format json]
+  ${PROGRAM} file push LOCAL NAME/PATH | file pull NAME/PATH LOCAL
 
 Registry commands talk to the running daemon through <state-dir>/admin.sock,
 or edit the store directly when no daemon runs.
@@ -531,6 +536,10 @@ export function parseConfig(args: string[], env: CliEnvironment): Command {
         timeout: values.timeout === undefined ? 60_000 : duration(values.timeout, help),
       };
     }
+    case "exec":
+    case "state":
+    case "file":
+      return parseAgentCommand(group, rest, env);
     case "events": {
       const help = HELP.events;
       const { values, positionals: pos } = parse(rest, {}, help);

@@ -11,6 +11,7 @@ import { resolve } from "node:path";
 import { httpRequest, unwrapEnvelope } from "../shared/http/mod.ts";
 import { connectUnix } from "../shared/vsock/mod.ts";
 import { createAdminApp, type DaemonStatus } from "./admin_app.ts";
+import { firstIpv4ByInstance } from "./agent_commands.ts";
 import { type Command, VERSION } from "./cli.ts";
 import { ensureServerCertificate, generateInstanceKeyPair, randomPort } from "./daemon.ts";
 import { InstanceService, type PublicInstance } from "./instance_service.ts";
@@ -36,7 +37,7 @@ interface AdminConnection extends AsyncDisposable {
   fetch(path: string, init?: RequestInit): Promise<Response>;
 }
 
-async function connectDaemon(socketPath: string): Promise<AdminConnection | undefined> {
+export async function connectDaemon(socketPath: string): Promise<AdminConnection | undefined> {
   try {
     const info = await Deno.lstat(socketPath);
     if (!info.isSocket) return undefined;
@@ -187,9 +188,12 @@ function channel(instance: PublicInstance): string {
 }
 
 /** The `instance list` table. */
-export function formatInstances(instances: PublicInstance[]): string {
+export function formatInstances(
+  instances: PublicInstance[],
+  ipv4: Map<string, string> = new Map(),
+): string {
   return formatTable(
-    ["NAME", "CID", "TRANSPORT", "AGENT", "READY", "LAST SEEN", "STATUS CHANNEL"],
+    ["NAME", "CID", "TRANSPORT", "AGENT", "READY", "LAST SEEN", "STATUS CHANNEL", "IPV4"],
     instances.map((i) => [
       i.name,
       String(i.cid),
@@ -198,6 +202,7 @@ export function formatInstances(instances: PublicInstance[]): string {
       i.runtime.ready ? "yes" : "no",
       i.runtime.lastSeen ?? "-",
       channel(i),
+      ipv4.get(i.name) ?? "-",
     ]),
   );
 }
@@ -307,8 +312,14 @@ export async function runCommand(command: Command, io: CommandIO): Promise<void>
     }
     case "instance-list": {
       const list = await call(admin, "GET", "/1.0/instances") as PublicInstance[];
+      // The address column asks each VM's agent (through the daemon), as `lxc list` does.
+      const ipv4 = command.format === "json" || !admin.daemon
+        ? undefined
+        : await firstIpv4ByInstance(admin.fetch, list.map((i) => i.name));
       io.stdout(
-        command.format === "json" ? JSON.stringify(list, null, 2) + "\n" : formatInstances(list),
+        command.format === "json"
+          ? JSON.stringify(list, null, 2) + "\n"
+          : formatInstances(list, ipv4),
       );
       return;
     }

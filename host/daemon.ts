@@ -28,6 +28,7 @@ import {
 } from "../shared/vsock/mod.ts";
 import { AGENT_API_PORT } from "../shared/api.ts";
 import { createAdminApp, type DaemonStatus } from "./admin_app.ts";
+import { dialAgent } from "./agent_proxy.ts";
 import { VERSION } from "./cli.ts";
 import { agentConf, writeFileAtomic } from "./config_drive.ts";
 import { createDevlxdApp } from "./devlxd_app.ts";
@@ -444,6 +445,10 @@ export class Daemon {
       service: this.service,
       status: () => this.status(),
       logger: this.#logger,
+      agentProxy: {
+        dial: (name) => dialAgent(this.service.get(name)),
+        logger: this.#logger.with({ component: "agent-proxy" }),
+      },
     });
     const ready = Promise.withResolvers<void>();
     this.#admin = Deno.serve({

@@ -10,6 +10,8 @@
 import { createLogger } from "../shared/log.ts";
 import { type Command, parseConfig, PROGRAM, UsageError, VERSION } from "./cli.ts";
 import { CommandError, runCommand } from "./commands.ts";
+import { type AgentCommandIO, runAgentCommand } from "./agent_commands.ts";
+import { currentUid } from "../shared/sys/ids.ts";
 import { Daemon } from "./daemon.ts";
 import { RegistryError } from "./registry.ts";
 import { OwnershipError } from "./state_dir.ts";
@@ -67,6 +69,60 @@ async function runDaemon(command: Extract<Command, { kind: "daemon" }>): Promise
   }
 }
 
+/** `exec` and `state`: the console, the terminal and signals handed to `agent_commands.ts`. */
+async function runAgent(command: Parameters<typeof runAgentCommand>[0]): Promise<number> {
+  // What lxc exec forwards (lxc/exec_unix.go), minus SIGABRT and SIGSEGV, which Deno cannot catch.
+  const numbers: Record<string, number> = {
+    SIGHUP: 1,
+    SIGINT: 2,
+    SIGQUIT: 3,
+    SIGUSR1: 10,
+    SIGUSR2: 12,
+    SIGTERM: 15,
+    SIGCONT: 18,
+    SIGTSTP: 20,
+    SIGTTIN: 21,
+    SIGTTOU: 22,
+  };
+  const signals = Object.keys(numbers) as Deno.Signal[];
+  const io: AgentCommandIO = {
+    stdout: (bytes) => void Deno.stdout.writeSync(bytes),
+    stderr: (bytes) => void Deno.stderr.writeSync(bytes),
+    stdin: Deno.stdin.readable,
+    stdinIsTerminal: Deno.stdin.isTerminal(),
+    stdoutIsTerminal: Deno.stdout.isTerminal(),
+    setRaw: (raw) => Deno.stdin.setRaw(raw),
+    consoleSize: () => {
+      try {
+        return Deno.consoleSize();
+      } catch {
+        return undefined;
+      }
+    },
+    onResize: (handler) => {
+      Deno.addSignalListener("SIGWINCH", handler);
+      return () => Deno.removeSignalListener("SIGWINCH", handler);
+    },
+    onSignal: (handler) => {
+      const listeners = signals.map((s) => [s, () => handler(numbers[s])] as const);
+      for (const [s, l] of listeners) Deno.addSignalListener(s, l);
+      return () => listeners.forEach(([s, l]) => Deno.removeSignalListener(s, l));
+    },
+    env: { TERM: Deno.env.get("TERM") },
+    uid: currentUid(),
+  };
+  try {
+    return await runAgentCommand(command, io);
+  } catch (error) {
+    const known = error instanceof CommandError || error instanceof RegistryError ||
+      error instanceof TypeError || error instanceof RangeError;
+    stderr(
+      `Error: ${known ? (error as Error).message : String((error as Error)?.stack ?? error)}\n`,
+    );
+    return 1;
+  }
+}
+
 async function main(args: string[]): Promise<number> {
   let command: Command;
   try {
@@ -87,6 +143,11 @@ async function main(args: string[]): Promise<number> {
       return 0;
     case "daemon":
       return await runDaemon(command);
+    case "exec":
+    case "state":
+    case "file-push":
+    case "file-pull":
+      return await runAgent(command);
     default: {
       const controller = new AbortController();
       const removeSignals = onSignals(controller);

@@ -3,6 +3,7 @@
  *
  * - {@linkcode serveHttp}: serve requests on a connection with a `Request` → `Response` handler.
  * - {@linkcode upgradeWebSocket}: answer a WebSocket handshake; a one-way text channel out.
+ * - {@linkcode acceptWebSocket}, {@linkcode connectWebSocket}: full-duplex WebSockets, either end.
  * - {@linkcode httpRequest}: send one request on a connection, stream the response.
  * - {@linkcode syncResponse}, {@linkcode errorResponse}, {@linkcode unwrapEnvelope}: LXD's JSON envelope.
  *
@@ -13,3 +14,4 @@ export * from "./serve_http.ts";
 export * from "./http_request.ts";
 export * from "./envelope.ts";
 export * from "./websocket.ts";
+export * from "./websocket_conn.ts";

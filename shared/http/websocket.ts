@@ -106,9 +106,15 @@ export function closePayload(code: number, reason = ""): Uint8Array {
 export class FrameDecoder {
   #buffer: Uint8Array = new Uint8Array(0);
   #maxFrameSize: number;
+  #masked: boolean;
 
-  constructor(options: { maxFrameSize?: number } = {}) {
+  /**
+   * `masked: false` decodes what a server sends (unmasked frames; a masked
+   * one is a protocol error), for a client (`websocket_conn.ts`).
+   */
+  constructor(options: { maxFrameSize?: number; masked?: boolean } = {}) {
     this.#maxFrameSize = options.maxFrameSize ?? 1 << 20;
+    this.#masked = options.masked ?? true;
   }
 
   /** Adds received bytes; returns the frames now complete. Throws `WebSocketProtocolError`. */
@@ -131,7 +137,13 @@ export class FrameDecoder {
     if (![0x0, 0x1, 0x2, 0x8, 0x9, 0xa].includes(opcode)) {
       throw new WebSocketProtocolError(1002, `Unknown opcode ${opcode}`);
     }
-    if ((b[1] & 0x80) === 0) throw new WebSocketProtocolError(1002, "Unmasked client frame");
+    const masked = (b[1] & 0x80) !== 0;
+    if (masked !== this.#masked) {
+      throw new WebSocketProtocolError(
+        1002,
+        masked ? "Masked server frame" : "Unmasked client frame",
+      );
+    }
     let length = b[1] & 0x7f;
     let offset = 2;
     if (length === 126) {
@@ -148,11 +160,16 @@ export class FrameDecoder {
       throw new WebSocketProtocolError(1002, "Fragmented or long control frame");
     }
     if (length > this.#maxFrameSize) throw new WebSocketProtocolError(1009, "Frame too large");
-    if (b.byteLength < offset + 4 + length) return undefined;
-    const mask = b.subarray(offset, offset + 4);
-    const payload = new Uint8Array(b.subarray(offset + 4, offset + 4 + length));
-    for (let i = 0; i < length; i++) payload[i] ^= mask[i & 3];
-    this.#buffer = b.subarray(offset + 4 + length);
+    const maskLength = masked ? 4 : 0;
+    if (b.byteLength < offset + maskLength + length) return undefined;
+    const payload = new Uint8Array(
+      b.subarray(offset + maskLength, offset + maskLength + length),
+    );
+    if (masked) {
+      const mask = b.subarray(offset, offset + 4);
+      for (let i = 0; i < length; i++) payload[i] ^= mask[i & 3];
+    }
+    this.#buffer = b.subarray(offset + maskLength + length);
     return { fin, opcode, payload };
   }
 }

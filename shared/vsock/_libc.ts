@@ -161,6 +161,76 @@ const SYMBOLS = {
   statx: { parameters: ["i32", "buffer", "i32", "u32", "buffer"], result: "i32" },
   /** int *__errno_location(void); */
   __errno_location: { parameters: [], result: "pointer" },
+
+  // Guest facts, PTYs and child processes (agent exec/state; see shared/sys/).
+  /** int statfs(const char *path, struct statfs *buf); */
+  statfs: { parameters: ["buffer", "buffer"], result: "i32" },
+  /** int uname(struct utsname *buf); */
+  uname: { parameters: ["buffer"], result: "i32" },
+  /** DIR *opendir(const char *name); */
+  opendir: { parameters: ["buffer"], result: "pointer" },
+  /** struct dirent *readdir(DIR *dirp); */
+  readdir: { parameters: ["pointer"], result: "pointer" },
+  /** int closedir(DIR *dirp); */
+  closedir: { parameters: ["pointer"], result: "i32" },
+  /** int posix_openpt(int flags); */
+  posix_openpt: { parameters: ["i32"], result: "i32" },
+  /** int grantpt(int fd); */
+  grantpt: { parameters: ["i32"], result: "i32" },
+  /** int unlockpt(int fd); */
+  unlockpt: { parameters: ["i32"], result: "i32" },
+  /** int ptsname_r(int fd, char *buf, size_t buflen);  (returns an error number) */
+  ptsname_r: { parameters: ["i32", "buffer", "usize"], result: "i32" },
+  /** int chown(const char *pathname, uid_t owner, gid_t group); */
+  chown: { parameters: ["buffer", "u32", "u32"], result: "i32" },
+  /** int pipe2(int pipefd[2], int flags); */
+  pipe2: { parameters: ["buffer", "i32"], result: "i32" },
+  /** uid_t getuid(void); */
+  getuid: { parameters: [], result: "u32" },
+  /** gid_t getgid(void); */
+  getgid: { parameters: [], result: "u32" },
+  /** int kill(pid_t pid, int sig); */
+  kill: { parameters: ["i32", "i32"], result: "i32" },
+  /** pid_t waitpid(pid_t pid, int *wstatus, int options);  called with WNOHANG only */
+  waitpid: { parameters: ["i32", "buffer", "i32"], result: "i32" },
+  /** long syscall(long number, ...);  called as syscall(SYS_pidfd_open, pid, flags) */
+  syscall_pidfd_open: { name: "syscall", parameters: ["i64", "i32", "u32"], result: "i64" },
+  /** int posix_spawn_file_actions_init(posix_spawn_file_actions_t *fa); */
+  posix_spawn_file_actions_init: { parameters: ["buffer"], result: "i32" },
+  /** int posix_spawn_file_actions_destroy(posix_spawn_file_actions_t *fa); */
+  posix_spawn_file_actions_destroy: { parameters: ["buffer"], result: "i32" },
+  /** int posix_spawn_file_actions_addopen(fa, int fd, const char *path, int oflag, mode_t mode); */
+  posix_spawn_file_actions_addopen: {
+    parameters: ["buffer", "i32", "buffer", "i32", "u32"],
+    result: "i32",
+  },
+  /** int posix_spawn_file_actions_adddup2(posix_spawn_file_actions_t *fa, int fd, int newfd); */
+  posix_spawn_file_actions_adddup2: { parameters: ["buffer", "i32", "i32"], result: "i32" },
+  /** int posix_spawn_file_actions_addchdir_np(fa, const char *path);  (glibc 2.29+) */
+  posix_spawn_file_actions_addchdir_np: { parameters: ["buffer", "buffer"], result: "i32" },
+  /** int posix_spawnattr_init(posix_spawnattr_t *attr); */
+  posix_spawnattr_init: { parameters: ["buffer"], result: "i32" },
+  /** int posix_spawnattr_destroy(posix_spawnattr_t *attr); */
+  posix_spawnattr_destroy: { parameters: ["buffer"], result: "i32" },
+  /** int posix_spawnattr_setflags(posix_spawnattr_t *attr, short flags); */
+  posix_spawnattr_setflags: { parameters: ["buffer", "i16"], result: "i32" },
+  /** int posix_spawnattr_setsigmask(posix_spawnattr_t *attr, const sigset_t *sigmask); */
+  posix_spawnattr_setsigmask: { parameters: ["buffer", "buffer"], result: "i32" },
+  /** int posix_spawnattr_setsigdefault(posix_spawnattr_t *attr, const sigset_t *sigdefault); */
+  posix_spawnattr_setsigdefault: { parameters: ["buffer", "buffer"], result: "i32" },
+  /** int sigemptyset(sigset_t *set); */
+  sigemptyset: { parameters: ["buffer"], result: "i32" },
+  /** int sigaddset(sigset_t *set, int signum); */
+  sigaddset: { parameters: ["buffer", "i32"], result: "i32" },
+  /**
+   * int posix_spawn(pid_t *pid, const char *path, const posix_spawn_file_actions_t *fa,
+   *                 const posix_spawnattr_t *attr, char *const argv[], char *const envp[]);
+   * (returns an error number)
+   */
+  posix_spawn: {
+    parameters: ["buffer", "buffer", "buffer", "buffer", "buffer", "buffer"],
+    result: "i32",
+  },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 type Symbols = Deno.DynamicLibrary<typeof SYMBOLS>["symbols"];
@@ -386,4 +456,255 @@ export function epollPoll(epfd: number, events: Uint8Array): number {
 /** eventfd(2): a new fd or -errno. */
 export function eventfd(initval: number, flags: number): number {
   return check(sym().eventfd(initval, flags));
+}
+
+// ---- Guest facts, PTYs and child processes (safe API in shared/sys/) ----
+
+export const O_RDWR = 2;
+export const O_NOCTTY = 0o400;
+export const F_SETFL = 4;
+/** `TIOCSWINSZ` / `TIOCGWINSZ` (asm-generic ioctls; x86_64 and aarch64). */
+export const TIOCSWINSZ = 0x5414;
+export const TIOCGWINSZ = 0x5413;
+export const WNOHANG = 1;
+/** `POSIX_SPAWN_SETSIGDEF`, `POSIX_SPAWN_SETSIGMASK`, `POSIX_SPAWN_SETSID` (glibc 2.26+). */
+export const POSIX_SPAWN_SETSIGDEF = 0x04;
+export const POSIX_SPAWN_SETSIGMASK = 0x08;
+export const POSIX_SPAWN_SETSID = 0x80;
+/** `SYS_pidfd_open` (the same number on every architecture, Linux 5.3+). */
+export const SYS_PIDFD_OPEN = 434;
+
+/** Reads errno now (right after a failing synchronous call). */
+function errno(): number {
+  return (lib ?? open()).errno.getInt32();
+}
+
+/** `struct statfs` (64-bit Linux): 120 bytes, `f_type`, `f_bsize`, `f_blocks`, `f_bfree`, `f_bavail` first. */
+export interface StatFs {
+  type: bigint;
+  bsize: bigint;
+  blocks: bigint;
+  bfree: bigint;
+  bavail: bigint;
+}
+
+/** statfs(2): the file system's type and block counts, or -errno. */
+export function statfs(path: string): StatFs | number {
+  const buf = new BigUint64Array(16);
+  const r = check(sym().statfs(cPath(path), buf));
+  if (r < 0) return r;
+  return { type: buf[0], bsize: buf[1], blocks: buf[2], bfree: buf[3], bavail: buf[4] };
+}
+
+/** uname(2): `sysname`, `nodename`, `release`, `version`, `machine` (65-byte fields); throws on failure. */
+export function uname(): Record<
+  "sysname" | "nodename" | "release" | "version" | "machine",
+  string
+> {
+  const buf = new Uint8Array(65 * 6);
+  const r = check(sym().uname(buf));
+  if (r < 0) throw new Error(`uname() failed: errno ${-r}`);
+  const field = (i: number) => {
+    const bytes = buf.subarray(i * 65, (i + 1) * 65);
+    const end = bytes.indexOf(0);
+    return new TextDecoder().decode(bytes.subarray(0, end < 0 ? 65 : end));
+  };
+  return {
+    sysname: field(0),
+    nodename: field(1),
+    release: field(2),
+    version: field(3),
+    machine: field(4),
+  };
+}
+
+/** One directory entry: its name and `d_type` (4 = directory, 8 = regular file, 10 = symlink). */
+export interface DirEntry {
+  name: string;
+  type: number;
+}
+
+/**
+ * The entries of a directory (without `.` and `..`) through opendir/readdir,
+ * or -errno. `struct dirent` (glibc, 64-bit): `d_type` at offset 18, `d_name` at 19.
+ */
+export function readDir(path: string): DirEntry[] | number {
+  const s = sym();
+  const dir = s.opendir(cPath(path));
+  if (dir === null) return -errno();
+  const entries: DirEntry[] = [];
+  try {
+    for (;;) {
+      const entry = s.readdir(dir);
+      if (entry === null) break;
+      const view = new Deno.UnsafePointerView(entry);
+      const name = view.getCString(19);
+      if (name !== "." && name !== "..") entries.push({ name, type: view.getUint8(18) });
+    }
+  } finally {
+    s.closedir(dir);
+  }
+  return entries;
+}
+
+/** posix_openpt(3): a PTY master fd or -errno. */
+export function posixOpenpt(flags: number): number {
+  return check(sym().posix_openpt(flags));
+}
+
+/** grantpt(3): 0 or -errno. */
+export function grantpt(fd: number): number {
+  return check(sym().grantpt(fd));
+}
+
+/** unlockpt(3): 0 or -errno. */
+export function unlockpt(fd: number): number {
+  return check(sym().unlockpt(fd));
+}
+
+/** ptsname_r(3): the slave's path, or -errno. */
+export function ptsname(fd: number): string | number {
+  const buf = new Uint8Array(128);
+  const r = sym().ptsname_r(fd, buf, BigInt(buf.byteLength));
+  if (r !== 0) return -r;
+  return new TextDecoder().decode(buf.subarray(0, buf.indexOf(0)));
+}
+
+/** chown(2): 0 or -errno. */
+export function chown(path: string, uid: number, gid: number): number {
+  return check(sym().chown(cPath(path), uid, gid));
+}
+
+/** pipe2(2): `[readFd, writeFd]` or -errno. */
+export function pipe2(flags: number): [number, number] | number {
+  const fds = new Int32Array(2);
+  const r = check(sym().pipe2(fds, flags));
+  return r < 0 ? r : [fds[0], fds[1]];
+}
+
+/** getuid(2) and getgid(2). */
+export function getuid(): number {
+  return sym().getuid();
+}
+export function getgid(): number {
+  return sym().getgid();
+}
+
+/** kill(2): 0 or -errno. */
+export function kill(pid: number, signal: number): number {
+  return check(sym().kill(pid, signal));
+}
+
+/** waitpid(2) with WNOHANG: `{pid, status}` (pid 0 while the child runs), or -errno. */
+export function waitpidNohang(pid: number): { pid: number; status: number } | number {
+  const status = new Int32Array(1);
+  const r = check(sym().waitpid(pid, status, WNOHANG));
+  return r < 0 ? r : { pid: r, status: status[0] };
+}
+
+/** pidfd_open(2) through syscall(2): an fd readable once the child exits, or -errno. */
+export function pidfdOpen(pid: number): number {
+  return check(sym().syscall_pidfd_open(BigInt(SYS_PIDFD_OPEN), pid, 0));
+}
+
+/** What the child does with its fds before exec, in order. */
+export type SpawnFileAction =
+  | { open: { fd: number; path: string; flags: number; mode?: number } }
+  | { dup2: { from: number; to: number } };
+
+/** A posix_spawn(3) request; `path` is absolute (no PATH search). */
+export interface SpawnRequest {
+  path: string;
+  argv: string[];
+  /** `NAME=value` strings. */
+  env: string[];
+  cwd?: string;
+  /** Make the child a session leader (POSIX_SPAWN_SETSID), before the file actions run. */
+  setsid?: boolean;
+  fileActions?: SpawnFileAction[];
+  /** Signals reset to their default action in the child (an ignored SIGPIPE would be inherited). */
+  defaultSignals?: number[];
+}
+
+/** A NULL-terminated `char *[]` over `strings`; the returned buffers must stay referenced. */
+function cStringArray(strings: string[]): { array: BigUint64Array; keep: Uint8Array[] } {
+  const keep = strings.map((s) => cPath(s));
+  const array = new BigUint64Array(keep.length + 1);
+  keep.forEach((buf, i) => {
+    array[i] = BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(buf)));
+  });
+  return { array, keep };
+}
+
+/**
+ * posix_spawn(3) with an empty signal mask: the child's pid, or -errno (the
+ * error number posix_spawn returns: ENOENT, EACCES, … for a failed exec).
+ * Every buffer handed to libc is referenced until the call returns, and the
+ * attribute and file-action objects are destroyed on every path.
+ */
+export function posixSpawn(request: SpawnRequest): number {
+  const s = sym();
+  // glibc: posix_spawnattr_t is 336 bytes, posix_spawn_file_actions_t 80 (x86_64); room to spare.
+  const attr = new Uint8Array(1024);
+  const actions = new Uint8Array(1024);
+  const mask = new Uint8Array(128);
+  const defaults = new Uint8Array(128);
+  const keep: Uint8Array[] = [];
+  let r = s.posix_spawnattr_init(attr);
+  if (r !== 0) return -r;
+  try {
+    r = s.posix_spawn_file_actions_init(actions);
+    if (r !== 0) return -r;
+    try {
+      s.sigemptyset(mask);
+      s.sigemptyset(defaults);
+      for (const signal of request.defaultSignals ?? []) s.sigaddset(defaults, signal);
+      let flags = POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF;
+      if (request.setsid) flags |= POSIX_SPAWN_SETSID;
+      for (
+        const step of [
+          () => s.posix_spawnattr_setflags(attr, flags),
+          () => s.posix_spawnattr_setsigmask(attr, mask),
+          () => s.posix_spawnattr_setsigdefault(attr, defaults),
+        ]
+      ) {
+        r = step();
+        if (r !== 0) return -r;
+      }
+      for (const action of request.fileActions ?? []) {
+        if ("open" in action) {
+          const path = cPath(action.open.path);
+          keep.push(path);
+          r = s.posix_spawn_file_actions_addopen(
+            actions,
+            action.open.fd,
+            path,
+            action.open.flags,
+            action.open.mode ?? 0,
+          );
+        } else {
+          r = s.posix_spawn_file_actions_adddup2(actions, action.dup2.from, action.dup2.to);
+        }
+        if (r !== 0) return -r;
+      }
+      if (request.cwd !== undefined) {
+        const cwd = cPath(request.cwd);
+        keep.push(cwd);
+        r = s.posix_spawn_file_actions_addchdir_np(actions, cwd);
+        if (r !== 0) return -r;
+      }
+      const path = cPath(request.path);
+      const argv = cStringArray(request.argv);
+      const envp = cStringArray(request.env);
+      const pid = new Int32Array(1);
+      r = s.posix_spawn(pid, path, actions, attr, argv.array, envp.array);
+      // The strings must outlive the call: referenced here until it returned.
+      keep.push(path, ...argv.keep, ...envp.keep);
+      return r !== 0 ? -r : pid[0];
+    } finally {
+      s.posix_spawn_file_actions_destroy(actions);
+    }
+  } finally {
+    s.posix_spawnattr_destroy(attr);
+  }
 }
