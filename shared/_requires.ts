@@ -22,9 +22,11 @@ export function findProgram(name: string): string | undefined {
       const info = Deno.statSync(candidate);
       if (info.isFile && ((info.mode ?? 0o111) & 0o111) !== 0) return candidate;
     } catch (error) {
-      if (!(error instanceof Deno.errors.NotFound || error instanceof Deno.errors.NotADirectory)) {
-        throw error;
-      }
+      // Missing, not a directory, or a directory this user cannot search: not there.
+      if (
+        !(error instanceof Deno.errors.NotFound || error instanceof Deno.errors.NotADirectory ||
+          error instanceof Deno.errors.PermissionDenied)
+      ) throw error;
     }
   }
   return undefined;
