@@ -228,6 +228,8 @@ interface Entry {
   removed: boolean;
   /** Called at the agent's next authenticated request (`agentSeen`). */
   seenWaiters: Array<() => void>;
+  /** Whether the agent answered the last CONNECT line by reaching us (unknown: undefined). */
+  readsLine?: boolean;
 }
 
 /** Channel failures that just mean "the VM is not running": no lastError. */
@@ -701,103 +703,108 @@ export class Coordinator implements AsyncDisposable {
   }
 
   async #runAnnounce(entry: Entry, reason: string, generation: number): Promise<void> {
-    await this.#slots.acquire();
-    try {
-      if (generation !== entry.generation || entry.removed || this.#closed) return;
-      const instance = entry.instance;
-      const port = this.#options.hostPort();
-      if (!Number.isInteger(port) || port < 1 || port > 65535) {
-        this.#setStatus(entry, entry.status, `cannot announce: host port ${port} is not known yet`);
-        return;
+    if (generation !== entry.generation || entry.removed || this.#closed) return;
+    const instance = entry.instance;
+    const port = this.#options.hostPort();
+    if (!Number.isInteger(port) || port < 1 || port > 65535) {
+      this.#setStatus(entry, entry.status, `cannot announce: host port ${port} is not known yet`);
+      return;
+    }
+    const startedAt = this.#now();
+    this.#logger.debug("announcing", { instance: instance.name, reason, port });
+    // The CONNECT line and the wait for the agent hold no announce slot: a guest
+    // that does not read its channel, or a stock agent that ignores the line,
+    // never delays the announces of others.
+    const wait = this.#options.connectLineWait ?? 1000;
+    let lineSent = false;
+    // A bidirectional channel still connecting (the host just started): give it a moment.
+    if (entry.watcher.canWrite || await entry.watcher.whenWritable(wait, this.#abort.signal)) {
+      lineSent = await entry.watcher.writeLine(formatConnectLine(HOST_CID, port));
+    }
+    // Our agent reads the line and reaches us: that is the announce, and PUT is not
+    // sent. An agent that did not is not waited for again until its VM stops.
+    let viaLine = false;
+    if (lineSent && entry.readsLine !== false) {
+      viaLine = await this.#reachedSince(entry, startedAt, wait);
+      entry.readsLine = viaLine;
+    }
+    const info: ConnectionInfo = {
+      cid: HOST_CID,
+      port,
+      certificate: this.#options.serverCert,
+      devlxd: devlxdEnabled(instance),
+    };
+    let failure: unknown;
+    let announcedPid: number | undefined;
+    if (!viaLine) {
+      await this.#slots.acquire();
+      try {
+        if (generation !== entry.generation || entry.removed || this.#closed) return;
+        announcedPid = (await this.#api.announce(instance, info, this.#abort.signal))?.pid;
+      } catch (error) {
+        failure = error;
+      } finally {
+        this.#slots.release();
       }
-      const startedAt = this.#now();
-      this.#logger.debug("announcing", { instance: instance.name, reason, port });
-      let lineSent = false;
-      // A bidirectional channel still connecting (the host just started): give it a moment.
-      const wait = this.#options.connectLineWait ?? 1000;
-      if (
-        entry.watcher.canWrite || await entry.watcher.whenWritable(wait, this.#abort.signal)
-      ) {
-        lineSent = await entry.watcher.writeLine(formatConnectLine(HOST_CID, port));
-      }
-      const info: ConnectionInfo = {
-        cid: HOST_CID,
-        port,
-        certificate: this.#options.serverCert,
-        devlxd: devlxdEnabled(instance),
-      };
-      let failure: unknown;
-      let announcedPid: number | undefined;
-      // Our agent reads the line and reaches us: that is the announce, and PUT is not sent.
-      const viaLine = lineSent &&
-        await this.#reachedSince(entry, startedAt, this.#options.connectLineWait ?? 1000);
-      if (!viaLine) {
-        try {
-          announcedPid = (await this.#api.announce(instance, info, this.#abort.signal))?.pid;
-        } catch (error) {
-          failure = error;
-        }
-      }
-      if (generation !== entry.generation || entry.removed || this.#closed) return;
-      const now = this.#now();
-      if (failure === undefined || lineSent) {
-        entry.announcedAt = startedAt;
-        entry.announcedPort = port;
-        entry.failures = 0;
-        const error = failure === undefined
-          ? undefined
-          : `PUT /1.0 failed (CONNECT line sent): ${message(failure)}`;
-        const seen = entry.lastSeen !== undefined && entry.lastSeen >= startedAt;
-        // An agent that does not answer an announce by reaching us is told
-        // again at a falling rate: at most once per slow-poll period.
-        entry.unanswered = seen ? 0 : entry.unanswered + 1;
-        entry.nextAnnounceAt = now +
-          Math.min(this.#intervals.waiting * 2 ** entry.unanswered, this.#intervals.connected);
-        this.#setStatus(entry, seen ? "CONNECTED" : "CONNECT sent", error);
-        // Our agent's answer carries its pid; only a stock agent's ({}) needs a
-        // GET /1.0, a third TLS connection per announce.
-        if (failure === undefined && announcedPid !== undefined) entry.agentPid = announcedPid;
-        else if (failure === undefined && !viaLine) await this.#recordAgentPid(entry, generation);
-        this.#logger.info("announced", {
-          instance: instance.name,
-          reason,
-          port,
-          via: viaLine ? "CONNECT line" : "PUT /1.0",
-        });
-        return;
-      }
-      entry.failures++;
-      const backoff = Math.min(
-        this.#intervals.waiting * 2 ** (entry.failures - 1),
-        this.#intervals.connected,
-      );
-      entry.nextAnnounceAt = now + backoff;
-      const kind = failure instanceof AgentCallError ? failure.kind : "error";
-      this.#logger.info("announce failed", {
+    }
+    if (generation !== entry.generation || entry.removed || this.#closed) return;
+    const now = this.#now();
+    if (failure === undefined || lineSent) {
+      entry.announcedAt = startedAt;
+      entry.announcedPort = port;
+      entry.failures = 0;
+      const error = failure === undefined
+        ? undefined
+        : `PUT /1.0 failed (CONNECT line sent): ${message(failure)}`;
+      const seen = entry.lastSeen !== undefined && entry.lastSeen >= startedAt;
+      // An agent that does not answer an announce by reaching us is told
+      // again at a falling rate: at most once per slow-poll period.
+      entry.unanswered = seen ? 0 : entry.unanswered + 1;
+      entry.nextAnnounceAt = now +
+        Math.min(this.#intervals.waiting * 2 ** entry.unanswered, this.#intervals.connected);
+      this.#setStatus(entry, seen ? "CONNECTED" : "CONNECT sent", error);
+      // Our agent's answer carries its pid; only a stock agent's ({}) needs a
+      // GET /1.0, a third TLS connection per announce.
+      if (failure === undefined && announcedPid !== undefined) entry.agentPid = announcedPid;
+      else if (failure === undefined && !viaLine) await this.#recordAgentPid(entry, generation);
+      this.#logger.info("announced", {
         instance: instance.name,
         reason,
-        kind,
-        error: message(failure),
+        port,
+        via: viaLine ? "CONNECT line" : "PUT /1.0",
       });
-      // An agent that reached us while we were announcing (it had the address
-      // already: agent.conf, a CONNECT line) is connected whatever the PUT did.
-      const seen = entry.lastSeen !== undefined && entry.lastSeen >= startedAt;
-      const status = seen || entry.status === "STOPPED" ? entry.status : "STARTED";
-      this.#setStatus(entry, status, `announce failed: ${message(failure)}`);
-      // Without a status channel nothing else will prompt a retry.
-      if (instance.status.kind === "none" && entry.failures < 8) {
-        clearTimeout(entry.announceTimer);
-        entry.announceTimer = setTimeout(() => {
-          if (entry.status !== "CONNECTED") this.#announce(entry, "retry", false);
-        }, backoff);
-      }
-    } finally {
-      this.#slots.release();
+      return;
+    }
+    entry.failures++;
+    const backoff = Math.min(
+      this.#intervals.waiting * 2 ** (entry.failures - 1),
+      this.#intervals.connected,
+    );
+    entry.nextAnnounceAt = now + backoff;
+    const kind = failure instanceof AgentCallError ? failure.kind : "error";
+    this.#logger.info("announce failed", {
+      instance: instance.name,
+      reason,
+      kind,
+      error: message(failure),
+    });
+    // An agent that reached us while we were announcing (it had the address
+    // already: agent.conf, a CONNECT line) is connected whatever the PUT did.
+    const seen = entry.lastSeen !== undefined && entry.lastSeen >= startedAt;
+    const status = seen || entry.status === "STOPPED" ? entry.status : "STARTED";
+    this.#setStatus(entry, status, `announce failed: ${message(failure)}`);
+    // Without a status channel nothing else will prompt a retry.
+    if (instance.status.kind === "none" && entry.failures < 8) {
+      clearTimeout(entry.announceTimer);
+      entry.announceTimer = setTimeout(() => {
+        if (entry.status !== "CONNECTED") this.#announce(entry, "retry", false);
+      }, backoff);
     }
   }
 
   /** Remembers the agent's pid after an announce, to spot a restart later. */
   async #recordAgentPid(entry: Entry, generation: number): Promise<void> {
+    await this.#slots.acquire();
     try {
       const probe = await this.#api.probe(entry.instance, this.#abort.signal);
       if (generation === entry.generation) entry.agentPid = probe.pid;
@@ -806,6 +813,8 @@ export class Coordinator implements AsyncDisposable {
         instance: entry.instance.name,
         error,
       });
+    } finally {
+      this.#slots.release();
     }
   }
 
