@@ -35,6 +35,8 @@ export interface AgentConfig {
   stateFile: string;
   /** Period of the serial state rewrite, in milliseconds. */
   rewriteInterval: number;
+  /** Bound on waiting for the host's answer head to a plain request, in milliseconds. */
+  responseTimeout: number;
   transport: TransportConfig;
   logLevel: LogLevel;
   /** Output format of `--status`. */
@@ -62,6 +64,8 @@ OPTIONS
   --devlxd-mode MODE        octal file mode of the devlxd socket (default 0600)
   --state-file PATH         state file read by --status (default /run/lxd-vsock-agent/state.json)
   --rewrite-interval DUR    rewrite the serial state this often: 5s, 500ms, 1m (default 5s)
+  --response-timeout DUR    give up on a host request without an answer head after this
+                            long (default 10s; event streams wait as long as needed)
   --transport KIND          vsock (default) or hybrid:<uds_path> (Firecracker-style unix stand-in)
   --log-level LEVEL         debug, info, warn or error (default info)
   --status                  print the running agent's state; exit 0 if CONNECTED, 1 otherwise
@@ -80,6 +84,7 @@ const DEFAULTS = {
   devlxdMode: 0o600,
   stateFile: "/run/lxd-vsock-agent/state.json",
   rewriteInterval: 5000,
+  responseTimeout: 10_000,
 };
 
 /** Parses `5s`, `500ms`, `1m` or a bare number of seconds into milliseconds. */
@@ -138,6 +143,7 @@ export function parseConfig(
         "devlxd-mode": { type: "string" },
         "state-file": { type: "string" },
         "rewrite-interval": { type: "string" },
+        "response-timeout": { type: "string" },
         "transport": { type: "string" },
         "log-level": { type: "string" },
         "status": { type: "boolean" },
@@ -173,6 +179,9 @@ export function parseConfig(
     rewriteInterval: values["rewrite-interval"] === undefined
       ? DEFAULTS.rewriteInterval
       : parseDuration(values["rewrite-interval"], "--rewrite-interval"),
+    responseTimeout: values["response-timeout"] === undefined
+      ? DEFAULTS.responseTimeout
+      : parseDuration(values["response-timeout"], "--response-timeout"),
     transport: parseTransport(values.transport ?? "vsock"),
     logLevel: wrap(() =>
       parseLogLevel(values["log-level"] ?? env.LXD_VSOCK_AGENT_LOG_LEVEL ?? "info")

@@ -210,7 +210,7 @@ export class EventRelay {
   async #pullOnce(signal: AbortSignal): Promise<boolean> {
     const response = await this.#options.fetchHost!(
       new Request("http://lxd/1.0/events", { signal }),
-      { signal },
+      { signal, stream: true },
     );
     if (!response.ok || response.body === null) {
       await response.body?.cancel();

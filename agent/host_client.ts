@@ -36,7 +36,9 @@ export interface HostRequestOptions {
    */
   handshakeTimeout?: number;
   /**
-   * Bound on waiting for the response head, in ms.
+   * Bound on waiting for the response head, in ms; `Infinity` waits until
+   * the head, a close or `signal` (streams whose head comes with their first
+   * item).
    * @default {10000}
    */
   responseTimeout?: number;
@@ -100,7 +102,10 @@ export function classifyFailure(
       (error as Error)?.message ?? String(error)
     }.`;
   }
-  return new HostUnreachableError(message.replace(/\.\.$/, "."), reason, { cause: error });
+  return new HostUnreachableError(message.replace(/\.\.$/, "."), reason, {
+    cause: error,
+    phase,
+  });
 }
 
 /** Sends `request` to the host of `info` over a new connection. */
@@ -129,7 +134,7 @@ export async function hostRequest(
           queueTimeout / 1000
         } s for a connection.`,
         "busy",
-        { cause: error },
+        { cause: error, phase: "queue" },
       );
     } finally {
       clearTimeout(timer);

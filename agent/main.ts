@@ -92,6 +92,7 @@ export async function main(args: string[]): Promise<number> {
     devlxdSocket: config.devlxdSocket,
     devlxdMode: config.devlxdMode,
     rewriteInterval: config.rewriteInterval,
+    responseTimeout: config.responseTimeout,
     version: VERSION,
     logger,
   });
