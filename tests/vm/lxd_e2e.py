@@ -359,7 +359,16 @@ class Run:
             raise VmFail(f"L2 never reached L1: {e}") from None
         self.figure("vm_start_to_guest_s", self.hello["at"] - t_start)
         t_spawn, _ = self.agent_wait(r"^guest: starting ", "agent start")
-        self.agent_connected(t_start, t_spawn)
+        # The agent has started once it can write its state: ours logs the serial port it
+        # opened (Deno takes a while to load from L2's 9p root), the stock agent (a static Go
+        # binary) writes STARTED as it starts.
+        if self.kind == "ours":
+            t_agent, _ = self.agent_wait(r'msg="serial port open"', "the agent opening the "
+                                         "serial port", timeout=300)
+            self.figure("agent_spawn_to_serial_s", t_agent - t_spawn)
+        else:
+            t_agent = t_spawn
+        self.agent_connected(t_start, t_agent)
         self.devlxd_answers()
         t_follow = now()
         for path in STREAMS:
