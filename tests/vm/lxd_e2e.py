@@ -389,8 +389,9 @@ class Run:
         self.tell(f"LXD read STARTED from the ring buffer ({line.split('msg=')[1][:60]}) "
                   f"{t_seen - t_spawn:.1f}s after the agent started, "
                   f"{t_seen - t_start:.1f}s after lxc start")
-        # Its poll is every 10 s; the agent writes STARTED within a second or two of starting.
-        self.expect(t_seen - t_spawn <= 13.0,
+        # Its poll is every 10 s (restarted by each QMP event, then a QMP round trip under TCG);
+        # 15 s is one period plus slack for that and for this measurement, short of a second poll.
+        self.expect(t_seen - t_spawn <= 15.0,
                     f"LXD logged 'Instance agent started' {t_seen - t_spawn:.1f}s after the agent "
                     f"started: not within its first 10-s poll")
         self.expect(self.lxd.log.find(r"Failed to advertise vsock address", t_start) is None,
