@@ -177,6 +177,7 @@ class Run:
                              "events": {}, "cli": {}}
         self.diffs: list[str] = []
         self.console_thread: threading.Thread | None = None
+        self.t_vm_start: float | None = None
 
     # --- output -----------------------------------------------------------------------
     def step(self, text: str) -> None:
@@ -215,13 +216,25 @@ class Run:
         return p.returncode, text
 
     def check(self) -> None:
+        # L2 reset or stopped by itself (seen under TCG + nested KVM: a guest-reset with
+        # nothing on its console, then LXD boots it again): the VM failed, not an assertion.
+        if self.t_vm_start is not None and self.lxds and not self.lxd.log.stop:
+            hit = self.lxd.log.find(r'msg="Instance stopped"', self.t_vm_start)
+            if hit is not None:
+                raise VmFail(f"L2 stopped by itself: {hit[1][:200]}")
         if self.control is not None and (rc := self.control.agent_exit()) is not None:
             raise Fail(f"the agent in L2 exited with status {rc}")
         if self.lxds and self.lxd.proc.poll() is not None and not self.lxd.log.stop:
             raise Fail(f"lxd exited ({self.lxd.proc.returncode}): {self.lxd.errors()}")
 
     def call(self, op: str, **args):
-        return self.control.call(op, check=self.check, **args)
+        try:
+            return self.control.call(op, check=self.check, **args)
+        except VmFail:
+            raise
+        except Fail:
+            self.check()  # a VM that reset explains a closed control connection
+            raise
 
     def agent_lines(self, since: float = 0.0) -> list[tuple[float, str]]:
         """The agent's output lines in L2, stamped on L1's clock (from L2's uptime)."""
@@ -348,7 +361,7 @@ class Run:
         self.create_vm()
         self.control = Control(CONTROL_PORT, cid=None)
         self.follow_console()
-        t_start = now()
+        t_start = self.t_vm_start = now()
         self.lxc("start", NAME, timeout=300)
         self.figure("lxc_start_s", now() - t_start)
         self.tell(f"lxc start vm1 returned after {now() - t_start:.1f}s: LXD's QEMU boots L2 "
