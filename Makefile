@@ -61,8 +61,9 @@ bench-vm: install
 	TOPOLOGY_ARGS="--concurrency 1,8,64" bash -o pipefail -c 'bash tests/vm/run-e2e l2-topology-ours l2-topology-stock | tee .cache/bench-vm.log'
 	@/usr/bin/python3 tests/vm/bench_vm_table.py .cache/bench-vm.log
 
+## demo: one real VM topology, narrated; ARGS=--lxd: the real LXD 5.0.2 drives our agent
 demo: install
-	bash tests/vm/demo
+	bash tests/vm/demo $(ARGS)
 
 clean:
 	rm -rf dist .cache

@@ -14,7 +14,13 @@
  *   re-announces itself; 5 s + the 2 s bound on the connect stays within a
  *   restarted LXD's 10 s poll);
  * - any request that reaches the host makes the agent CONNECTED, any that
- *   cannot makes it STARTED.
+ *   cannot makes it STARTED; but it stays STARTED until a host has announced
+ *   itself (PUT /1.0, a serial CONNECT line) since the agent started, even
+ *   when agent.conf's address answers: LXD 5.0.2 reads the ring buffer every
+ *   10 s and acts only on a last line of STARTED;
+ * - a long-lived `/1.0/events` request whose head is late (LXD 5.0.2 sends
+ *   it with the first event) or that breaks off once connected changes
+ *   nothing: only failed connects, handshakes and plain requests do.
  *
  * Owns: the agent API listener and its connections, the devlxd server, the
  * serial channel, the relay and the timers; `close()` releases all of them.
@@ -311,7 +317,7 @@ export class Agent {
         cert: this.#options.identity.cert,
         key: this.#options.identity.key,
         connectTimeout: this.#options.connectTimeout,
-        responseTimeout: this.#options.responseTimeout,
+        responseTimeout: options.stream ? Infinity : this.#options.responseTimeout,
         slots: this.#hostSlots,
         pool: this.#hostPool,
         signal: options.signal,
@@ -325,7 +331,11 @@ export class Agent {
     } catch (error) {
       if (
         error instanceof HostUnreachableError && this.#info === info &&
-        error.reason !== "error" && error.reason !== "busy"
+        error.reason !== "error" && error.reason !== "busy" &&
+        // A stream the host accepted but has not answered yet (LXD 5.0.2's
+        // /1.0/events: no head until the first event) or broke off is not a
+        // host that went away: the liveness probe and plain requests tell that.
+        !(options.stream && error.phase === "request")
       ) {
         this.#status.failed(error.message);
       }
@@ -345,6 +355,8 @@ export class Agent {
     source: "agent.conf" | "PUT /1.0" | "serial",
   ): Promise<void> {
     const generation = ++this.#generation;
+    // A host announced itself (LXD 5.0.2 acts only on STARTED: keep it until then).
+    if (source !== "agent.conf") this.#status.hostAnnounced();
     const fallback = this.#good;
     // Nothing known works: use the new info at once, while it is checked.
     if (fallback === undefined) this.#use(info, source);

@@ -29,6 +29,7 @@ function put(body: unknown): RequestInit {
 Deno.test("agent API GET /1.0 reports the agent's pid, state, connection, devlxd and ready", async () => {
   const { app, status } = api();
   status.setHost({ cid: 2, port: 4000 }, "PUT /1.0");
+  status.hostAnnounced();
   status.connected();
   status.setDevlxd(true, true);
   const res = await app.request("/1.0");

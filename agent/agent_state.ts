@@ -70,6 +70,7 @@ export class AgentStatus {
   #readyFile: string | undefined;
   #listeners = new Set<Listener>();
   #dirty = false;
+  #announced = false;
   #logger: Logger;
   #now: () => Date;
 
@@ -125,15 +126,32 @@ export class AgentStatus {
     }
   }
 
+  /** Whether a host has announced itself (PUT /1.0, a serial CONNECT line) since the start. */
+  get announced(): boolean {
+    return this.#announced;
+  }
+
   /**
-   * The last attempt to reach the host succeeded. The state file is rewritten
-   * at once on a transition; a mere new `lastConnected` (every guest request)
-   * waits for the next `flush()`.
+   * A host announced itself (PUT /1.0 or a serial `CONNECT` line). Until the
+   * first announce the state stays STARTED even when the host answers (with
+   * agent.conf's address): LXD 5.0.2 reads the ring buffer every 10 s, acts
+   * only on a last line of STARTED, and never announces itself nor counts the
+   * agent as started if it misses it.
+   */
+  hostAnnounced(): void {
+    this.#announced = true;
+  }
+
+  /**
+   * The last attempt to reach the host succeeded: CONNECTED once a host has
+   * announced itself since the start (`hostAnnounced()`). The state file is
+   * rewritten at once on a transition; a mere new `lastConnected` (every
+   * guest request) waits for the next `flush()`.
    */
   connected(): void {
     if (this.#snapshot.state === "STOPPED") return;
     this.#snapshot.lastConnected = this.#now().toISOString();
-    if (this.#snapshot.state === "CONNECTED") {
+    if (this.#snapshot.state === "CONNECTED" || !this.#announced) {
       this.#dirty = true;
       return;
     }

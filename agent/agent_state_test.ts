@@ -36,6 +36,7 @@ Deno.test("AgentStatus records connections, failures with their reason, and tran
     const transitions: string[] = [];
     status.onTransition((state, previous) => transitions.push(`${previous}->${state}`));
     status.setHost({ cid: 2, port: 1234 }, "PUT /1.0");
+    status.hostAnnounced();
     status.connected();
     status.connected();
     status.failed("connection refused");
@@ -54,6 +55,25 @@ Deno.test("AgentStatus records connections, failures with their reason, and tran
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
+});
+
+Deno.test("AgentStatus stays STARTED while the host answers but has not announced itself since the start (LXD 5.0.2 acts only on STARTED)", () => {
+  const status = new AgentStatus();
+  const transitions: string[] = [];
+  status.onTransition((state, previous) => transitions.push(`${previous}->${state}`));
+  status.setHost({ cid: 2, port: 1234 }, "agent.conf");
+  status.connected();
+  status.connected();
+  assert.equal(status.state, "STARTED");
+  assert.equal(status.announced, false);
+  assert.ok(status.snapshot().lastConnected !== null, "the answer is recorded");
+  status.hostAnnounced();
+  status.connected();
+  assert.equal(status.state, "CONNECTED");
+  status.failed("connection refused");
+  status.connected();
+  assert.equal(status.state, "CONNECTED", "one announce per start is enough");
+  assert.deepEqual(transitions, ["STARTED->CONNECTED", "CONNECTED->STARTED", "STARTED->CONNECTED"]);
 });
 
 Deno.test("AgentStatus keeps the Ready flag across restarts of the agent", async () => {
@@ -93,6 +113,7 @@ Deno.test("AgentStatus writes a repeated connection only on flush()", async () =
       stateFile: `${dir}/state.json`,
       now: () => new Date(t += 1000),
     });
+    status.hostAnnounced();
     status.connected();
     const first = readSnapshot(`${dir}/state.json`).lastConnected;
     status.connected();

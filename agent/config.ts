@@ -39,6 +39,8 @@ export interface AgentConfig {
   hostIdleTimeout: number;
   /** How long a guest request waits for the host's address when none is known yet, in ms. */
   hostWait: number;
+  /** Bound on waiting for the host's answer head to a plain request, in milliseconds. */
+  responseTimeout: number;
   transport: TransportConfig;
   logLevel: LogLevel;
   /** Output format of `--status`. */
@@ -72,6 +74,8 @@ OPTIONS
   --host-wait DUR           how long a devlxd request waits for the host's address when none
                             is known yet (agent.conf without a port): 30s, 0 = answer 503 at
                             once (default 30s)
+  --response-timeout DUR    give up on a host request without an answer head after this
+                            long (default 10s; event streams wait as long as needed)
   --transport KIND          vsock (default) or hybrid:<uds_path> (Firecracker-style unix stand-in)
   --log-level LEVEL         debug, info, warn or error (default info)
   --status                  print the running agent's state; exit 0 if CONNECTED, 1 otherwise
@@ -92,6 +96,7 @@ const DEFAULTS = {
   rewriteInterval: 5000,
   hostIdleTimeout: 2000,
   hostWait: 30_000,
+  responseTimeout: 10_000,
 };
 
 /** Parses `5s`, `500ms`, `1m` or a bare number of seconds into milliseconds. */
@@ -152,6 +157,7 @@ export function parseConfig(
         "rewrite-interval": { type: "string" },
         "host-idle-timeout": { type: "string" },
         "host-wait": { type: "string" },
+        "response-timeout": { type: "string" },
         "transport": { type: "string" },
         "log-level": { type: "string" },
         "status": { type: "boolean" },
@@ -197,6 +203,9 @@ export function parseConfig(
       : values["host-wait"] === "0"
       ? 0
       : parseDuration(values["host-wait"], "--host-wait"),
+    responseTimeout: values["response-timeout"] === undefined
+      ? DEFAULTS.responseTimeout
+      : parseDuration(values["response-timeout"], "--response-timeout"),
     transport: parseTransport(values.transport ?? "vsock"),
     logLevel: wrap(() =>
       parseLogLevel(values["log-level"] ?? env.LXD_VSOCK_AGENT_LOG_LEVEL ?? "info")

@@ -9,6 +9,7 @@ Deno.test("parseConfig() gives LXD's defaults with no arguments", () => {
   assert.equal(config.devlxdSocket, "/dev/lxd/sock");
   assert.equal(config.devlxdMode, 0o600);
   assert.equal(config.rewriteInterval, 5000);
+  assert.equal(config.responseTimeout, 10_000);
   assert.deepEqual(config.transport, { kind: "vsock" });
   assert.deepEqual(config.serialPorts, [
     "/dev/virtio-ports/org.linuxcontainers.lxd",
@@ -29,6 +30,7 @@ Deno.test("parseConfig() reads every option", () => {
     "--devlxd-mode=0660",
     "--state-file=/tmp/st.json",
     "--rewrite-interval=250ms",
+    "--response-timeout=2s",
     "--transport=hybrid:/tmp/v.sock",
     "--log-level=debug",
   ]);
@@ -39,6 +41,7 @@ Deno.test("parseConfig() reads every option", () => {
   assert.equal(config.devlxdMode, 0o660);
   assert.equal(config.stateFile, "/tmp/st.json");
   assert.equal(config.rewriteInterval, 250);
+  assert.equal(config.responseTimeout, 2000);
   assert.deepEqual(config.transport, { kind: "hybrid", path: "/tmp/v.sock" });
   assert.equal(config.logLevel, "debug");
 });

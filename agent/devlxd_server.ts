@@ -75,8 +75,9 @@ export function textError(status: number, message: string): Response {
   });
 }
 
+/** JSON and a newline, as LXD's agent answers (Go's `json.Encoder`). */
 function json(value: unknown): Response {
-  return new Response(JSON.stringify(value), {
+  return new Response(JSON.stringify(value) + "\n", {
     headers: { "Content-Type": "application/json" },
   });
 }
@@ -211,7 +212,13 @@ export function createDevlxdApp(options: DevlxdAppOptions): Hono {
       throw new DevlxdError(400, `Invalid state ${JSON.stringify(state ?? null)}`);
     }
     options.onReady?.(state);
-    await ask("PATCH", "/1.0", { state });
+    const answer = await ask("PATCH", "/1.0", { state });
+    // LXD 5.0.2 has no ready state: its devlxd answers PATCH like GET, and its
+    // agent hands that /1.0 JSON to the guest; so do we. Hosts that keep the
+    // state (ours, later LXD) answer with no metadata: an empty body, as before.
+    if (answer !== null && typeof answer === "object" && "api_version" in answer) {
+      return json(answer);
+    }
     return new Response("", { headers: { "Content-Type": "application/octet-stream" } });
   });
 

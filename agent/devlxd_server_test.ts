@@ -77,6 +77,38 @@ Deno.test("devlxd GET /1.0 unwraps the host's envelope with one request", async 
   assert.equal(host.asked.length, 1);
 });
 
+Deno.test("devlxd JSON answers end with a newline, as LXD's agent's (Go's json.Encoder) do", async () => {
+  const host = fakeHost();
+  const { app: a } = app(host.fetchHost);
+  for (const path of ["/", "/1.0", "/1.0/config", "/1.0/devices"]) {
+    const text = await (await a.request(path)).text();
+    assert.ok(text.endsWith("}\n") || text.endsWith("]\n"), `${path}: ${JSON.stringify(text)}`);
+    assert.ok(!text.endsWith("\n\n"), path);
+  }
+});
+
+Deno.test("devlxd PATCH /1.0 to a host without a ready state (LXD 5.0.2 answers it like GET) gives the guest that /1.0 JSON, as the stock agent does, and keeps Ready", async () => {
+  const info = {
+    state: "",
+    api_version: "1.0",
+    instance_type: "virtual-machine",
+    location: "none",
+  };
+  const asked: string[] = [];
+  const fetchHost: HostFetch = (request) => {
+    asked.push(request.method);
+    return Promise.resolve(syncResponse(info));
+  };
+  const states: string[] = [];
+  const { app: a } = app(fetchHost, { onReady: (s) => states.push(s) });
+  const res = await a.request("/1.0", { method: "PATCH", body: '{"state":"Ready"}' });
+  assert.equal(res.status, 200);
+  assert.match(res.headers.get("content-type") ?? "", /application\/json/);
+  assert.equal(await res.text(), JSON.stringify(info) + "\n");
+  assert.deepEqual(asked, ["PATCH"], "still forwarded, for hosts that keep it");
+  assert.deepEqual(states, ["Ready"], "and kept, to re-send after new connection info");
+});
+
 Deno.test("devlxd config: keys filtered to user.* and cloud-init.*, values raw", async () => {
   const host = fakeHost();
   const { app: a } = app(host.fetchHost);

@@ -71,6 +71,23 @@ function eventKey(event: unknown): string {
   return canonical([e.type, e.timestamp, e.metadata]);
 }
 
+/** The fields of LXD's `api.Event` in the order Go writes them; the rest follow as they came. */
+const EVENT_FIELDS = ["type", "timestamp", "metadata", "location", "project"];
+
+/**
+ * `event` with its top-level fields in the order LXD's agent writes them
+ * (`type`, `timestamp`, `metadata`, then `location` and `project` when
+ * present), whatever order the host sent; anything else is left as it is.
+ */
+export function goEventOrder(event: unknown): unknown {
+  if (event === null || typeof event !== "object" || Array.isArray(event)) return event;
+  const source = event as Record<string, unknown>;
+  const ordered: Record<string, unknown> = {};
+  for (const key of EVENT_FIELDS) if (key in source) ordered[key] = source[key];
+  for (const [key, value] of Object.entries(source)) if (!(key in ordered)) ordered[key] = value;
+  return ordered;
+}
+
 function delay(ms: number, signal: AbortSignal): Promise<void> {
   return new Promise((resolve) => {
     if (signal.aborted) return resolve();
@@ -137,7 +154,7 @@ export class EventRelay {
    * delivered recently. Returns whether it was new.
    */
   publish(event: unknown): boolean {
-    const line = JSON.stringify(event);
+    const line = JSON.stringify(goEventOrder(event));
     const key = eventKey(event);
     if (this.#recent.has(key)) return false;
     this.#recent.add(key);
@@ -210,7 +227,7 @@ export class EventRelay {
   async #pullOnce(signal: AbortSignal): Promise<boolean> {
     const response = await this.#options.fetchHost!(
       new Request("http://lxd/1.0/events", { signal }),
-      { signal },
+      { signal, stream: true },
     );
     if (!response.ok || response.body === null) {
       await response.body?.cancel();

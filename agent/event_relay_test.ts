@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { EventRelay } from "./event_relay.ts";
+import { EventRelay, goEventOrder } from "./event_relay.ts";
 import { within } from "./_testing.ts";
 
 const decoder = new TextDecoder();
@@ -130,4 +130,28 @@ Deno.test("EventRelay recognises the same event with other key order or extra fi
   assert.deepEqual(await sub.next(), event("user.k", "v"));
   assert.deepEqual(await sub.next(), event("user.k", "w"));
   await sub.cancel();
+});
+
+Deno.test("EventRelay writes events with LXD's field order (type, timestamp, metadata, location, project), whatever order they came in", async () => {
+  await using relay = new EventRelay();
+  const reader = relay.subscribe().getReader();
+  relay.publish({
+    project: "default",
+    metadata: { key: "user.a", old_value: "", value: "1" },
+    location: "none",
+    timestamp: "2026-01-01T00:00:00Z",
+    type: "config",
+  });
+  const { value } = await within(reader.read(), "an event");
+  assert.equal(
+    decoder.decode(value),
+    '{"type":"config","timestamp":"2026-01-01T00:00:00Z","metadata":{"key":"user.a","old_value":"","value":"1"},"location":"none","project":"default"}\n',
+  );
+  await reader.cancel();
+  assert.deepEqual(Object.keys(goEventOrder({ metadata: 1, extra: 2, type: "x" }) as object), [
+    "type",
+    "metadata",
+    "extra",
+  ]);
+  assert.equal(goEventOrder("not an object"), "not an object");
 });

@@ -41,7 +41,9 @@ export interface HostRequestOptions {
    */
   handshakeTimeout?: number;
   /**
-   * Bound on waiting for the response head, in ms.
+   * Bound on waiting for the response head, in ms; `Infinity` waits until
+   * the head, a close or `signal` (streams whose head comes with their first
+   * item).
    * @default {10000}
    */
   responseTimeout?: number;
@@ -107,7 +109,10 @@ export function classifyFailure(
       (error as Error)?.message ?? String(error)
     }.`;
   }
-  return new HostUnreachableError(message.replace(/\.\.$/, "."), reason, { cause: error });
+  return new HostUnreachableError(message.replace(/\.\.$/, "."), reason, {
+    cause: error,
+    phase,
+  });
 }
 
 /**
@@ -179,7 +184,7 @@ async function newConnection(
           queueTimeout / 1000
         } s for a connection.`,
         "busy",
-        { cause: error },
+        { cause: error, phase: "queue" },
       );
     } finally {
       clearTimeout(timer);

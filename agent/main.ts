@@ -95,6 +95,7 @@ export async function main(args: string[]): Promise<number> {
     rewriteInterval: config.rewriteInterval,
     hostIdleTimeout: config.hostIdleTimeout,
     hostWait: config.hostWait,
+    responseTimeout: config.responseTimeout,
     version: VERSION,
     logger,
   });

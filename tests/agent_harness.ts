@@ -93,6 +93,14 @@ export class TestHost {
   openTlsConnections = 0;
   config: Record<string, string> = { "user.foo": "bar", "security.secret": "no" };
   state: "Started" | "Ready" = "Started";
+  /**
+   * Answers `/1.0/events` only with the first event, as LXD 5.0.2 does (Go
+   * writes the response head lazily): until then the request has no head.
+   */
+  lateEventHead = false;
+  /** `/1.0/events` requests waiting for their head (`lateEventHead`). */
+  pendingEventHeads = 0;
+  #firstEvent = Promise.withResolvers<string>();
   readonly changed = new Signal();
   #eventStreams = new Set<ReadableStreamDefaultController<Uint8Array>>();
   #listener: Listener;
@@ -122,7 +130,9 @@ export class TestHost {
 
   /** Sends an event to every open `/1.0/events` stream. */
   streamEvent(event: unknown): void {
-    for (const c of this.#eventStreams) c.enqueue(encoder.encode(JSON.stringify(event) + "\n"));
+    const line = JSON.stringify(event) + "\n";
+    for (const c of this.#eventStreams) c.enqueue(encoder.encode(line));
+    this.#firstEvent.resolve(line); // a late head goes out with this event
   }
 
   async #accept(): Promise<void> {
@@ -207,11 +217,19 @@ export class TestHost {
     });
     app.get("/1.0/meta-data", () => sync("instance-id: t1\nlocal-hostname: t1\n"));
     app.get("/1.0/devices", () => sync({ eth0: { name: "eth0", type: "nic" } }));
-    app.get("/1.0/events", () => {
+    app.get("/1.0/events", async () => {
+      let first: string | undefined;
+      if (this.lateEventHead) {
+        this.pendingEventHeads++;
+        this.changed.notify();
+        first = await this.#firstEvent.promise;
+        this.pendingEventHeads--;
+      }
       let controller!: ReadableStreamDefaultController<Uint8Array>;
       const body = new ReadableStream<Uint8Array>({
         start: (c) => {
           controller = c;
+          if (first !== undefined) c.enqueue(encoder.encode(first));
           this.#eventStreams.add(c);
           this.changed.notify();
         },

@@ -63,6 +63,22 @@ async function world(conf?: { port: number; devlxd: boolean }) {
       agents.push(agent);
       return agent;
     },
+    /** The host announces itself (PUT /1.0, agent.conf's values); resolves once CONNECTED. */
+    async announce(port: number, devlxd = conf?.devlxd ?? true): Promise<void> {
+      const from = serial.lines.length;
+      const deadline = Date.now() + 15_000;
+      for (;;) { // the agent API may not listen yet
+        try {
+          const res = await this.put(port, { devlxd });
+          assert.equal(res.status, 200, await res.text());
+          break;
+        } catch (error) {
+          if (Date.now() > deadline) throw error;
+          await new Promise((r) => setTimeout(r, 100));
+        }
+      }
+      await serial.waitForAfter(from, "CONNECTED");
+    },
     put(port: number, options: { devlxd?: boolean; certificate?: string } = {}) {
       return callAgent(
         hybridAgent(paths.uds),
@@ -176,22 +192,32 @@ Deno.test("agent: a burst of guest requests rides on the validating request's ke
   await host.changed.until(() => host.openTlsConnections === 0, "idle connections closed");
 });
 
-Deno.test("agent: agent.conf makes /dev/lxd/sock serve before any PUT", async () => {
+Deno.test("agent: agent.conf makes /dev/lxd/sock serve before any PUT, and the agent keeps writing STARTED until the host announces itself (LXD 5.0.2 acts only on STARTED)", async () => {
   await using w = await world({ port: HOST_PORT, devlxd: true });
   const host = w.host();
   const agent = w.agent();
   await untilExists(w.paths.devlxdSocket, agent);
   const meta = await devlxd(w.paths.devlxdSocket, "/1.0/meta-data");
   assert.equal(await meta.text(), "instance-id: t1\nlocal-hostname: t1\n");
-  await w.serial.waitFor("CONNECTED");
   assert.ok(host.requests.some((r) => r.path === "/1.0/meta-data"));
+  // The host answered (agent.conf's address works), yet every rewrite says STARTED.
+  const from = w.serial.lines.length;
+  await w.serial.changed.until(
+    () => w.serial.lines.slice(from).filter((l) => l === "STARTED").length >= 3,
+    "three rewrites of STARTED after the host answered",
+  );
+  assert.ok(!w.serial.lines.includes("CONNECTED"), w.serial.lines.join(","));
+  const put = await w.put(HOST_PORT);
+  assert.equal(put.status, 200);
+  await put.body?.cancel();
+  await w.serial.waitForAfter(from, "CONNECTED");
 });
 
 Deno.test("agent: the host unreachable gives a 503 sentence quickly and STARTED; a CONNECT line on the serial port brings it back", async () => {
   await using w = await world({ port: HOST_PORT, devlxd: true });
   const host = w.host();
   const agent = w.agent();
-  await w.serial.waitFor("CONNECTED");
+  await w.announce(HOST_PORT);
   await untilExists(w.paths.devlxdSocket, agent);
 
   await host.close(); // the host goes away (restarts on a new port)
@@ -217,7 +243,7 @@ Deno.test("agent: Ready PATCHed by a guest is re-sent to a restarted host after 
   await using w = await world({ port: HOST_PORT, devlxd: true });
   const first = w.host();
   const agent = w.agent();
-  await w.serial.waitFor("CONNECTED");
+  await w.announce(HOST_PORT);
   await untilExists(w.paths.devlxdSocket, agent);
   const patched = await devlxd(w.paths.devlxdSocket, "/1.0", {
     method: "PATCH",
@@ -387,6 +413,49 @@ Deno.test("agent: events pushed by the host and pulled from it reach a guest sub
   }
 });
 
+Deno.test("agent: a host's /1.0/events whose head comes only with the first event (LXD 5.0.2) keeps the agent CONNECTED, and the event arrives", async () => {
+  await using w = await world({ port: HOST_PORT, devlxd: true });
+  const host = w.host();
+  host.lateEventHead = true;
+  const agent = w.agent(["--response-timeout=300ms"]);
+  await w.announce(HOST_PORT);
+  await untilExists(w.paths.devlxdSocket, agent);
+  const client = Deno.createHttpClient({
+    proxy: { transport: "unix", path: w.paths.devlxdSocket },
+  });
+  try {
+    const res = await fetch("http://lxd/1.0/events", { client });
+    assert.equal(res.status, 200);
+    const reader = res.body!.pipeThrough(new TextDecoderStream()).getReader();
+    await host.changed.until(
+      () => host.pendingEventHeads > 0,
+      "the agent to ask for the host's events",
+    );
+    // 15 rewrites at 200 ms: 3 s, ten times the response timeout, without an answer head.
+    const from = w.serial.lines.length;
+    await w.serial.changed.until(() => w.serial.lines.length >= from + 15, "15 rewrites", 15_000);
+    assert.deepEqual(
+      [...new Set(w.serial.lines.slice(from))],
+      ["CONNECTED"],
+      `no flip while the head is late: ${w.serial.lines.slice(from).join(",")}`,
+    );
+    assert.equal(host.pendingEventHeads, 1, "one request, still waiting (not retried)");
+    assert.doesNotMatch(agent.stderr, /state=STARTED/);
+    const event = {
+      type: "config",
+      timestamp: "2026-12-05T00:00:00Z",
+      metadata: { key: "user.late", old_value: "", value: "1" },
+    };
+    host.streamEvent(event);
+    let text = "";
+    while (!text.includes("\n")) text += (await within(reader.read(), "the event")).value;
+    assert.deepEqual(JSON.parse(text.trim()), event);
+    await reader.cancel();
+  } finally {
+    client.close();
+  }
+});
+
 Deno.test("agent: image export streams through; a host closing mid-response gives a 503", async () => {
   await using w = await world({ port: HOST_PORT, devlxd: true });
   w.host();
@@ -455,7 +524,7 @@ Deno.test("agent: rewrites its state periodically, and again on a serial port th
   await using w = await world({ port: HOST_PORT, devlxd: false });
   w.host();
   w.agent();
-  await w.serial.waitFor("CONNECTED");
+  await w.announce(HOST_PORT);
   await w.serial.changed.until(
     () => w.serial.lines.filter((l) => l === "CONNECTED").length >= 3,
     "three rewrites of CONNECTED",
@@ -469,7 +538,7 @@ Deno.test("agent: devlxd follows the connection info: off removes /dev/lxd/sock,
   await using w = await world({ port: HOST_PORT, devlxd: false });
   w.host();
   const agent = w.agent();
-  await w.serial.waitFor("CONNECTED");
+  await w.announce(HOST_PORT);
   assert.equal(await exists(w.paths.devlxdSocket), false, "agent.conf says devlxd off");
   const on = await w.put(HOST_PORT, { devlxd: true });
   assert.equal(on.status, 200);
@@ -513,7 +582,7 @@ Deno.test(
       await using w = await world({ port: HOST_PORT, devlxd: true });
       const host = w.host();
       const agent = w.agent([`--devlxd-socket=${socket}`]);
-      await w.serial.waitFor("CONNECTED");
+      await w.announce(HOST_PORT);
       await agent.waitForLog(new RegExp(`msg="serving devlxd".*${dir}/sock`));
       assert.equal(await sh(`stat -c '%F %a' ${socket}`).then((r) => r.stdout), "socket 600");
       assert.equal(await sh(`stat -c '%F' ${dir}`).then((r) => r.stdout), "directory");

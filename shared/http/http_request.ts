@@ -31,7 +31,8 @@ import {
 /** Options for {@linkcode httpRequest}. */
 export interface HttpRequestOptions {
   /**
-   * Milliseconds to wait for the response head (not the body).
+   * Milliseconds to wait for the response head (not the body); `Infinity`
+   * waits without a bound (until the head, a close or `signal`).
    * @default 30000
    */
   timeout?: number;
@@ -85,10 +86,9 @@ export async function httpRequest(
     socket.destroy();
   };
   const onAbort = () => fail(signal!.reason);
-  const timer = setTimeout(
-    () => fail(new Error(`No HTTP response head within ${timeout} ms`)),
-    timeout,
-  );
+  const timer = Number.isFinite(timeout)
+    ? setTimeout(() => fail(new Error(`No HTTP response head within ${timeout} ms`)), timeout)
+    : undefined;
   signal?.addEventListener("abort", onAbort, { once: true });
   try {
     signal?.throwIfAborted();

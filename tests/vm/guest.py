@@ -1,24 +1,29 @@
 #!/usr/bin/python3
-"""guest.py stock|ours CONTROL_PORT AGENT_LOG: the L2 side of tests/vm/topology.py.
+"""guest.py stock|ours CONTROL_PORT AGENT_LOG: the L2 side of tests/vm/topology.py and
+tests/vm/lxd_e2e.py.
 
 Runs in L2 (the VM). Sets the agent up as LXD does (lxd-agent-setup copies the config
 drive, 9p tag "config", to /run/lxd_agent), starts the agent: Debian's stock lxd-agent
 5.0.2, or ours (deno run --no-check $AGENT_PERMISSIONS agent/main.ts, -P=agent unless
-set), its output to AGENT_LOG (a file L1 can read). Then connects to L1 over vsock
+set), its output to AGENT_LOG (a file L1 can read; "-": sent to L1 as {"event":"log"}
+lines on the control connection, for a VM that cannot write to L1). The stock agent is
+the lxd-agent of the config drive when LXD put one there, else Debian's from .cache/vm.
+Then connects to L1 over vsock
 (CID 2, CONTROL_PORT) and does what L1 asks, one JSON object a line each way:
 
   {"id":1,"op":"http","method":"GET","path":"/1.0"}      a request on /dev/lxd/sock (curl
                                                           when present, else python)
   {"id":2,"op":"wait_socket","timeout":60}               until /dev/lxd/sock accepts
-  {"id":3,"op":"events_open","path":P}, {"op":"events_wait","path":P,"match":{...}}
-                                                          follow P (default /1.0/events)
+  {"id":3,"op":"events_open","path":P}, {"op":"events_wait","path":P,"match":{...},
+   "wait":S}                                              follow P (default /1.0/events)
   {"id":4,"op":"bench","n":100,"path":"/1.0",           N sequential GETs (p50/p90/p99), then
    "concurrency":[1,8,64],"budget":20}                    per level L: max(100, 4L) GETs from L
                                                           threads (no new ones after BUDGET s):
                                                           req/s, p50/p99, failed count; python
                                                           client, a new connection each
   {"id":5,"op":"stop_agent","timeout":60}                SIGTERM, exit code
-  {"id":6,"op":"exit"}                                    end (the VM powers off)
+  {"id":6,"op":"read","path":P}                          the text of file P in L2
+  {"id":7,"op":"exit"}                                    end (the VM powers off)
 
 Answers {"id":N,"ok":true,"result":...} or {"id":N,"ok":false,"error":"..."}; unasked:
 {"event":"hello","uptime":S} on connect and {"event":"agent-exited","rc":N} if the agent
@@ -78,6 +83,10 @@ def curl_request(method: str, path: str, body: str | None = None, timeout: float
     text, _, tail = p.stdout.rpartition("\n")
     code, _, ctype = tail.partition(" ")
     return {"status": int(code), "content_type": ctype, "body": text, "client": "curl"}
+
+
+def uptime() -> float:
+    return float(open("/proc/uptime").read().split()[0])
 
 
 def percentile(sorted_ms: list[float], q: float) -> float | None:
@@ -229,6 +238,7 @@ class Guest:
         self.wlock = threading.Lock()
         self.events: dict[str, Events] = {}
         self.curl = shutil.which("curl") is not None
+        self.pending_log: list[tuple[float, str]] = []
 
     def send(self, obj: dict) -> None:
         with self.wlock:
@@ -238,11 +248,14 @@ class Guest:
     def start_agent(self) -> None:
         setup = subprocess.run([f"{LXD_AGENT_DIR}/lib/systemd/lxd-agent-setup"],
                                capture_output=True, text=True)
-        log = open(self.log_path, "a", buffering=1)
+        stream = self.log_path == "-"
+        log = open("/tmp/agent.log" if stream else self.log_path, "a", buffering=1)
         log.write(f"guest: lxd-agent-setup exit {setup.returncode} {setup.stdout}{setup.stderr}"
                   f"guest: /run/lxd_agent holds {sorted(os.listdir('/run/lxd_agent'))}\n")
         if self.kind == "stock":
-            cmd, cwd = [f"{LXD_AGENT_DIR}/usr/bin/lxd-agent", "--debug"], "/run/lxd_agent"
+            drive = "/run/lxd_agent/lxd-agent"
+            binary = drive if os.access(drive, os.X_OK) else f"{LXD_AGENT_DIR}/usr/bin/lxd-agent"
+            cmd, cwd = [binary, "--debug"], "/run/lxd_agent"
         else:
             perms = os.environ.get("AGENT_PERMISSIONS", "-P=agent").split()
             cmd = [f"{REPO}/node_modules/deno/deno", "run", "--no-check", *perms, "agent/main.ts",
@@ -250,9 +263,27 @@ class Guest:
             cwd = REPO
         log.write(f"guest: starting {' '.join(cmd)}\n")
         env = dict(os.environ, NO_COLOR="1", DENO_NO_UPDATE_CHECK="1")
-        self.agent = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log,
+        if stream:
+            log.close()
+            with open("/tmp/agent.log") as f:
+                self.pending_log = [(uptime(), line) for line in f.read().splitlines()]
+        self.agent = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.PIPE if stream else log,
                                       stderr=subprocess.STDOUT, env=env)
+        if stream:
+            threading.Thread(target=self._pump_log, daemon=True).start()
         threading.Thread(target=self._watch_agent, daemon=True).start()
+
+    def _pump_log(self) -> None:
+        """Agent output to L1 as log events stamped with L2's uptime (kept until the control
+        connection is up)."""
+        for raw in self.agent.stdout:
+            line, up = raw.decode(errors="replace").rstrip("\n"), uptime()
+            with self.wlock:
+                if self.sock is None:
+                    self.pending_log.append((up, line))
+                    continue
+            self.send({"event": "log", "line": line, "up": up})
 
     def _watch_agent(self) -> None:
         rc = self.agent.wait()
@@ -305,8 +336,8 @@ class Guest:
             self.events[path] = Events(path)
             return {"open": path}
         if op == "events_wait":
-            return self.events[msg.get("path", "/1.0/events")].wait(msg["match"],
-                                                                    msg.get("timeout", 60))
+            return self.events[msg.get("path", "/1.0/events")].wait(
+                msg["match"], msg.get("wait", msg.get("timeout", 60)))
         if op == "bench":
             return bench(msg.get("path", "/1.0"), msg.get("n", 100), msg.get("warmup", 5),
                          msg.get("concurrency", [1, 8, 64]), msg.get("budget", 20))
@@ -330,13 +361,20 @@ class Guest:
             rc = p.wait(msg.get("timeout", 60))
             k = subprocess.run(["dmesg"], capture_output=True, text=True).stdout.splitlines()
             return {"ready": ready, "rc": rc, "dmesg": [l for l in k if "segfault" in l][-2:]}
+        if op == "read":
+            with open(msg["path"], errors="replace") as f:
+                return f.read()
         if op == "uptime":
             return float(open("/proc/uptime").read().split()[0])
         raise RuntimeError(f"unknown op {op!r}")
 
     def serve(self) -> None:
-        self.send({"event": "hello", "uptime": float(open("/proc/uptime").read().split()[0]),
+        self.send({"event": "hello", "uptime": uptime(),
                    "curl": self.curl})
+        with self.wlock:
+            pending, self.pending_log = self.pending_log, []
+        for up, line in pending:
+            self.send({"event": "log", "line": line, "up": up})
         f = self.sock.makefile("rb")
         for line in f:
             msg = json.loads(line)

@@ -130,7 +130,9 @@ class Daemon:
 class Control:
     """The vsock control connection from guest.py in L2."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, cid: int | None = 3) -> None:
+        """`cid`: the only guest CID accepted (None: any, e.g. the CID LXD chose)."""
+        self.cid = cid
         self.srv = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
         self.srv.bind((socket.VMADDR_CID_ANY, port))
         self.srv.listen(1)
@@ -152,8 +154,9 @@ class Control:
                 if now() > deadline:
                     raise VmFail(f"L2 did not connect to the control port within {timeout:.0f}s")
                 continue
-            if peer[0] != 3:
-                raise Fail(f"control connection from CID {peer[0]}, expected 3")
+            self.peer_cid = peer[0]
+            if self.cid is not None and peer[0] != self.cid:
+                raise Fail(f"control connection from CID {peer[0]}, expected {self.cid}")
         threading.Thread(target=self._pump, daemon=True).start()
         return self.wait_event("hello", timeout, check)
 
@@ -163,6 +166,7 @@ class Control:
                 obj = json.loads(line)
                 with self.cond:
                     if "event" in obj:
+                        obj["at"] = now()  # arrival, on L1's clock
                         self.events.append(obj)
                     else:
                         self.replies[obj["id"]] = obj
