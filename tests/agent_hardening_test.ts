@@ -33,6 +33,38 @@ interface World extends AsyncDisposable {
   agent: AgentProcess;
 }
 
+/**
+ * The host announces itself (PUT /1.0 with agent.conf's address; the agent
+ * writes CONNECTED only after an announce, as LXD 5.0.2 needs): once CONNECTED.
+ */
+async function announced(w: World): Promise<void> {
+  const deadline = Date.now() + 15_000;
+  for (;;) { // the agent API may not listen yet
+    try {
+      const put = await callAgent(
+        hybridAgent(w.paths.uds),
+        w.pairs.hostClient,
+        w.pairs.agent.cert,
+        new Request("http://agent/1.0", {
+          method: "PUT",
+          body: JSON.stringify({
+            cid: 2,
+            port: HOST_PORT,
+            certificate: w.pairs.hostServer.cert,
+            devlxd: true,
+          }),
+        }),
+      );
+      assert.equal(put.status, 200, await put.text());
+      break;
+    } catch (error) {
+      if (Date.now() > deadline) throw error;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+  await w.serial.waitFor("CONNECTED");
+}
+
 /** An agent whose agent.conf names a test host on HOST_PORT (started unless `host: false`). */
 async function world(
   options: { host?: boolean; devlxd?: boolean; extra?: string[]; prefix?: string[] } = {},
@@ -64,7 +96,7 @@ async function world(
 
 Deno.test("agent: a request body trickled at one byte a second on /dev/lxd/sock is cut off by the body deadline", async () => {
   await using w = await world();
-  await w.serial.waitFor("CONNECTED");
+  await announced(w);
   using socket = await connectUnix(w.paths.devlxdSocket);
   const start = performance.now();
   const text = await trickleBody(socket, "the agent");
@@ -89,7 +121,7 @@ async function hold(count: number, open: () => Promise<Duplex>): Promise<Duplex[
 
 Deno.test("agent: running out of file descriptors (128) does not stop the agent API or /dev/lxd/sock from accepting", async () => {
   await using w = await world({ prefix: ["prlimit", "--nofile=128:128"] });
-  await w.serial.waitFor("CONNECTED");
+  await announced(w);
   const held = [
     ...await hold(150, () => connectUnix(w.paths.devlxdSocket, { timeout: 1000 })),
     ...await hold(150, () => connectHybrid(w.paths.uds, 8443, { timeout: 1000 })),
@@ -121,7 +153,7 @@ Deno.test("agent: running out of file descriptors (128) does not stop the agent 
 
 Deno.test("agent: the agent API holds at most 32 connections; more are closed at once and logged", async () => {
   await using w = await world();
-  await w.serial.waitFor("CONNECTED");
+  await announced(w);
   const held = await hold(40, () => connectHybrid(w.paths.uds, 8443, { timeout: 3000 }));
   try {
     assert.equal(held.length, 40);
@@ -133,7 +165,7 @@ Deno.test("agent: the agent API holds at most 32 connections; more are closed at
 
 Deno.test("agent: a PUT /1.0 naming a port nobody listens on answers 500 and keeps the last good connection info", async () => {
   await using w = await world();
-  await w.serial.waitFor("CONNECTED");
+  await announced(w);
   const put = await callAgent(
     hybridAgent(w.paths.uds),
     w.pairs.hostClient,

@@ -230,6 +230,8 @@ interface Entry {
   seenWaiters: Array<() => void>;
   /** Whether the agent answered the last CONNECT line by reaching us (unknown: undefined). */
   readsLine?: boolean;
+  /** The agent has written CONNECTED (ours; the stock 5.0.2 agent only ever writes STARTED). */
+  writesConnected?: boolean;
 }
 
 /** Channel failures that just mean "the VM is not running": no lastError. */
@@ -566,6 +568,7 @@ export class Coordinator implements AsyncDisposable {
       ? undefined
       : this.#now() - observation.elapsed;
     entry.observed = state;
+    if (state === "CONNECTED") entry.writesConnected = true;
     if (state === "STOPPED") {
       entry.generation++;
       entry.announcedAt = undefined;
@@ -586,7 +589,7 @@ export class Coordinator implements AsyncDisposable {
       // The agent is up and we have not told it where we are since it (or we) started.
       if (entry.status === "STOPPED") this.#setStatus(entry, "STARTED", undefined);
       if (entry.status !== "CONNECTED") this.#announce(entry, "agent started", false);
-      else if (state === "STARTED") this.#checkStale(entry, previousReadAt);
+      else if (state === "STARTED") this.#startedWhileConnected(entry, previousReadAt);
       return;
     }
     switch (entry.status) {
@@ -603,9 +606,21 @@ export class Coordinator implements AsyncDisposable {
         else this.#announce(entry, "agent did not reach the host since the announce", false);
         break;
       case "CONNECTED":
-        if (state === "STARTED") this.#checkStale(entry, previousReadAt);
+        if (state === "STARTED") this.#startedWhileConnected(entry, previousReadAt);
         break;
     }
+  }
+
+  /**
+   * STARTED from an agent that reaches the host. An agent that has written
+   * CONNECTED before (ours) writes STARTED only until a host announces itself
+   * (LXD 5.0.2 acts on nothing else), even when agent.conf's address already
+   * works: it is announced to. Otherwise (a stock agent rewrites STARTED every
+   * 5 s) the stale check decides.
+   */
+  #startedWhileConnected(entry: Entry, previousReadAt: number | undefined): void {
+    if (entry.writesConnected) this.#announce(entry, "agent waiting for an announce", false);
+    else this.#checkStale(entry, previousReadAt);
   }
 
   /**
