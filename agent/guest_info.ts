@@ -101,7 +101,10 @@ export function serverEnvironment(
     os_name: facts.osName,
     os_version: facts.osVersion,
     project: "",
-    server: "lxd-vsock-agent",
+    // LXD's client treats a server as an agent only when this says "lxd-agent"
+    // (client IsAgent()); otherwise it sends exec and state requests to
+    // /1.0/containers/{name}/…, which no agent serves ("Error: not found").
+    server: "lxd-agent",
     server_clustered: false,
     server_event_mode: "",
     server_name: facts.hostname,

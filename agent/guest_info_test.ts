@@ -28,3 +28,9 @@ Deno.test("readGuestFacts() reports what uname and /etc/os-release say on this m
   assert.equal(env.server_pid, 42);
   assert.ok("storage_supported_drivers" in env);
 });
+
+Deno.test("serverEnvironment() says server lxd-agent, which LXD's client needs to treat it as an agent", () => {
+  const env = serverEnvironment(readGuestFacts(), 1, "0.1.0");
+  assert.equal(env.server, "lxd-agent");
+  assert.equal(env.server_version, "0.1.0");
+});

@@ -519,7 +519,8 @@ class Run:
         if self.kind == "stock":
             self.expect(cli["exec"]["rc"] == 0, f"lxc exec with the stock agent failed: {cli['exec']}")
         self.tell("lxc: " + "; ".join(
-            f"{k} exit {v['rc']}" + (f" ({v['output'].splitlines()[-1][:70]})" if v["rc"] else "")
+            f"{k} exit {v['rc']}" +
+            (f" ({(v['output'].splitlines() or [''])[-1][:70]})" if v["rc"] else "")
             for k, v in cli.items()))
 
     def no_flip(self, t_follow: float) -> None:
