@@ -9,6 +9,7 @@ import {
   type AgentPaths,
   agentPaths,
   AgentProcess,
+  announceTo,
   callAgent,
   devlxd,
   hybridAgent,
@@ -33,36 +34,23 @@ interface World extends AsyncDisposable {
   agent: AgentProcess;
 }
 
-/**
- * The host announces itself (PUT /1.0 with agent.conf's address; the agent
- * writes CONNECTED only after an announce, as LXD 5.0.2 needs): once CONNECTED.
- */
-async function announced(w: World): Promise<void> {
-  const deadline = Date.now() + 15_000;
-  for (;;) { // the agent API may not listen yet
-    try {
-      const put = await callAgent(
-        hybridAgent(w.paths.uds),
-        w.pairs.hostClient,
-        w.pairs.agent.cert,
-        new Request("http://agent/1.0", {
-          method: "PUT",
-          body: JSON.stringify({
-            cid: 2,
-            port: HOST_PORT,
-            certificate: w.pairs.hostServer.cert,
-            devlxd: true,
-          }),
+/** The host announces itself with agent.conf's address; resolves once CONNECTED. */
+function announced(w: World): Promise<void> {
+  return announceTo(w.serial, () =>
+    callAgent(
+      hybridAgent(w.paths.uds),
+      w.pairs.hostClient,
+      w.pairs.agent.cert,
+      new Request("http://agent/1.0", {
+        method: "PUT",
+        body: JSON.stringify({
+          cid: 2,
+          port: HOST_PORT,
+          certificate: w.pairs.hostServer.cert,
+          devlxd: true,
         }),
-      );
-      assert.equal(put.status, 200, await put.text());
-      break;
-    } catch (error) {
-      if (Date.now() > deadline) throw error;
-      await new Promise((r) => setTimeout(r, 100));
-    }
-  }
-  await w.serial.waitFor("CONNECTED");
+      }),
+    ));
 }
 
 /** An agent whose agent.conf names a test host on HOST_PORT (started unless `host: false`). */

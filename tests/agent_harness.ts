@@ -273,6 +273,34 @@ export class TestHost {
 }
 
 /** How the host reaches the agent API of a hybrid guest: `CONNECT <port>` on its uds. */
+/**
+ * The host announces itself: `put()` (a PUT /1.0 to the agent API) is tried
+ * again while the agent API does not listen yet (up to 15 s); resolves once
+ * the agent writes CONNECTED after it (it writes CONNECTED only once a host
+ * announced itself, as LXD 5.0.2 needs).
+ */
+export async function announceTo(
+  serial: SerialPeer,
+  put: () => Promise<Response>,
+): Promise<void> {
+  const from = serial.lines.length;
+  const deadline = Date.now() + 15_000;
+  for (;;) {
+    try {
+      const res = await put();
+      if (res.status !== 200) {
+        throw new Error(`PUT /1.0 answered ${res.status}: ${await res.text()}`);
+      }
+      await res.body?.cancel();
+      break;
+    } catch (error) {
+      if (Date.now() > deadline) throw error;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+  await serial.waitForAfter(from, "CONNECTED");
+}
+
 export function hybridAgent(uds: string, port = 8443): () => Promise<Duplex> {
   return () => connectHybrid(uds, port, { timeout: 3000 });
 }

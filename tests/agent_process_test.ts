@@ -9,6 +9,7 @@ import {
   type AgentPaths,
   agentPaths,
   AgentProcess,
+  announceTo,
   callAgent,
   devlxd,
   envelope,
@@ -64,20 +65,8 @@ async function world(conf?: { port: number; devlxd: boolean }) {
       return agent;
     },
     /** The host announces itself (PUT /1.0, agent.conf's values); resolves once CONNECTED. */
-    async announce(port: number, devlxd = conf?.devlxd ?? true): Promise<void> {
-      const from = serial.lines.length;
-      const deadline = Date.now() + 15_000;
-      for (;;) { // the agent API may not listen yet
-        try {
-          const res = await this.put(port, { devlxd });
-          assert.equal(res.status, 200, await res.text());
-          break;
-        } catch (error) {
-          if (Date.now() > deadline) throw error;
-          await new Promise((r) => setTimeout(r, 100));
-        }
-      }
-      await serial.waitForAfter(from, "CONNECTED");
+    announce(port: number, devlxd = conf?.devlxd ?? true): Promise<void> {
+      return announceTo(serial, () => this.put(port, { devlxd }));
     },
     put(port: number, options: { devlxd?: boolean; certificate?: string } = {}) {
       return callAgent(
