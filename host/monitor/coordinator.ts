@@ -587,9 +587,13 @@ export class Coordinator implements AsyncDisposable {
     }
     if (entry.announcedAt === undefined) {
       // The agent is up and we have not told it where we are since it (or we) started.
+      // An agent that writes STARTED waits for an announce even when it already
+      // reached us from agent.conf (ours does until a host announces itself, for
+      // LXD 5.0.2): announced to once per run of it or of us.
       if (entry.status === "STOPPED") this.#setStatus(entry, "STARTED", undefined);
-      if (entry.status !== "CONNECTED") this.#announce(entry, "agent started", false);
-      else if (state === "STARTED") this.#startedWhileConnected(entry, previousReadAt);
+      if (entry.status !== "CONNECTED" || state === "STARTED") {
+        this.#announce(entry, "agent started", false);
+      }
       return;
     }
     switch (entry.status) {

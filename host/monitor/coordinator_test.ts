@@ -176,6 +176,24 @@ Deno.test("Coordinator announces when the agent shows STARTED and is CONNECTED o
   assert.equal(status.observed, "STARTED");
 });
 
+Deno.test("Coordinator announces to an agent that reached the host from agent.conf before its first STARTED was read", async () => {
+  // Our agent writes STARTED until a host announces itself, even when agent.conf's
+  // address already works (LXD 5.0.2): if its first request arrives before the
+  // host reads that STARTED, the host must still announce, or it stays STARTED.
+  await using fixture = await qmpVm();
+  const { ring, vm } = fixture;
+  const { api, changes, coordinator } = setup([vm]);
+  await using _c = coordinator;
+  // Its GET /1.0 (the probe) shows it holds this host's address: nothing looks stale.
+  api.connections.set("vm1", { cid: 2, port: 40001 });
+  coordinator.start();
+  coordinator.agentSeen("vm1");
+  await changes.until((c) => c.state === "CONNECTED");
+  ring.write("STARTED\n");
+  const { name } = await api.announces.next();
+  assert.equal(name, "vm1");
+});
+
 Deno.test("Coordinator does not re-announce on the periodic STARTED of a connected agent that is alive", async () => {
   await using fixture = await qmpVm();
   const { ring, qemu, vm } = fixture;

@@ -83,7 +83,16 @@ class Worker implements AsyncDisposable {
         buffer += chunk;
         let nl;
         while ((nl = buffer.indexOf("\n")) >= 0) {
-          const message = JSON.parse(buffer.slice(0, nl)) as WorkerMessage;
+          const line = buffer.slice(0, nl);
+          let message: WorkerMessage;
+          try {
+            message = JSON.parse(line);
+          } catch {
+            // Not a message (something in the worker wrote to stdout): shown, skipped.
+            console.error(`fleet worker stdout: ${line.slice(0, 300)}`);
+            buffer = buffer.slice(nl + 1);
+            continue;
+          }
           buffer = buffer.slice(nl + 1);
           onMessage(message);
           this.#waiters = this.#waiters.filter((w) => {
@@ -262,7 +271,16 @@ export async function benchFleet(options: BenchFleetOptions = {}): Promise<Recor
         let ok = 0;
         for (let i = 0; i < n; i++) if (pred(i)) ok++;
         if (ok === n) return;
-        if (Date.now() > deadline) throw new Error(`Timed out waiting for ${what} (${ok}/${n})`);
+        if (Date.now() > deadline) {
+          const seen = new Map<string, number>();
+          for (const s of states) seen.set(s.state, (seen.get(s.state) ?? 0) + 1);
+          log(`   agents by state: ${[...seen].map(([k, v]) => `${k} ${v}`).join(", ")}`);
+          log(
+            `   daemon log, last lines:\n${(daemon?.log ?? "").split("\n").slice(-40).join("\n")}`,
+          );
+          for (const w of workers) log(`   worker log, last lines:\n${w.child.log.slice(-6000)}`);
+          throw new Error(`Timed out waiting for ${what} (${ok}/${n})`);
+        }
         await sleep(20);
       }
     };
