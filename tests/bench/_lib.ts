@@ -25,6 +25,10 @@ const CLOCK_TICKS = 100; // USER_HZ on Linux
 export interface ProcSample {
   cpuUs: number;
   rssKb: number;
+  /** The anonymous part of the RSS (heaps, stacks): this process's own. */
+  rssAnonKb: number;
+  /** The file-backed part (the deno binary's pages it touched): shared, reclaimable. */
+  rssFileKb: number;
   hwmKb: number;
 }
 
@@ -48,6 +52,8 @@ export async function procSample(pids: number[]): Promise<Map<number, ProcSample
     result.set(pid, {
       cpuUs: (Number(fields[11]) + Number(fields[12])) * (1e6 / CLOCK_TICKS),
       rssKb: kb("VmRSS"),
+      rssAnonKb: kb("RssAnon"),
+      rssFileKb: kb("RssFile"),
       hwmKb: kb("VmHWM"),
     });
   }

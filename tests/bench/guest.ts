@@ -75,7 +75,8 @@ function put(figures: Record<string, number>, prefix: string, f: LoopFigures): v
  * RSS of a Deno process that only imports `modules` (with the agent's
  * permission set) and idles: the memory floor under the agent's own.
  */
-async function rssFloorMb(modules: string[]): Promise<number> {
+/** RSS of a process that imports `modules` and idles: [total, anonymous, file-backed] MB. */
+async function rssFloorMb(modules: string[]): Promise<[number, number, number]> {
   const child = new Deno.Command(Deno.execPath(), {
     args: ["run", "-q", "-P=agent", join(ROOT, "tests/bench/_rss_probe.ts"), ...modules],
     cwd: ROOT,
@@ -88,7 +89,12 @@ async function rssFloorMb(modules: string[]): Promise<number> {
     await reader.read();
     reader.releaseLock();
     await new Promise((r) => setTimeout(r, 500));
-    return round((await procOne(child.pid)).rssKb / 1024, 1);
+    const s = await procOne(child.pid);
+    return [s.rssKb, s.rssAnonKb, s.rssFileKb].map((kb) => round(kb / 1024, 1)) as [
+      number,
+      number,
+      number,
+    ];
   } finally {
     await child.stdin.close();
     await child.stdout.cancel();
@@ -121,9 +127,17 @@ export async function benchGuest(options: BenchGuestOptions = {}): Promise<Recor
   await until(() => devlxdGet(devlxdSocket), 30_000, "the agent to serve /dev/lxd/sock");
   // Let start-up work (announce, first validation) settle before sampling idle memory.
   await new Promise((r) => setTimeout(r, 1000));
-  figures.agent_rss_idle_mb = round((await procOne(agent.pid)).rssKb / 1024, 1);
-  figures.deno_rss_floor_mb = await rssFloorMb([]);
-  figures.agent_imports_rss_floor_mb = await rssFloorMb(["../../agent/main.ts"]);
+  const idle = await procOne(agent.pid);
+  figures.agent_rss_idle_mb = round(idle.rssKb / 1024, 1);
+  figures.agent_rss_idle_anon_mb = round(idle.rssAnonKb / 1024, 1);
+  figures.agent_rss_idle_file_mb = round(idle.rssFileKb / 1024, 1);
+  [figures.deno_rss_floor_mb, figures.deno_rss_floor_anon_mb, figures.deno_rss_floor_file_mb] =
+    await rssFloorMb([]);
+  [
+    figures.agent_imports_rss_floor_mb,
+    figures.agent_imports_rss_floor_anon_mb,
+    figures.agent_imports_rss_floor_file_mb,
+  ] = await rssFloorMb(["../../agent/main.ts"]);
 
   const guest = () => devlxdGet(devlxdSocket);
   const floor = () => directGet(hybrid, port, id);

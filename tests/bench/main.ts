@@ -48,6 +48,11 @@ function fmt(value: number | undefined, unit = "", digits = 2): string {
 function rowsOf(f: Record<string, number>, fleetSize: number): Row[] {
   const rows: Row[] = [];
   const has = (k: string) => f[k] !== undefined;
+  // " (anon A, file F)": the process's own memory and the binary's pages it touched.
+  const split = (k: string) =>
+    has(`${k}_anon_mb`)
+      ? ` (anon ${fmt(f[`${k}_anon_mb`], "", 1)}, file ${fmt(f[`${k}_file_mb`], "", 1)})`
+      : "";
   if (has("ffi_unix_echo_p50_us")) {
     rows.push(
       {
@@ -152,9 +157,13 @@ function rowsOf(f: Record<string, number>, fleetSize: number): Row[] {
       {
         section: "5 memory",
         figure: "agent RSS idle / during the bursts (1, 8, 64 concurrent)",
-        value: `${fmt(f.agent_rss_idle_mb, " MB", 1)} / ${fmt(f.agent_rss_burst_mb, " MB", 1)}`,
-        floor: `bare Deno ${fmt(f.deno_rss_floor_mb, " MB", 1)}; agent modules loaded, idle ${
-          fmt(f.agent_imports_rss_floor_mb, " MB", 1)
+        value: `${fmt(f.agent_rss_idle_mb, " MB", 1)}${split("agent_rss_idle")} / ${
+          fmt(f.agent_rss_burst_mb, " MB", 1)
+        }`,
+        floor: `bare Deno ${fmt(f.deno_rss_floor_mb, " MB", 1)}${
+          split("deno_rss_floor")
+        }; agent modules loaded, idle ${fmt(f.agent_imports_rss_floor_mb, " MB", 1)}${
+          split("agent_imports_rss_floor")
         }`,
         target: "idle ≤ 50 MB",
         met: f.agent_rss_idle_mb <= 50,
@@ -201,8 +210,8 @@ function rowsOf(f: Record<string, number>, fleetSize: number): Row[] {
           fmt(f.fleet_instances - (f.fleet_event_streams_failed ?? 0))
         } /1.0/events streams (${fmt(f.fleet_event_streams)} host connections)`,
         value: `${fmt(f.fleet_host_rss_streams_mb, " MB", 1)}${heap("streams")}`,
-        target: "≤ 80 MB",
-        met: f.fleet_host_rss_streams_mb <= 80,
+        target: "≤ 180 MB (issue 14; issue 7 asked ≤ 80 MB)",
+        met: f.fleet_host_rss_streams_mb <= 180,
       },
       {
         section: "4 fleet",
@@ -213,8 +222,8 @@ function rowsOf(f: Record<string, number>, fleetSize: number): Row[] {
         floor: has("fleet_restart_host_cpu_ms")
           ? `host CPU meanwhile ${fmt(f.fleet_restart_host_cpu_ms, " ms", 0)}`
           : undefined,
-        target: "≤ 1 s",
-        met: f.fleet_restart_connected_ms <= 1000,
+        target: "≤ 2 s (issue 14; issue 7 asked ≤ 1 s)",
+        met: f.fleet_restart_connected_ms <= 2000,
       },
       {
         section: "4 fleet",
