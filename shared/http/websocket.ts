@@ -1,23 +1,15 @@
 /**
- * The server side of a WebSocket (RFC 6455) on a connection `serveHttp`
- * hands over: the opening handshake ({@linkcode upgradeWebSocket}, answered
- * with `Sec-WebSocket-Accept`), text messages out as single unmasked frames,
- * and the client's control frames answered (ping → pong, close → close).
- * Data messages from the client are read and discarded: this is the one-way
- * channel devlxd's `/1.0/events` needs, not a general WebSocket. The frame
- * codec ({@linkcode encodeFrame}, {@linkcode FrameDecoder}) is pure.
+ * The WebSocket (RFC 6455) frame codec, pure: {@linkcode encodeFrame},
+ * {@linkcode FrameDecoder}, close payloads, the handshake's accept key.
+ * The connection that uses it, for either end, is `websocket_conn.ts`.
  *
- * Owns (`ServerWebSocket`): the upgraded connection; `close()` ends it.
- * Needs no permissions.
+ * Owns nothing. Needs no permissions.
  *
  * @module
  */
 
 import { Buffer } from "node:buffer";
 import { createHash } from "node:crypto";
-import type { Duplex } from "node:stream";
-import { drained } from "./_drain.ts";
-import { upgradeResponse } from "./serve_http.ts";
 
 /** The GUID RFC 6455 appends to the client's key. */
 export const WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -178,156 +170,4 @@ export class FrameDecoder {
 export interface CloseInfo {
   code: number;
   reason: string;
-}
-
-/** Options of {@linkcode ServerWebSocket}. */
-export interface ServerWebSocketOptions {
-  /**
-   * Largest frame accepted from the client, in bytes; larger → close 1009.
-   * @default {1048576}
-   */
-  maxFrameSize?: number;
-  /**
-   * Milliseconds to wait for the client's close frame after ours before the
-   * connection is cut.
-   * @default {2000}
-   */
-  closeTimeout?: number;
-}
-
-/** The server end of an open WebSocket connection. */
-export class ServerWebSocket {
-  #socket: Duplex;
-  #decoder: FrameDecoder;
-  #closeTimeout: number;
-  #closeSent = false;
-  #timer: ReturnType<typeof setTimeout> | undefined;
-  #info: CloseInfo | undefined;
-  #closed = Promise.withResolvers<CloseInfo>();
-
-  /** Takes over `socket` (as `serveHttp` hands it, paused), with `head` already read. */
-  constructor(socket: Duplex, head: Uint8Array, options: ServerWebSocketOptions = {}) {
-    this.#socket = socket;
-    this.#decoder = new FrameDecoder({ maxFrameSize: options.maxFrameSize });
-    this.#closeTimeout = options.closeTimeout ?? 2000;
-    socket.on("data", this.#onData);
-    socket.on("error", () => {});
-    socket.on("end", () => this.#finish({ code: CLOSE_ABNORMAL, reason: "" }));
-    socket.on("close", () => this.#finish({ code: CLOSE_ABNORMAL, reason: "" }));
-    if (head.byteLength > 0) this.#onData(head);
-    socket.resume();
-  }
-
-  /** Whether messages can still be sent (no close frame sent or received). */
-  get open(): boolean {
-    return !this.#closeSent && this.#info === undefined;
-  }
-
-  /** Resolves once the connection is closed, with the client's close code (1006 if none). */
-  get closed(): Promise<CloseInfo> {
-    return this.#closed.promise;
-  }
-
-  /**
-   * Sends `text` as one text message. Resolves true once the socket took it
-   * (after a drain when its buffer is full), false when the WebSocket is closing.
-   */
-  async send(text: string): Promise<boolean> {
-    if (!this.open) return false;
-    if (this.#socket.write(encodeFrame(OPCODE.text, new TextEncoder().encode(text)))) return true;
-    await drained(this.#socket);
-    return this.open;
-  }
-
-  /**
-   * Sends a close frame with `code` (once) and ends our side; the connection
-   * is destroyed when the client answers or after `closeTimeout`. Idempotent.
-   */
-  close(code = CLOSE_NORMAL, reason = ""): void {
-    if (this.#closeSent || this.#socket.destroyed) return;
-    this.#closeSent = true;
-    this.#socket.write(encodeFrame(OPCODE.close, closePayload(code, reason)));
-    this.#socket.end();
-    if (this.#info === undefined) {
-      this.#timer = setTimeout(() => this.#socket.destroy(), this.#closeTimeout);
-    }
-  }
-
-  #onData = (chunk: Uint8Array | string) => {
-    if (this.#info !== undefined) return;
-    let frames: Frame[];
-    try {
-      frames = this.#decoder.push(
-        typeof chunk === "string" ? Buffer.from(chunk, "latin1") : new Uint8Array(chunk),
-      );
-    } catch (error) {
-      const code = error instanceof WebSocketProtocolError ? error.code : CLOSE_PROTOCOL_ERROR;
-      this.close(code, (error as Error).message);
-      this.#finish({ code, reason: (error as Error).message });
-      return;
-    }
-    for (const frame of frames) {
-      if (frame.opcode === OPCODE.ping && this.open) {
-        this.#socket.write(encodeFrame(OPCODE.pong, frame.payload));
-      } else if (frame.opcode === OPCODE.close) {
-        const p = frame.payload;
-        const info = p.byteLength >= 2
-          ? {
-            code: (p[0] << 8) | p[1],
-            reason: new TextDecoder().decode(p.subarray(2)),
-          }
-          : { code: 1005, reason: "" };
-        // Echo the code (RFC 6455 5.5.1), then the server closes the connection.
-        this.close(p.byteLength >= 2 ? info.code : CLOSE_NORMAL);
-        this.#finish(info);
-        return;
-      }
-    }
-  };
-
-  #finish(info: CloseInfo): void {
-    if (this.#socket.destroyed) clearTimeout(this.#timer);
-    if (this.#info !== undefined) return;
-    this.#info = info;
-    if (this.#closeSent) {
-      // Both close frames are exchanged (or the peer left): cut once ours is flushed.
-      const cut = () => {
-        clearTimeout(this.#timer);
-        this.#socket.destroy();
-      };
-      if (this.#socket.writableFinished || this.#socket.destroyed) cut();
-      else this.#socket.once("finish", cut);
-    } else this.#socket.destroy();
-    this.#closed.resolve(info);
-  }
-}
-
-/**
- * Answers a WebSocket opening handshake: `onOpen` gets the `ServerWebSocket`
- * once `serveHttp` has written the 101 head. Throws a `TypeError` saying what
- * is wrong when `request` is not a valid handshake (answer it with a 400).
- */
-export function upgradeWebSocket(
-  request: Request,
-  onOpen: (socket: ServerWebSocket) => void,
-  options: ServerWebSocketOptions = {},
-): Response {
-  if (request.method !== "GET") throw new TypeError("A WebSocket handshake must be a GET");
-  if (!isWebSocketRequest(request)) throw new TypeError("Missing Upgrade: websocket");
-  const connection = request.headers.get("connection") ?? "";
-  if (!connection.split(",").some((t) => t.trim().toLowerCase() === "upgrade")) {
-    throw new TypeError("Missing Connection: Upgrade");
-  }
-  if (request.headers.get("sec-websocket-version")?.trim() !== "13") {
-    throw new TypeError("Unsupported Sec-WebSocket-Version (13 expected)");
-  }
-  const key = request.headers.get("sec-websocket-key")?.trim() ?? "";
-  if (!/^[A-Za-z0-9+/]{22}==$/.test(key)) {
-    throw new TypeError("Invalid Sec-WebSocket-Key (16 base64-encoded bytes expected)");
-  }
-  return upgradeResponse((socket, head) => onOpen(new ServerWebSocket(socket, head, options)), {
-    Upgrade: "websocket",
-    Connection: "Upgrade",
-    "Sec-WebSocket-Accept": websocketAccept(key),
-  });
 }

@@ -5,8 +5,9 @@
  * {@linkcode acceptWebSocket} answers a handshake inside a `serveHttp`
  * handler, and {@linkcode connectWebSocket} performs the client handshake over
  * a socket the caller opened (unix, vsock, TLS). This is what LXD's exec and
- * event streams need; `websocket.ts` keeps the one-way server channel of
- * devlxd's `/1.0/events` and the frame codec both use.
+ * event streams need; {@linkcode upgradeWebSocket} is the one-way server
+ * channel of devlxd's `/1.0/events` (what the client sends is discarded).
+ * The frame codec is `websocket.ts`.
  *
  * Receiving is pull-based (`receive()` or `for await`): the socket is paused
  * while more than a few messages wait unread, so a slow consumer slows the
@@ -34,6 +35,7 @@ import {
   encodeFrame,
   type Frame,
   FrameDecoder,
+  isWebSocketRequest,
   OPCODE,
   websocketAccept,
   WebSocketProtocolError,
@@ -272,9 +274,7 @@ export class WebSocketConnection implements AsyncIterable<WebSocketMessage> {
 /** The `Sec-WebSocket-Key` of a valid opening handshake; a `TypeError` saying what is wrong otherwise. */
 export function handshakeKey(request: Request): string {
   if (request.method !== "GET") throw new TypeError("A WebSocket handshake must be a GET");
-  if (request.headers.get("upgrade")?.trim().toLowerCase() !== "websocket") {
-    throw new TypeError("Missing Upgrade: websocket");
-  }
+  if (!isWebSocketRequest(request)) throw new TypeError("Missing Upgrade: websocket");
   const connection = request.headers.get("connection") ?? "";
   if (!connection.split(",").some((t) => t.trim().toLowerCase() === "upgrade")) {
     throw new TypeError("Missing Connection: Upgrade");
@@ -304,6 +304,41 @@ export function acceptWebSocket(
     (socket, head) => onOpen(new WebSocketConnection(socket, head, { ...options, role: "server" })),
     { Upgrade: "websocket", Connection: "Upgrade", "Sec-WebSocket-Accept": websocketAccept(key) },
   );
+}
+
+/** The server end of devlxd's one-way `/1.0/events` channel. */
+export type ServerWebSocket = WebSocketConnection;
+
+/** Options of {@linkcode upgradeWebSocket}. */
+export interface ServerWebSocketOptions {
+  /**
+   * Largest message (and frame) accepted from the client, in bytes; larger → close 1009.
+   * @default {1048576}
+   */
+  maxFrameSize?: number;
+  /**
+   * Milliseconds to wait for the client's close frame after ours.
+   * @default {2000}
+   */
+  closeTimeout?: number;
+}
+
+/**
+ * {@linkcode acceptWebSocket} for a one-way channel out: the client's data
+ * messages are read and discarded (its pings and close are answered), so a
+ * client that writes cannot stall the socket.
+ */
+export function upgradeWebSocket(
+  request: Request,
+  onOpen: (ws: ServerWebSocket) => void,
+  options: ServerWebSocketOptions = {},
+): Response {
+  return acceptWebSocket(request, (ws) => {
+    (async () => {
+      for await (const _ of ws) { /* discarded */ }
+    })();
+    onOpen(ws);
+  }, { maxMessageSize: options.maxFrameSize ?? 1 << 20, closeTimeout: options.closeTimeout });
 }
 
 /** A refused client handshake: the HTTP status and the server's message (LXD's `error`). */

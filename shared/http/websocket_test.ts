@@ -8,11 +8,10 @@ import {
   encodeFrame,
   FrameDecoder,
   OPCODE,
-  type ServerWebSocket,
-  upgradeWebSocket,
   websocketAccept,
   WebSocketProtocolError,
 } from "./websocket.ts";
+import { type ServerWebSocket, upgradeWebSocket } from "./websocket_conn.ts";
 import { unixSocketPair } from "../tls/_testing.ts";
 
 const KEY = "dGhlIHNhbXBsZSBub25jZQ==";
