@@ -28,14 +28,13 @@
  * @module
  */
 
-import type { Duplex } from "node:stream";
 import type { ConnectionInfo } from "../shared/api.ts";
-import { serveHttp } from "../shared/http/mod.ts";
-import { type Logger, LogSummary, silentLogger } from "../shared/log.ts";
+import { HttpServer } from "../shared/http/mod.ts";
+import { type Logger, silentLogger } from "../shared/log.ts";
 import { Slots } from "../shared/slots.ts";
 import { certificateFingerprint } from "../shared/tls/certificate.ts";
 import { acceptTls } from "../shared/tls/mutual_tls.ts";
-import { acceptLoop, type Listener, type Transport } from "../shared/vsock/mod.ts";
+import type { Transport } from "../shared/vsock/mod.ts";
 import { createAgentApi } from "./agent_api.ts";
 import { Operations } from "./operations.ts";
 import type { AgentStatus } from "./agent_state.ts";
@@ -130,18 +129,6 @@ function fingerprint(pem: string): string | undefined {
   }
 }
 
-/** Resolves once `socket` has closed, or `signal` aborted. */
-function untilClosed(socket: Duplex, signal: AbortSignal): Promise<void> {
-  return new Promise((resolve) => {
-    const done = () => {
-      signal.removeEventListener("abort", done);
-      resolve();
-    };
-    socket.once("close", done);
-    signal.addEventListener("abort", done, { once: true });
-  });
-}
-
 export class Agent {
   #options: AgentOptions;
   #logger: Logger;
@@ -156,12 +143,8 @@ export class Agent {
   #relay: EventRelay;
   #devlxd: DevlxdServer;
   #devlxdChange: Promise<void> = Promise.resolve();
-  #listener: Listener | undefined;
-  #acceptLoop: Promise<void> | undefined;
-  #connections = new Set<Duplex>();
-  /** Accepted agent API connections open now (raw sockets). */
-  #apiConnections = 0;
-  #summary: LogSummary;
+  /** The agent API server (mutual TLS pinning `server.crt`). */
+  #apiServer: HttpServer;
   #abort = new AbortController();
   #timers: ReturnType<typeof setInterval>[] = [];
   #probing = false;
@@ -177,7 +160,6 @@ export class Agent {
     this.#status = options.status;
     this.#hostSlots = new Slots(options.maxHostConnections ?? 16);
     this.#hostPool = new HostPool({ idleTimeout: options.hostIdleTimeout ?? 2000, maxIdle: 4 });
-    this.#summary = new LogSummary(this.#logger);
     this.#operations = new Operations({
       maxRunning: options.maxOperations,
       logger: this.#logger.with({ part: "operations" }),
@@ -197,6 +179,29 @@ export class Agent {
       version: options.version ?? "",
       logger: this.#logger.with({ part: "api" }),
       guest: { operations: this.#operations, logger: this.#logger.with({ part: "guest" }) },
+    });
+    this.#apiServer = new HttpServer({
+      handler: (request) => this.#api.fetch(request),
+      authenticate: async (socket, { deadline, signal }) => {
+        try {
+          const { socket: secure } = await acceptTls(socket, {
+            cert: options.identity.cert,
+            key: options.identity.key,
+            pinned: options.identity.serverCert,
+            handshakeTimeout: Math.max(1, deadline - Date.now()),
+            signal,
+          });
+          return { socket: secure, identity: undefined };
+        } catch (error) {
+          this.#logger.debug("agent API connection refused or failed", { error });
+          return undefined;
+        }
+      },
+      maxConnections: options.maxApiConnections ?? 32,
+      authTimeout: 5000,
+      http: { idleTimeout: 30_000 },
+      label: "agent API",
+      logger: this.#logger,
     });
     this.#devlxd = new DevlxdServer(options.devlxdSocket, {
       mode: options.devlxdMode ?? 0o600,
@@ -230,9 +235,8 @@ export class Agent {
     await this.#serial.write(this.#status.state);
     this.#status.setSerialPort(this.#serial.path ?? null);
 
-    this.#listener = options.transport.listen(options.agentPort);
+    this.#apiServer.serve(options.transport.listen(options.agentPort));
     this.#logger.info("agent API listening", { port: options.agentPort });
-    this.#acceptLoop = this.#accept(this.#listener);
 
     const rewriteInterval = options.rewriteInterval ?? 5000;
     const probeInterval = options.probeInterval ?? rewriteInterval;
@@ -478,53 +482,6 @@ export class Agent {
     });
   }
 
-  /** Accepts until closed; a failed accept (out of fds) pauses, never ends, the loop. */
-  async #accept(listener: Listener): Promise<void> {
-    await acceptLoop(listener, (socket) => this.#serve(socket), {
-      stopped: () => this.#closed,
-      signal: this.#abort.signal,
-      onError: (error, retryMs) =>
-        this.#summary.note("error", "agent API accept failed; retrying", { error, retryMs }),
-    });
-  }
-
-  async #serve(socket: Duplex): Promise<void> {
-    if (this.#apiConnections >= (this.#options.maxApiConnections ?? 32)) {
-      this.#summary.note("warn", "agent API connection refused: too many connections", {
-        open: this.#apiConnections,
-      });
-      socket.destroy();
-      return;
-    }
-    this.#apiConnections++;
-    this.#connections.add(socket);
-    const signal = this.#abort.signal;
-    let tlsSocket: Duplex | undefined;
-    try {
-      const accepted = await acceptTls(socket, {
-        cert: this.#options.identity.cert,
-        key: this.#options.identity.key,
-        pinned: this.#options.identity.serverCert,
-        handshakeTimeout: 5000,
-        signal,
-      });
-      const secure: Duplex = accepted.socket;
-      tlsSocket = secure;
-      this.#connections.add(secure);
-      await serveHttp(secure, this.#api.fetch, { signal, idleTimeout: 30_000 });
-      // An upgraded connection (exec streams, events) is its handler's until it closes.
-      if (!secure.destroyed) await untilClosed(secure, signal);
-    } catch (error) {
-      this.#logger.debug("agent API connection refused or failed", { error });
-    } finally {
-      tlsSocket?.destroy();
-      socket.destroy();
-      if (tlsSocket !== undefined) this.#connections.delete(tlsSocket);
-      this.#connections.delete(socket);
-      this.#apiConnections--;
-    }
-  }
-
   #rewrite(): void {
     const serial = this.#serial;
     if (serial === undefined) return;
@@ -567,10 +524,7 @@ export class Agent {
     this.#closed = true;
     this.#abort.abort();
     for (const timer of this.#timers) clearInterval(timer);
-    this.#listener?.close();
-    for (const socket of this.#connections) socket.destroy();
-    await this.#acceptLoop;
-    this.#summary.close();
+    await this.#apiServer.shutdown(0);
     // Running commands are killed; their websockets are closed.
     await this.#operations.close();
     // Guests first: their streams end because the server stops (a WebSocket gets 1001).

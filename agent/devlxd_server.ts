@@ -19,18 +19,18 @@
 
 import { Hono } from "hono";
 import type { Context } from "hono";
-import type { Duplex } from "node:stream";
 import { isGuestVisibleKey } from "../shared/api.ts";
 import {
   CLOSE_GOING_AWAY,
   CLOSE_NORMAL,
   type HttpHandler,
+  HttpServer,
   isWebSocketRequest,
-  serveHttp,
   unwrapEnvelope,
   upgradeWebSocket,
 } from "../shared/http/mod.ts";
-import { acceptLoop, type Listener, listenUnix, SocketError } from "../shared/vsock/mod.ts";
+import { LineBuffer } from "../shared/line_buffer.ts";
+import { type Listener, listenUnix, SocketError } from "../shared/vsock/mod.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
 import type { EventRelay } from "./event_relay.ts";
 import { BodyTooLargeError, readBody } from "./read_body.ts";
@@ -325,16 +325,13 @@ function websocketEvents(
       reader.cancel().catch(() => {});
     });
     (async () => {
-      const lines = new TextDecoder();
-      let buffered = "";
+      const lines = new LineBuffer(Infinity);
       try {
         for (;;) {
           const { value, done } = await reader.read();
           if (done) break;
-          buffered += lines.decode(value, { stream: true });
-          for (let i = buffered.indexOf("\n"); i !== -1; i = buffered.indexOf("\n")) {
-            if (!await ws.send(buffered.slice(0, i))) return;
-            buffered = buffered.slice(i + 1);
+          for (const line of lines.push(value)) {
+            if (!await ws.send(line)) return;
           }
         }
       } catch {
@@ -354,35 +351,20 @@ export interface DevlxdServerOptions {
   logger?: Logger;
 }
 
-/** One accepted guest connection. */
-interface Connection {
-  socket: Duplex;
-  /** Requests whose answer is not yet fully handed to the socket. */
-  busy: number;
-  /** Handed over to a WebSocket: it ends itself (close 1001) when the server stops. */
-  upgraded: boolean;
-  /** Closes the connection at once (serveHttp's signal). */
-  kill: AbortController;
-  done: Promise<void>;
-}
-
 /** How long stop() lets open answers finish before it cuts their connections. */
 const STOP_GRACE = 2000;
 
 /**
  * Serves a handler on a fresh unix socket (stale socket removed, mode set,
- * parent directory created), each connection with `serveHttp`. Everything
- * on the socket path goes through FFI (`listenUnix`), so `/dev/lxd/sock`
- * works with the agent's explicit permissions (Deno refuses `/dev` paths to
- * its own file system API without `--allow-all`).
+ * parent directory created), with an `HttpServer`. Everything on the socket
+ * path goes through FFI (`listenUnix`), so `/dev/lxd/sock` works with the
+ * agent's explicit permissions (Deno refuses `/dev` paths to its own file
+ * system API without `--allow-all`).
  */
 export class DevlxdServer {
   #path: string;
   #options: DevlxdServerOptions;
-  #listener: Listener | undefined;
-  #abort: AbortController | undefined;
-  #loop: Promise<void> | undefined;
-  #connections = new Set<Connection>();
+  #server: HttpServer | undefined;
 
   constructor(path: string, options: DevlxdServerOptions = {}) {
     this.#path = path;
@@ -394,7 +376,7 @@ export class DevlxdServer {
   }
 
   get serving(): boolean {
-    return this.#listener !== undefined;
+    return this.#server !== undefined;
   }
 
   /**
@@ -402,7 +384,7 @@ export class DevlxdServer {
    * so the handler can end its open streams. A no-op when already serving.
    */
   start(makeHandler: (signal: AbortSignal) => HttpHandler): Promise<void> {
-    if (this.#listener !== undefined) return Promise.resolve();
+    if (this.#server !== undefined) return Promise.resolve();
     let listener: Listener;
     try {
       listener = listenUnix(this.#path, {
@@ -421,113 +403,25 @@ export class DevlxdServer {
       }
       return Promise.reject(error);
     }
-    const abort = new AbortController();
-    this.#listener = listener;
-    this.#abort = abort;
-    this.#loop = this.#accept(listener, makeHandler(abort.signal), abort.signal);
-    this.#options.logger?.info("serving devlxd", { socket: this.#path });
-    return Promise.resolve();
-  }
-
-  /** Accepts until stopped; a failed accept (out of fds) pauses, never ends, the loop. */
-  async #accept(listener: Listener, handler: HttpHandler, signal: AbortSignal): Promise<void> {
-    let failures = 0;
-    await acceptLoop(listener, (socket) => {
-      if (failures > 0) {
-        this.#options.logger?.info("devlxd accepts again", { failedAccepts: failures });
-        failures = 0;
-      }
-      this.#serve(socket, handler);
-    }, {
-      stopped: () => this.#listener !== listener,
-      signal,
-      onError: (error, retryMs) => {
-        // One line per run of failures (the pause grows to 2 s), not one per retry.
-        if (failures++ === 0) {
-          this.#options.logger?.error("devlxd accept failed; retrying", { error, retryMs });
+    const logger = this.#options.logger ?? silentLogger;
+    const server = new HttpServer({
+      handler: async (request) => {
+        try {
+          return await handler(request);
+        } catch (error) {
+          logger.error("devlxd handler failed", { error });
+          return textError(500, "Internal error");
         }
       },
+      label: "devlxd",
+      logger,
     });
-  }
-
-  #serve(socket: Duplex, handler: HttpHandler): void {
-    const connection: Connection = {
-      socket,
-      busy: 0,
-      upgraded: false,
-      kill: new AbortController(),
-      done: Promise.resolve(),
-    };
-    // A guest that leaves mid-stream aborts its request's signal and cancels
-    // the stream at once (serveHttp); `track` only counts answers for stop().
-    const track = (response: Response): Response => {
-      const body = response.body;
-      if (body === null) {
-        this.#settled(connection);
-        return response;
-      }
-      let finished = false;
-      const finish = () => {
-        if (finished) return;
-        finished = true;
-        this.#settled(connection);
-      };
-      const reader = body.getReader();
-      return new Response(
-        new ReadableStream<Uint8Array>({
-          async pull(controller) {
-            try {
-              const { value, done } = await reader.read();
-              if (done) {
-                controller.close();
-                finish();
-              } else controller.enqueue(value);
-            } catch (error) {
-              controller.error(error);
-              finish();
-            }
-          },
-          cancel(reason) {
-            finish();
-            return reader.cancel(reason);
-          },
-        }, { highWaterMark: 0 }),
-        { status: response.status, statusText: response.statusText, headers: response.headers },
-      );
-    };
-    this.#connections.add(connection);
-    connection.done = (async () => {
-      try {
-        await serveHttp(socket, async (request) => {
-          connection.busy++;
-          let response: Response;
-          try {
-            response = await handler(request);
-          } catch (error) {
-            this.#options.logger?.error("devlxd handler failed", { error });
-            response = textError(500, "Internal error");
-          }
-          return track(response);
-        }, { signal: connection.kill.signal });
-        if (!socket.destroyed) {
-          // Upgraded: the WebSocket owns the connection until it closes.
-          connection.upgraded = true;
-          await new Promise<void>((resolve) => socket.once("close", () => resolve()));
-        }
-      } finally {
-        socket.destroy();
-        this.#connections.delete(connection);
-      }
-    })();
-  }
-
-  /** One answer of `connection` is handed to the socket; a stopping server ends it after. */
-  #settled(connection: Connection): void {
-    connection.busy--;
-    if (this.#listener === undefined && connection.busy === 0 && !connection.upgraded) {
-      // After serveHttp's synchronous write of the last bytes.
-      setTimeout(() => connection.socket.end(), 0);
-    }
+    // Made once the server (its signal) exists, before the first request.
+    const handler = makeHandler(server.signal);
+    server.serve(listener);
+    this.#server = server;
+    logger.info("serving devlxd", { socket: this.#path });
+    return Promise.resolve();
   }
 
   /**
@@ -537,27 +431,10 @@ export class DevlxdServer {
    * is sent (at most 2 s later). Idempotent.
    */
   async stop(): Promise<void> {
-    const listener = this.#listener;
-    if (listener === undefined) return;
-    this.#listener = undefined;
-    listener.close();
-    // Also ends an accept loop's pause after a failed accept at once.
-    this.#abort?.abort();
-    await this.#loop;
-    for (const connection of this.#connections) {
-      if (connection.busy === 0 && !connection.upgraded) connection.socket.destroy();
-    }
-    const all = Promise.all([...this.#connections].map((c) => c.done));
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const expired = await Promise.race([
-      all.then(() => false),
-      new Promise<boolean>((resolve) => timer = setTimeout(() => resolve(true), STOP_GRACE)),
-    ]);
-    clearTimeout(timer);
-    if (expired) {
-      for (const connection of this.#connections) connection.kill.abort();
-      await all;
-    }
+    const server = this.#server;
+    if (server === undefined) return;
+    this.#server = undefined;
+    await server.shutdown(STOP_GRACE);
     this.#options.logger?.info("stopped serving devlxd", { socket: this.#path });
   }
 

@@ -11,9 +11,9 @@
  * @module
  */
 
+import { LineBuffer } from "../shared/line_buffer.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
 import type { HostFetch } from "./host_fetch.ts";
-import { LineBuffer } from "./serial_channel.ts";
 
 export interface EventRelayOptions {
   /** How the pull loop reaches the host; no pulling without it. */

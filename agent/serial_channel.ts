@@ -27,50 +27,9 @@
  */
 
 import { type AgentState, MAX_CONNECT_LINE, parseConnectLine } from "../shared/api.ts";
+import { LineBuffer } from "../shared/line_buffer.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
 import { DeviceFd, SocketError } from "../shared/vsock/mod.ts";
-
-/** Splits a byte stream into lines, dropping lines longer than `max` whole. */
-export class LineBuffer {
-  #max: number;
-  #partial = "";
-  #discarding = false;
-  #decoder = new TextDecoder("utf-8", { fatal: false });
-
-  /** @param max longest line kept, its `\n` included */
-  constructor(max: number) {
-    this.#max = max;
-  }
-
-  /** Feeds bytes; returns the complete lines they finish (without `\n`). */
-  push(chunk: Uint8Array): string[] {
-    const text = this.#decoder.decode(chunk, { stream: true });
-    const lines: string[] = [];
-    let start = 0;
-    for (let i = text.indexOf("\n"); i !== -1; i = text.indexOf("\n", start)) {
-      const line = this.#partial + text.slice(start, i);
-      if (!this.#discarding && line.length + 1 <= this.#max) lines.push(line);
-      this.#partial = "";
-      this.#discarding = false;
-      start = i + 1;
-    }
-    if (!this.#discarding) {
-      this.#partial += text.slice(start);
-      if (this.#partial.length + 1 > this.#max) {
-        this.#partial = "";
-        this.#discarding = true;
-      }
-    }
-    return lines;
-  }
-
-  /** Forgets a partial line (the port was reopened). */
-  reset(): void {
-    this.#partial = "";
-    this.#discarding = false;
-    this.#decoder = new TextDecoder("utf-8", { fatal: false });
-  }
-}
 
 /** An open port: a char device fd or a unix socket connection. */
 interface OpenPort {

@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
-import { LineBuffer, SerialChannel } from "./serial_channel.ts";
+import { LineBuffer } from "../shared/line_buffer.ts";
+import { SerialChannel } from "./serial_channel.ts";
 import { until, within } from "./_testing.ts";
 
 const encoder = new TextEncoder();
@@ -28,29 +29,6 @@ async function mkfifo(path: string): Promise<void> {
   const { success } = await new Deno.Command("mkfifo", { args: [path] }).output();
   assert.ok(success, "mkfifo failed");
 }
-
-Deno.test("LineBuffer joins a line split across chunks", () => {
-  const lines = new LineBuffer(64);
-  assert.deepEqual(lines.push(encoder.encode("CONN")), []);
-  assert.deepEqual(lines.push(encoder.encode("ECT 2:1")), []);
-  assert.deepEqual(lines.push(encoder.encode("234\nA\nB")), ["CONNECT 2:1234", "A"]);
-  assert.deepEqual(lines.push(encoder.encode("\n")), ["B"]);
-});
-
-Deno.test("LineBuffer drops an oversized line whole and keeps the next good one", () => {
-  const lines = new LineBuffer(16);
-  assert.deepEqual(lines.push(encoder.encode("x".repeat(40))), []);
-  assert.deepEqual(lines.push(encoder.encode("y".repeat(40) + "\nok\n")), ["ok"]);
-  assert.deepEqual(lines.push(encoder.encode("z".repeat(16) + "\n")), []);
-  assert.deepEqual(lines.push(encoder.encode("z".repeat(15) + "\n")), ["z".repeat(15)]);
-});
-
-Deno.test("LineBuffer.reset() forgets a partial line", () => {
-  const lines = new LineBuffer(64);
-  lines.push(encoder.encode("CONNECT 2:"));
-  lines.reset();
-  assert.deepEqual(lines.push(encoder.encode("99\n")), ["99"]);
-});
 
 Deno.test("SerialChannel.write() to a missing port resolves false, then writes once it appears", async () => {
   const dir = await Deno.makeTempDir();

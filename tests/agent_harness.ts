@@ -12,8 +12,8 @@ import { Hono } from "hono";
 import type { Duplex } from "node:stream";
 import { errorResponse, httpRequest, serveHttp, syncResponse } from "../shared/http/mod.ts";
 import { acceptTls, connectTls } from "../shared/tls/mod.ts";
+import { LineBuffer } from "../shared/line_buffer.ts";
 import { connectHybrid, type Listener, listenUnix } from "../shared/vsock/mod.ts";
-import { LineBuffer } from "../agent/serial_channel.ts";
 import { makeTestPair, type TestPair, within } from "../agent/_testing.ts";
 import { runFlags } from "./deno_tasks.ts";
 

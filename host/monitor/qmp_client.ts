@@ -13,6 +13,7 @@
  */
 
 import { type AgentState, parseStatusLine } from "../../shared/api.ts";
+import { LineBuffer } from "../../shared/line_buffer.ts";
 import { type Logger, silentLogger } from "../../shared/log.ts";
 
 /** An asynchronous QMP event such as `{"event":"STOP","timestamp":{…}}`. */
@@ -242,9 +243,8 @@ export class QmpClient implements AsyncDisposable {
 
   async #readLoop(): Promise<void> {
     const maxLine = this.#options.maxLineLength ?? 1 << 20;
-    const decoder = new TextDecoder();
+    const lines = new LineBuffer(maxLine + 1);
     const buf = new Uint8Array(16 * 1024);
-    let partial = "";
     try {
       while (!this.#closed) {
         const n = await this.#conn.read(buf);
@@ -252,15 +252,11 @@ export class QmpClient implements AsyncDisposable {
           this.#shutdown(new Deno.errors.UnexpectedEof(`QMP socket ${this.path} closed by QEMU`));
           return;
         }
-        partial += decoder.decode(buf.subarray(0, n), { stream: true });
-        let newline: number;
-        while ((newline = partial.indexOf("\n")) >= 0) {
-          const line = partial.slice(0, newline);
-          partial = partial.slice(newline + 1);
+        for (const line of lines.push(buf.subarray(0, n))) {
           this.#dispatch(line);
           if (this.#closed) return;
         }
-        if (partial.length > maxLine) {
+        if (lines.dropped > 0) {
           this.#shutdown(
             new SyntaxError(`QMP line from ${this.path} exceeds ${maxLine} bytes`),
           );

@@ -26,6 +26,7 @@
  */
 
 import { type AgentState, parseStatusLine } from "../../shared/api.ts";
+import { LineBuffer } from "../../shared/line_buffer.ts";
 import { type Logger, silentLogger } from "../../shared/log.ts";
 import type { StatusChannel } from "../instance.ts";
 import { QmpClient, QmpError, readRingBuffer, ringbufReadArgs } from "./qmp_client.ts";
@@ -427,22 +428,18 @@ class SocketStatusWatcher extends StatusWatcher {
     for (const wake of this.#writableWaiters.splice(0)) wake();
     try {
       up();
-      const decoder = new TextDecoder();
+      // Garbage without a newline is dropped (to its newline) once it is too long.
+      const lines = new LineBuffer(maxLine + 1);
       const buf = new Uint8Array(1024);
-      let partial = "";
       while (true) {
         const n = await conn.read(buf);
         if (n === null) throw new Deno.errors.UnexpectedEof(`${this.channel.path} closed`);
-        partial += decoder.decode(buf.subarray(0, n), { stream: true });
-        let newline: number;
-        while ((newline = partial.indexOf("\n")) >= 0) {
-          const line = partial.slice(0, newline + 1);
-          partial = partial.slice(newline + 1);
+        for (const text of lines.push(buf.subarray(0, n))) {
+          const line = text + "\n";
           const state = parseStatusLine(line);
           // Lines arrive as written: nothing happened between write and read.
           if (state !== undefined) this.emit({ state, source: "line", text: line, elapsed: 0 });
         }
-        if (partial.length > maxLine) partial = ""; // garbage without newline: drop it
       }
     } catch (error) {
       if (!this.closed) throw error;

@@ -15,3 +15,4 @@ export * from "./http_request.ts";
 export * from "./envelope.ts";
 export * from "./websocket.ts";
 export * from "./websocket_conn.ts";
+export * from "./http_server.ts";
