@@ -5,6 +5,7 @@
  * - {@linkcode upgradeWebSocket}: answer a WebSocket handshake; a one-way text channel out.
  * - {@linkcode acceptWebSocket}, {@linkcode connectWebSocket}: full-duplex WebSockets, either end.
  * - {@linkcode httpRequest}: send one request on a connection, stream the response.
+ * - {@linkcode HttpError}: a status and a message, for each app's error mapper.
  * - {@linkcode syncResponse}, {@linkcode errorResponse}, {@linkcode unwrapEnvelope}: LXD's JSON envelope.
  *
  * @module
@@ -13,5 +14,6 @@
 export * from "./serve_http.ts";
 export * from "./http_request.ts";
 export * from "./envelope.ts";
+export * from "./http_error.ts";
 export * from "./websocket.ts";
 export * from "./websocket_conn.ts";
