@@ -7,12 +7,12 @@
  * whichever way it travelled (recent events are remembered by content).
  *
  * Owns: the subscriber streams and the pull loop.
- * Needs no permissions of its own (the pull goes through `HostFetch`).
+ * Needs no permissions of its own (the pull goes through `HostLink.fetch`).
  * @module
  */
 
 import { type Logger, silentLogger } from "../shared/log.ts";
-import type { HostFetch } from "./host_fetch.ts";
+import type { HostFetch } from "./host_link.ts";
 import { LineBuffer } from "./serial_channel.ts";
 
 export interface EventRelayOptions {
