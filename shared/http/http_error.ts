@@ -9,10 +9,7 @@
 /** An HTTP status with a message. */
 export class HttpError extends Error {
   override name = "HttpError";
-  readonly status: number;
-
-  constructor(status: number, message: string, options?: ErrorOptions) {
+  constructor(readonly status: number, message: string, options?: ErrorOptions) {
     super(message, options);
-    this.status = status;
   }
 }
