@@ -31,7 +31,6 @@
 import type { ConnectionInfo } from "../shared/api.ts";
 import { HttpServer } from "../shared/http/mod.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
-import { Slots } from "../shared/slots.ts";
 import { certificateFingerprint } from "../shared/tls/certificate.ts";
 import { acceptTls } from "../shared/tls/mutual_tls.ts";
 import type { Transport } from "../shared/vsock/mod.ts";
@@ -40,9 +39,7 @@ import { Operations } from "./operations.ts";
 import type { AgentStatus } from "./agent_state.ts";
 import { createDevlxdApp, DevlxdServer } from "./devlxd_server.ts";
 import { EventRelay } from "./event_relay.ts";
-import { hostRequest, probeHost } from "./host_client.ts";
-import { HostPool } from "./host_pool.ts";
-import { type HostFetchOptions, HostUnreachableError } from "./host_fetch.ts";
+import { HostLink } from "./host_link.ts";
 import type { Identity } from "./identity.ts";
 import { SerialChannel } from "./serial_channel.ts";
 
@@ -133,11 +130,10 @@ export class Agent {
   #options: AgentOptions;
   #logger: Logger;
   #status: AgentStatus;
-  #info: ConnectionInfo | undefined;
+  /** The way to the host: connection info in use, connections, reachability. */
+  #host: HostLink;
   /** The last connection info a validation request reached the host with. */
   #good: ConnectionInfo | undefined;
-  /** Guest requests waiting for the first connection info. */
-  #infoWaiters = new Set<() => void>();
   #generation = 0;
   #serial: SerialChannel | undefined;
   #relay: EventRelay;
@@ -147,26 +143,33 @@ export class Agent {
   #apiServer: HttpServer;
   #abort = new AbortController();
   #timers: ReturnType<typeof setInterval>[] = [];
-  #probing = false;
   #closed = false;
   #api: ReturnType<typeof createAgentApi>;
-  #hostSlots: Slots;
-  #hostPool: HostPool;
   #operations: Operations;
 
   constructor(options: AgentOptions) {
     this.#options = options;
     this.#logger = options.logger ?? silentLogger;
     this.#status = options.status;
-    this.#hostSlots = new Slots(options.maxHostConnections ?? 16);
-    this.#hostPool = new HostPool({ idleTimeout: options.hostIdleTimeout ?? 2000, maxIdle: 4 });
+    this.#host = new HostLink({
+      transport: options.transport,
+      identity: options.identity,
+      status: options.status,
+      connectTimeout: options.connectTimeout,
+      responseTimeout: options.responseTimeout,
+      maxConnections: options.maxHostConnections,
+      idleTimeout: options.hostIdleTimeout,
+      hostWait: options.hostWait,
+      signal: this.#abort.signal,
+      logger: this.#logger,
+    });
     this.#operations = new Operations({
       maxRunning: options.maxOperations,
       logger: this.#logger.with({ part: "operations" }),
     });
     this.#relay = new EventRelay({
-      fetchHost: (request, opts) => this.fetchHost(request, opts),
-      canPull: () => this.#info !== undefined && (options.pullEvents ?? true),
+      fetchHost: this.#host.fetch,
+      canPull: () => this.#host.connection !== undefined && (options.pullEvents ?? true),
       logger: this.#logger.with({ part: "events" }),
     });
     this.#api = createAgentApi({
@@ -211,7 +214,7 @@ export class Agent {
 
   /** The connection info in use. */
   get connection(): ConnectionInfo | undefined {
-    return this.#info;
+    return this.#host.connection;
   }
 
   /**
@@ -243,12 +246,12 @@ export class Agent {
     if (probeInterval === rewriteInterval) {
       // One timer: the probe rides on the periodic rewrite.
       this.#timers.push(setInterval(() => {
-        this.#probe();
+        this.#host.probe();
         this.#rewrite();
       }, rewriteInterval));
     } else {
       this.#timers.push(setInterval(() => this.#rewrite(), rewriteInterval));
-      this.#timers.push(setInterval(() => this.#probe(), probeInterval));
+      this.#timers.push(setInterval(() => this.#host.probe(), probeInterval));
     }
 
     const pending = options.identity.pendingHost;
@@ -267,83 +270,6 @@ export class Agent {
         })
       );
       await this.#devlxdChange;
-    }
-  }
-
-  /**
-   * One request to the host; the agent's state follows the outcome. Before
-   * any connection info is known it waits up to `hostWait` for one (the boot
-   * race: cloud-init asks as soon as /dev/lxd/sock exists).
-   */
-  async fetchHost(request: Request, options: HostFetchOptions = {}): Promise<Response> {
-    const info = this.#info ?? await this.#awaitInfo(options.signal);
-    if (info === undefined) {
-      const waited = this.#options.hostWait ?? 30_000;
-      throw new HostUnreachableError(
-        "The host's address is not known yet: no connection info has been received" +
-          (waited > 0 ? ` (waited ${waited} ms).` : "."),
-        "no-host",
-      );
-    }
-    return await this.#fetchWith(info, request, options);
-  }
-
-  /** Waits up to `hostWait` for the first connection info; undefined if none came. */
-  async #awaitInfo(signal?: AbortSignal): Promise<ConnectionInfo | undefined> {
-    const wait = this.#options.hostWait ?? 30_000;
-    if (wait <= 0 || this.#closed) return this.#info;
-    this.#logger.debug("waiting for the host's address", { waitMs: wait });
-    await new Promise<void>((resolve) => {
-      const done = () => {
-        clearTimeout(timer);
-        this.#infoWaiters.delete(done);
-        signal?.removeEventListener("abort", done);
-        this.#abort.signal.removeEventListener("abort", done);
-        resolve();
-      };
-      const timer = setTimeout(done, wait);
-      this.#infoWaiters.add(done);
-      signal?.addEventListener("abort", done, { once: true });
-      this.#abort.signal.addEventListener("abort", done, { once: true });
-    });
-    return this.#info;
-  }
-
-  /** One request to the host at `info`; the state follows the outcome while `info` is in use. */
-  async #fetchWith(
-    info: ConnectionInfo,
-    request: Request,
-    options: HostFetchOptions = {},
-  ): Promise<Response> {
-    try {
-      const response = await hostRequest(info, request, {
-        transport: this.#options.transport,
-        cert: this.#options.identity.cert,
-        key: this.#options.identity.key,
-        connectTimeout: this.#options.connectTimeout,
-        responseTimeout: options.stream ? Infinity : this.#options.responseTimeout,
-        slots: this.#hostSlots,
-        pool: this.#hostPool,
-        signal: options.signal,
-      });
-      if (this.#info === info) {
-        if (response.status === 401) {
-          this.#status.failed("The host does not recognise this agent (401).");
-        } else this.#status.connected();
-      }
-      return response;
-    } catch (error) {
-      if (
-        error instanceof HostUnreachableError && this.#info === info &&
-        error.reason !== "error" && error.reason !== "busy" &&
-        // A stream the host accepted but has not answered yet (LXD 5.0.2's
-        // /1.0/events: no head until the first event) or broke off is not a
-        // host that went away: the liveness probe and plain requests tell that.
-        !(options.stream && error.phase === "request")
-      ) {
-        this.#status.failed(error.message);
-      }
-      throw error;
     }
   }
 
@@ -368,11 +294,11 @@ export class Agent {
     try {
       let failure: Error | undefined;
       try {
-        const response = await this.#fetchWith(info, new Request("http://lxd/1.0"));
+        const response = await this.#host.fetchAt(info, new Request("http://lxd/1.0"));
         // Read to its end (small), so that its connection stays pooled for the next request.
         await response.arrayBuffer().catch(() => undefined);
         if (!response.ok && response.status !== 403) {
-          if (this.#info === info) {
+          if (this.#host.connection === info) {
             this.#status.failed(`The host answered ${response.status} to GET /1.0.`);
           }
           failure = new Error(`the host answered ${response.status} to GET /1.0`);
@@ -396,7 +322,7 @@ export class Agent {
       }
       if (generation !== this.#generation) return;
       this.#good = info;
-      if (this.#info !== info) {
+      if (this.#host.connection !== info) {
         this.#use(info, source);
         devlxd = this.#devlxdChange;
         this.#status.connected();
@@ -410,20 +336,18 @@ export class Agent {
 
   /** Makes `info` the connection in use: status, event relay, devlxd on or off. */
   #use(info: ConnectionInfo, source: "agent.conf" | "PUT /1.0" | "serial"): void {
-    this.#info = info;
-    this.#hostPool.retain(info); // kept connections to another address or certificate go
+    this.#host.use(info); // kept connections to another address or certificate go
     this.#status.setHost(
       { cid: info.cid, port: info.port, fingerprint: fingerprint(info.certificate) },
       source,
     );
     this.#relay.reconnect();
     this.#setDevlxd(info.devlxd);
-    for (const wake of [...this.#infoWaiters]) wake();
   }
 
   async #sendReady(): Promise<void> {
     try {
-      const response = await this.fetchHost(
+      const response = await this.#host.fetch(
         new Request("http://lxd/1.0", {
           method: "PATCH",
           body: JSON.stringify({ state: "Ready" }),
@@ -439,7 +363,7 @@ export class Agent {
   }
 
   #onSerialConnect(target: { cid: number; port: number }): void {
-    const info = this.#info ?? this.#options.identity.connection ??
+    const info = this.#host.connection ?? this.#options.identity.connection ??
       (this.#options.identity.pendingHost &&
         { cid: target.cid, port: target.port, ...this.#options.identity.pendingHost });
     if (info === undefined) {
@@ -465,7 +389,7 @@ export class Agent {
         if (enabled) {
           await this.#devlxd.start((signal) =>
             createDevlxdApp({
-              fetchHost: (request, opts) => this.fetchHost(request, opts),
+              host: this.#host,
               events: this.#relay,
               onReady: (state) => this.#status.setReady(state === "Ready"),
               signal,
@@ -491,24 +415,6 @@ export class Agent {
     });
   }
 
-  async #probe(): Promise<void> {
-    const info = this.#info;
-    if (this.#probing || info === undefined || this.#status.state !== "CONNECTED") return;
-    this.#probing = true;
-    try {
-      await probeHost(info, this.#options.transport, {
-        timeout: 2000,
-        signal: this.#abort.signal,
-      });
-    } catch (error) {
-      if (this.#info === info && !this.#closed) {
-        this.#status.failed(`The host stopped listening: ${(error as Error).message}`);
-      }
-    } finally {
-      this.#probing = false;
-    }
-  }
-
   /**
    * Records STOPPED and writes it to the serial port at once (synchronously
    * on a device port), before anything is closed. Call on SIGTERM/SIGINT.
@@ -531,7 +437,7 @@ export class Agent {
     await this.#devlxdChange;
     await this.#devlxd.stop();
     await this.#relay.close();
-    this.#hostPool.close();
+    this.#host.close();
     await this.#serial?.close();
   }
 

@@ -18,6 +18,7 @@
 import { Hono } from "hono";
 import { type ConnectionInfo, parseConnectionInfo } from "../shared/api.ts";
 import { errorResponse, syncResponse } from "../shared/http/envelope.ts";
+import { HttpError } from "../shared/http/http_error.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
 import { certificateValidity } from "../shared/tls/certificate.ts";
 import type { StatusSnapshot } from "./agent_state.ts";
@@ -53,26 +54,20 @@ export interface AgentApiOptions {
   guest?: GuestApiOptions;
 }
 
-class ApiError extends Error {
-  constructor(readonly status: number, message: string) {
-    super(message);
-  }
-}
-
-/** Parses a PEM certificate; throws ApiError 400 naming the problem. */
+/** Parses a PEM certificate; throws HttpError 400 naming the problem. */
 export function checkCertificate(pem: string): void {
   let cert: { notBefore: Date; notAfter: Date };
   try {
     cert = certificateValidity(pem);
   } catch (error) {
-    throw new ApiError(400, `Invalid certificate: ${(error as Error).message}`);
+    throw new HttpError(400, `Invalid certificate: ${(error as Error).message}`);
   }
   const now = Date.now();
   if (cert.notAfter.getTime() < now) {
-    throw new ApiError(400, `Invalid certificate: expired on ${cert.notAfter.toISOString()}`);
+    throw new HttpError(400, `Invalid certificate: expired on ${cert.notAfter.toISOString()}`);
   }
   if (cert.notBefore.getTime() > now + 60_000) {
-    throw new ApiError(
+    throw new HttpError(
       400,
       `Invalid certificate: not valid before ${cert.notBefore.toISOString()}`,
     );
@@ -81,18 +76,18 @@ export function checkCertificate(pem: string): void {
 
 async function readJson(request: Request, max: number): Promise<unknown> {
   const length = request.headers.get("content-length");
-  if (length !== null && Number(length) > max) throw new ApiError(413, "Request body too large");
+  if (length !== null && Number(length) > max) throw new HttpError(413, "Request body too large");
   let bytes: Uint8Array;
   try {
     bytes = await readBody(request.body, max);
   } catch (error) {
-    if (error instanceof BodyTooLargeError) throw new ApiError(413, "Request body too large");
+    if (error instanceof BodyTooLargeError) throw new HttpError(413, "Request body too large");
     throw error;
   }
   try {
     return JSON.parse(new TextDecoder().decode(bytes));
   } catch {
-    throw new ApiError(400, "Invalid request body: not JSON");
+    throw new HttpError(400, "Invalid request body: not JSON");
   }
 }
 
@@ -128,13 +123,13 @@ export function createAgentApi(options: AgentApiOptions): Hono {
     try {
       info = parseConnectionInfo(body);
     } catch (error) {
-      throw new ApiError(400, (error as Error).message);
+      throw new HttpError(400, (error as Error).message);
     }
     checkCertificate(info.certificate);
     try {
       await options.applyConnection(info);
     } catch (error) {
-      throw new ApiError(500, `Failed connecting to the host: ${(error as Error).message}`);
+      throw new HttpError(500, `Failed connecting to the host: ${(error as Error).message}`);
     }
     // LXD answers {}; the pid spares the host a GET /1.0 (a third TLS connection)
     // to learn which agent process it announced to.
@@ -144,10 +139,10 @@ export function createAgentApi(options: AgentApiOptions): Hono {
   app.post("/1.0/events", async (c) => {
     const event = await readJson(c.req.raw, max);
     if (typeof event !== "object" || event === null || Array.isArray(event)) {
-      throw new ApiError(400, "Invalid event: expected a JSON object");
+      throw new HttpError(400, "Invalid event: expected a JSON object");
     }
     if (typeof (event as { type?: unknown }).type !== "string") {
-      throw new ApiError(400, "Invalid event: no type");
+      throw new HttpError(400, "Invalid event: no type");
     }
     options.publish(event);
     return syncResponse({});
@@ -158,7 +153,7 @@ export function createAgentApi(options: AgentApiOptions): Hono {
   app.notFound(() => errorResponse(404, "not found"));
 
   app.onError((error) => {
-    if (error instanceof ApiError) {
+    if (error instanceof HttpError) {
       if (error.status >= 500) logger.warn("agent API request failed", { error: error.message });
       return errorResponse(error.status, error.message);
     }

@@ -3,9 +3,9 @@
  * `createDevlxdApp()` is the Hono app (every route testable with
  * `app.request()`), `DevlxdServer` serves it on a fresh unix socket.
  *
- * Each request that needs the host is proxied through one `HostFetch` call
- * (one dial, one TLS handshake, one request), the LXD envelope is removed and
- * the answer given in devlxd form: JSON, raw text for values, and plain-text
+ * Each request that needs the host is proxied through the agent's `HostLink`
+ * (`host.fetch`: one request, on a kept-alive or a new connection), the LXD
+ * envelope is removed and the answer given in devlxd form: JSON, raw text for values, and plain-text
  * errors with the status as LXD's agent gives them (`http.Error`: text and a
  * newline). An unreachable host is a 503 with one sentence. Streams (events,
  * image export) pass through without buffering; `/1.0/events` is also
@@ -23,6 +23,7 @@ import { isGuestVisibleKey } from "../shared/api.ts";
 import {
   CLOSE_GOING_AWAY,
   CLOSE_NORMAL,
+  HttpError,
   type HttpHandler,
   HttpServer,
   isWebSocketRequest,
@@ -34,10 +35,12 @@ import { type Listener, listenUnix, SocketError } from "../shared/vsock/mod.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
 import type { EventRelay } from "./event_relay.ts";
 import { BodyTooLargeError, readBody } from "./read_body.ts";
-import { type HostFetch, HostUnreachableError } from "./host_fetch.ts";
+import { MtlsError } from "../shared/http/mtls_client.ts";
+import type { HostLink } from "./host_link.ts";
 
 export interface DevlxdAppOptions {
-  fetchHost: HostFetch;
+  /** The way to the host's devlxd API (the agent's `HostLink`; tests pass any `fetch`). */
+  host: Pick<HostLink, "fetch">;
   events: EventRelay;
   /** Called with the state a guest PATCHes to `/1.0` (before it is forwarded). */
   onReady?: (state: "Ready" | "Started") => void;
@@ -54,14 +57,6 @@ export interface DevlxdAppOptions {
   /** Ends open streams (events, exports) when aborted: the server is stopping. */
   signal?: AbortSignal;
   logger?: Logger;
-}
-
-/** A devlxd error answer: the status and LXD's plain-text message. */
-export class DevlxdError extends Error {
-  override name = "DevlxdError";
-  constructor(readonly status: number, message: string) {
-    super(message);
-  }
 }
 
 /** LXD's `http.Error`: plain text and a newline. */
@@ -135,9 +130,9 @@ export function createDevlxdApp(options: DevlxdAppOptions): Hono {
   const maxResponse = options.maxResponseSize ?? 8 * 1024 * 1024;
   const app = new Hono();
 
-  /** Asks the host; returns the unwrapped metadata or throws DevlxdError. */
+  /** Asks the host; returns the unwrapped metadata or throws HttpError. */
   async function ask(method: string, path: string, body?: unknown): Promise<unknown> {
-    const response = await options.fetchHost(
+    const response = await options.host.fetch(
       new Request(`http://lxd${path}`, {
         method,
         body: body === undefined ? undefined : JSON.stringify(body),
@@ -153,9 +148,9 @@ export function createDevlxdApp(options: DevlxdAppOptions): Hono {
       text = decoder.decode(await readBody(response.body, maxResponse));
     } catch (error) {
       if (error instanceof BodyTooLargeError) {
-        throw new DevlxdError(502, "The host's answer is too large");
+        throw new HttpError(502, "The host's answer is too large");
       }
-      throw new HostUnreachableError(
+      throw new MtlsError(
         `The host closed the connection in the middle of its answer: ${(error as Error).message}.`,
         "closed",
         { cause: error },
@@ -165,29 +160,29 @@ export function createDevlxdApp(options: DevlxdAppOptions): Hono {
     try {
       parsed = JSON.parse(text);
     } catch {
-      throw new DevlxdError(
+      throw new HttpError(
         502,
         `The host sent an answer that is not JSON (status ${response.status})`,
       );
     }
     const unwrapped = unwrapEnvelope(parsed);
-    if (!unwrapped.ok) throw new DevlxdError(unwrapped.status, unwrapped.error);
+    if (!unwrapped.ok) throw new HttpError(unwrapped.status, unwrapped.error);
     if (!response.ok) {
-      throw new DevlxdError(response.status, `The host answered ${response.status}`);
+      throw new HttpError(response.status, `The host answered ${response.status}`);
     }
     return unwrapped.metadata;
   }
 
   function methods(c: Context, allowed: string[]): void {
     if (!allowed.includes(c.req.method)) {
-      throw new DevlxdError(405, `method ${JSON.stringify(c.req.method)} not allowed`);
+      throw new HttpError(405, `method ${JSON.stringify(c.req.method)} not allowed`);
     }
   }
 
   app.use(async (c, next) => {
     const length = c.req.header("content-length");
     if (length !== undefined && Number(length) > maxBody) {
-      throw new DevlxdError(413, "Request body too large");
+      throw new HttpError(413, "Request body too large");
     }
     await next();
   });
@@ -205,11 +200,11 @@ export function createDevlxdApp(options: DevlxdAppOptions): Hono {
     try {
       body = JSON.parse(decoder.decode(bytes));
     } catch {
-      throw new DevlxdError(400, "Invalid request body: not JSON");
+      throw new HttpError(400, "Invalid request body: not JSON");
     }
     const state = (body as { state?: unknown })?.state;
     if (state !== "Ready" && state !== "Started") {
-      throw new DevlxdError(400, `Invalid state ${JSON.stringify(state ?? null)}`);
+      throw new HttpError(400, `Invalid state ${JSON.stringify(state ?? null)}`);
     }
     options.onReady?.(state);
     const answer = await ask("PATCH", "/1.0", { state });
@@ -232,7 +227,7 @@ export function createDevlxdApp(options: DevlxdAppOptions): Hono {
   app.all("/1.0/config/:key{.+}", async (c) => {
     methods(c, ["GET"]);
     const key = c.req.param("key");
-    if (!isGuestVisibleKey(key)) throw new DevlxdError(403, "not authorized");
+    if (!isGuestVisibleKey(key)) throw new HttpError(403, "not authorized");
     const value = await ask("GET", `/1.0/config/${encodeURIComponent(key)}`);
     return raw(typeof value === "string" ? value : JSON.stringify(value));
   });
@@ -259,7 +254,7 @@ export function createDevlxdApp(options: DevlxdAppOptions): Hono {
         return websocketEvents(c.req.raw, () => options.events.subscribe(types), options.signal);
       } catch (error) {
         // Not a valid handshake (LXD's gorilla upgrader answers 400 too).
-        if (error instanceof TypeError) throw new DevlxdError(400, error.message);
+        if (error instanceof TypeError) throw new HttpError(400, error.message);
         throw error;
       }
     }
@@ -271,13 +266,13 @@ export function createDevlxdApp(options: DevlxdAppOptions): Hono {
   app.all("/1.0/images/:fingerprint/export", async (c) => {
     methods(c, ["GET"]);
     const fingerprint = c.req.param("fingerprint");
-    if (!/^[0-9a-fA-F]{1,64}$/.test(fingerprint)) throw new DevlxdError(400, "Invalid fingerprint");
-    const response = await options.fetchHost(
+    if (!/^[0-9a-fA-F]{1,64}$/.test(fingerprint)) throw new HttpError(400, "Invalid fingerprint");
+    const response = await options.host.fetch(
       new Request(`http://lxd/1.0/images/${fingerprint}/export`),
     );
     if (!response.ok || response.body === null) {
       await unwrapAnswer(response);
-      throw new DevlxdError(502, `The host answered ${response.status}`);
+      throw new HttpError(502, `The host answered ${response.status}`);
     }
     const headers = new Headers();
     for (const name of ["content-type", "content-length", "content-disposition"]) {
@@ -290,9 +285,9 @@ export function createDevlxdApp(options: DevlxdAppOptions): Hono {
   app.notFound(() => textError(404, "not found"));
 
   app.onError((error) => {
-    if (error instanceof DevlxdError) return textError(error.status, error.message);
+    if (error instanceof HttpError) return textError(error.status, error.message);
     if (error instanceof BodyTooLargeError) return textError(413, "Request body too large");
-    if (error instanceof HostUnreachableError) {
+    if (error instanceof MtlsError) {
       logger.warn("host unreachable", { error: error.message });
       return textError(503, error.message);
     }

@@ -3,7 +3,8 @@ import { Hono } from "hono";
 import { createDevlxdApp, DevlxdServer, textError } from "./devlxd_server.ts";
 import { EventRelay } from "./event_relay.ts";
 import { errorResponse, syncResponse } from "../shared/http/envelope.ts";
-import { type HostFetch, HostUnreachableError } from "./host_fetch.ts";
+import { MtlsError } from "../shared/http/mtls_client.ts";
+import type { HostFetch } from "./host_link.ts";
 import { until, within } from "./_testing.ts";
 
 /** A fake host devlxd API that records what it was asked. */
@@ -52,7 +53,7 @@ function fakeHost() {
 
 function app(fetchHost: HostFetch, extra: Partial<Parameters<typeof createDevlxdApp>[0]> = {}) {
   const events = new EventRelay();
-  return { app: createDevlxdApp({ fetchHost, events, ...extra }), events };
+  return { app: createDevlxdApp({ host: { fetch: fetchHost }, events, ...extra }), events };
 }
 
 Deno.test("devlxd GET / answers locally", async () => {
@@ -215,7 +216,7 @@ Deno.test("devlxd answers a bad method with 405 and an unknown path with 404", a
 Deno.test("devlxd answers 503 with one sentence when the host is unreachable", async () => {
   const fetchHost: HostFetch = () =>
     Promise.reject(
-      new HostUnreachableError("The host at vsock 2:1234 refused the connection.", "refused"),
+      new MtlsError("The host at vsock 2:1234 refused the connection.", "refused"),
     );
   const res = await app(fetchHost).app.request("/1.0/config/user.foo");
   assert.equal(res.status, 503);
@@ -332,7 +333,7 @@ Deno.test("DevlxdServer replaces a stale socket, sets its mode and serves the ap
   const server = new DevlxdServer(path, { mode: 0o600 });
   try {
     await server.start((signal) =>
-      createDevlxdApp({ fetchHost: host.fetchHost, events: new EventRelay(), signal }).fetch
+      createDevlxdApp({ host: { fetch: host.fetchHost }, events: new EventRelay(), signal }).fetch
     );
     assert.equal(server.serving, true);
     assert.equal((await Deno.stat(path)).mode! & 0o777, 0o600);
@@ -362,7 +363,7 @@ Deno.test("DevlxdServer.stop() ends open event streams and removes the socket", 
   const client = Deno.createHttpClient({ proxy: { transport: "unix", path } });
   try {
     await server.start((signal) =>
-      createDevlxdApp({ fetchHost: fakeHost().fetchHost, events, signal }).fetch
+      createDevlxdApp({ host: { fetch: fakeHost().fetchHost }, events, signal }).fetch
     );
     const res = await fetch("http://lxd/1.0/events", { client });
     const reader = res.body!.getReader();
@@ -396,7 +397,7 @@ Deno.test("devlxd /1.0/events upgrades to a WebSocket when asked, one text messa
   const conn = { current: undefined as Deno.UnixConn | undefined };
   try {
     await server.start((signal) =>
-      createDevlxdApp({ fetchHost: fakeHost().fetchHost, events, signal }).fetch
+      createDevlxdApp({ host: { fetch: fakeHost().fetchHost }, events, signal }).fetch
     );
     conn.current = await Deno.connect({ transport: "unix", path });
     await conn.current.write(
@@ -550,7 +551,7 @@ Deno.test("devlxd: a guest leaving in the middle of an event stream ends its sub
   const server = new DevlxdServer(path);
   try {
     await server.start((signal) =>
-      createDevlxdApp({ fetchHost: fakeHost().fetchHost, events, signal }).fetch
+      createDevlxdApp({ host: { fetch: fakeHost().fetchHost }, events, signal }).fetch
     );
     const client = await rawConnection(path);
     await client.write("GET /1.0/events HTTP/1.1\r\nHost: lxd\r\n\r\n");
@@ -573,7 +574,7 @@ Deno.test("devlxd WebSocket events: stop() sends close 1001 and ends the subscri
   const clients: Awaited<ReturnType<typeof rawConnection>>[] = [];
   try {
     await server.start((signal) =>
-      createDevlxdApp({ fetchHost: fakeHost().fetchHost, events, signal }).fetch
+      createDevlxdApp({ host: { fetch: fakeHost().fetchHost }, events, signal }).fetch
     );
     const bad = await rawConnection(path);
     clients.push(bad);

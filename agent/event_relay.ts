@@ -7,13 +7,13 @@
  * whichever way it travelled (recent events are remembered by content).
  *
  * Owns: the subscriber streams and the pull loop.
- * Needs no permissions of its own (the pull goes through `HostFetch`).
+ * Needs no permissions of its own (the pull goes through `HostLink.fetch`).
  * @module
  */
 
 import { LineBuffer } from "../shared/line_buffer.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
-import type { HostFetch } from "./host_fetch.ts";
+import type { HostFetch } from "./host_link.ts";
 
 export interface EventRelayOptions {
   /** How the pull loop reaches the host; no pulling without it. */

@@ -18,8 +18,8 @@
 import { Hono } from "hono";
 import { bodyLimit } from "hono/body-limit";
 import { errorResponse, syncResponse } from "../shared/http/envelope.ts";
+import { HttpError } from "../shared/http/http_error.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
-import { HttpError } from "./devlxd_app.ts";
 import { ALL_TOPICS } from "./event_hub.ts";
 import { own } from "./instance.ts";
 import { type AddInstance, type InstanceService, publicInstance } from "./instance_service.ts";

@@ -2,7 +2,8 @@
  * The operator's way to a VM's agent API (ours or a stock lxd-agent):
  * {@linkcode dialAgent} opens one mutual-TLS connection to an instance's agent
  * (AF_VSOCK `<cid>:8443`, or the hybrid `<uds>` + `CONNECT 8443`), presenting
- * the instance's client certificate and pinning its `agent.crt`.
+ * the instance's client certificate and pinning its `agent.crt`, with the
+ * mutual-TLS client (`shared/http/mtls_client.ts`).
  * {@linkcode mountAgentProxy} adds `/1.0/instances/{name}/agent/<path>` to the
  * admin API: any request there is sent to the agent's `<path>` on a new
  * connection and its answer streamed back; a WebSocket request (exec streams,
@@ -20,13 +21,13 @@ import type { Duplex } from "node:stream";
 import { AGENT_API_PORT } from "../shared/api.ts";
 import { errorResponse } from "../shared/http/envelope.ts";
 import { httpRequest } from "../shared/http/http_request.ts";
+import { dialMtls } from "../shared/http/mtls_client.ts";
 import {
   connectWebSocket,
   type WebSocketConnection,
   WebSocketHandshakeError,
 } from "../shared/http/websocket_conn.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
-import { connectTls } from "../shared/tls/mutual_tls.ts";
 import { connectHybrid, connectVsock } from "../shared/vsock/mod.ts";
 import type { Instance } from "./instance.ts";
 
@@ -40,27 +41,25 @@ export interface DialAgentOptions {
   signal?: AbortSignal;
 }
 
-/** A mutual-TLS connection to `instance`'s agent API. */
-export async function dialAgent(
+/**
+ * A mutual-TLS connection to `instance`'s agent API, through the mutual-TLS
+ * client; rejects with an `MtlsError`.
+ */
+export function dialAgent(
   instance: Pick<Instance, "name" | "cid" | "hybrid" | "agentCert" | "clientCert" | "clientKey">,
   options: DialAgentOptions = {},
 ): Promise<Duplex> {
   const { timeout = 3000, signal } = options;
-  const socket = instance.hybrid === undefined
-    ? await connectVsock(instance.cid, AGENT_API_PORT, { timeout, signal })
-    : await connectHybrid(instance.hybrid, AGENT_API_PORT, { timeout, signal });
-  try {
-    return await connectTls(socket, {
-      cert: instance.clientCert,
-      key: instance.clientKey,
-      pinned: instance.agentCert,
-      handshakeTimeout: timeout,
-      signal,
-    });
-  } catch (error) {
-    socket.destroy();
-    throw error;
-  }
+  return dialMtls({
+    name: `the agent of ${instance.name}`,
+    connect: (bound) =>
+      instance.hybrid === undefined
+        ? connectVsock(instance.cid, AGENT_API_PORT, { timeout, signal: bound })
+        : connectHybrid(instance.hybrid, AGENT_API_PORT, { timeout, signal: bound }),
+    cert: instance.clientCert,
+    key: instance.clientKey,
+    pinned: instance.agentCert,
+  }, { connectTimeout: timeout, handshakeTimeout: timeout, signal });
 }
 
 /** Options of {@linkcode mountAgentProxy}. */

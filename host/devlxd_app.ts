@@ -12,18 +12,11 @@ import { Hono } from "hono";
 import type { DevlxdEvent, DevlxdInfo } from "../shared/api.ts";
 import { isGuestVisibleKey } from "../shared/api.ts";
 import { errorResponse, syncResponse } from "../shared/http/envelope.ts";
+import { HttpError } from "../shared/http/http_error.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
 import type { EventHub } from "./event_hub.ts";
 import { devlxdEnabled, devlxdImagesEnabled, type Instance, own } from "./instance.ts";
 import { isValidConfigKey } from "./registry.ts";
-
-/** An HTTP status with a message, turned into the LXD error envelope. */
-export class HttpError extends Error {
-  override name = "HttpError";
-  constructor(readonly status: number, message: string, options?: ErrorOptions) {
-    super(message, options);
-  }
-}
 
 export interface DevlxdAppOptions {
   /** Stores PATCH /1.0 `Ready`/`Started`. */

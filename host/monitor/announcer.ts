@@ -3,12 +3,13 @@
  * `agent.crt`): `announce()` sends `PUT /1.0` with the host's connection info,
  * `pushEvent()` sends `POST /1.0/events`, `probeAgent()` sends `GET /1.0`.
  *
+ * Every call goes through the mutual-TLS client (`shared/http/mtls_client.ts`).
  * How the socket is opened (AF_VSOCK or hybrid vsock) is the caller's
- * `connect` function, bounded here by `connectTimeout` (3 s, as LXD). Failures
- * are classified in {@linkcode AgentCallError.kind}: `refused` (nothing
- * listens yet: fail fast), `timeout` (retried a bounded number of times with
- * backoff by `announce`), `unreachable`, `tls`, `rejected` (the agent answered
- * 500: it could not reach the host with that info) and `http`.
+ * `connect` function, bounded by `connectTimeout` (3 s, as LXD). Failures are
+ * {@linkcode MtlsError}s: `refused` (nothing listens yet: fail fast), `timeout`
+ * (retried a bounded number of times with backoff by `announce`, as are
+ * resets), `unreachable`, `tls`, `closed`, and `status` (the agent answered an
+ * error; a 500 to `PUT /1.0`: it could not reach the host with that info).
  *
  * Owns nothing beyond each call's socket; needs what `connect` needs.
  * @module
@@ -17,41 +18,19 @@
 import type { Duplex } from "node:stream";
 import type { ConnectionInfo, DevlxdEvent } from "../../shared/api.ts";
 import type { Instance } from "../instance.ts";
-import { httpRequest } from "../../shared/http/mod.ts";
-import { connectTls } from "../../shared/tls/mutual_tls.ts";
+import { unwrapEnvelope, type Unwrapped } from "../../shared/http/envelope.ts";
+import {
+  classifyFailure,
+  MtlsError,
+  type MtlsPeer,
+  mtlsRequest,
+} from "../../shared/http/mtls_client.ts";
 
 /** What is needed to talk to one agent: its pinned cert and our client identity. */
 export type AgentTarget = Pick<Instance, "name" | "agentCert" | "clientCert" | "clientKey">;
 
 /** Opens a raw stream to the agent API; must honour `signal`. */
 export type AgentConnect = (signal: AbortSignal) => Promise<Duplex>;
-
-/** Why a call to an agent failed. */
-export type AgentCallFailure = "refused" | "timeout" | "unreachable" | "tls" | "rejected" | "http";
-
-/** A failed call to an agent API, classified. */
-export class AgentCallError extends Error {
-  /** The class of failure; see the module doc. */
-  readonly kind: AgentCallFailure;
-  /** HTTP status for `rejected` and `http`. */
-  readonly status?: number;
-
-  constructor(
-    kind: AgentCallFailure,
-    message: string,
-    options: { status?: number; cause?: unknown } = {},
-  ) {
-    super(message, options.cause === undefined ? undefined : { cause: options.cause });
-    this.name = "AgentCallError";
-    this.kind = kind;
-    this.status = options.status;
-  }
-
-  /** Whether trying again soon may help (only timeouts and resets). */
-  get retryable(): boolean {
-    return this.kind === "timeout";
-  }
-}
 
 /** Options of every agent call. */
 export interface AgentCallOptions {
@@ -83,127 +62,34 @@ export interface AnnounceResult {
   pid?: number;
 }
 
-const REFUSED = new Set(["ECONNREFUSED", "ConnectionRefused"]);
-const TIMEOUT = new Set(["ETIMEDOUT", "TimedOut", "TimeoutError", "ECONNRESET", "ConnectionReset"]);
-const TLS_CODES = /^(ERR_SSL|ERR_TLS|ERR_OSSL)|CERT|SSL/;
-
-function errorCode(error: unknown): string {
-  if (typeof error !== "object" || error === null) return "";
-  const e = error as { code?: unknown; name?: unknown };
-  return typeof e.code === "string" ? e.code : typeof e.name === "string" ? e.name : "";
-}
-
-/** Maps any failure of the connect / TLS / HTTP steps to an {@linkcode AgentCallError}. */
-export function classifyAgentError(
-  error: unknown,
-  step: "connect" | "tls" | "http",
-): AgentCallError {
-  if (error instanceof AgentCallError) return error;
-  const code = errorCode(error);
-  const reason = error instanceof Error ? error.message : String(error);
-  if (REFUSED.has(code)) {
-    return new AgentCallError("refused", `Agent refused the connection: ${reason}`, {
-      cause: error,
-    });
-  }
-  if (TIMEOUT.has(code)) {
-    return new AgentCallError("timeout", `Agent ${step} timed out: ${reason}`, { cause: error });
-  }
-  if (
-    step === "tls" || TLS_CODES.test(code) || (error as Error)?.name === "CertificateError"
-  ) {
-    return new AgentCallError("tls", `TLS with the agent failed: ${reason}`, { cause: error });
-  }
-  return new AgentCallError("unreachable", `Agent ${step} failed: ${reason}`, { cause: error });
-}
-
-/** Aborts after `ms`, or when `parent` aborts, with a TimedOut reason. */
-function deadline(
-  ms: number,
-  what: string,
-  parent?: AbortSignal,
-): { signal: AbortSignal; clear(): void } {
-  const controller = new AbortController();
-  const timer = setTimeout(
-    () => controller.abort(new Deno.errors.TimedOut(`${what} timed out after ${ms} ms`)),
-    ms,
-  );
-  const onAbort = () => controller.abort(parent!.reason);
-  if (parent?.aborted) onAbort();
-  parent?.addEventListener("abort", onAbort, { once: true });
-  return {
-    signal: controller.signal,
-    clear: () => {
-      clearTimeout(timer);
-      parent?.removeEventListener("abort", onAbort);
-    },
-  };
-}
-
-/** Rejects with `signal.reason` if it aborts first. */
-function raceSignal<T>(promise: Promise<T>, signal: AbortSignal): Promise<T> {
-  return new Promise<T>((resolve, reject) => {
-    const onAbort = () => reject(signal.reason);
-    if (signal.aborted) return onAbort();
-    signal.addEventListener("abort", onAbort, { once: true });
-    promise.then(resolve, reject).finally(() => signal.removeEventListener("abort", onAbort));
-  });
-}
-
 /**
- * One request to the agent API: connect (bounded), mutual TLS pinning the
- * agent's certificate, then `method path` with an optional JSON body.
- * Resolves with any HTTP response; rejects with an {@linkcode AgentCallError}
- * of kind refused/timeout/unreachable/tls.
+ * One request to the agent API through the mutual-TLS client: connect
+ * (bounded by `connectTimeout`), TLS pinning the agent's certificate, then
+ * `method path` with an optional JSON body; handshake and answer each bounded
+ * by `timeout`, the whole call by both. Resolves with any HTTP response, its
+ * body read; rejects with an {@linkcode MtlsError}.
  */
 export async function callAgent(
   target: AgentTarget,
   request: { method: string; path: string; body?: unknown },
   options: AgentCallOptions,
 ): Promise<Response> {
-  options.signal?.throwIfAborted();
   const connectTimeout = options.connectTimeout ?? 3000;
   const timeout = options.timeout ?? 10_000;
-  const bound = deadline(
-    connectTimeout,
-    `Connecting to the agent of ${target.name}`,
-    options.signal,
-  );
-  let socket: Duplex;
-  try {
-    const connecting = options.connect(bound.signal);
-    connecting.then((late) => bound.signal.aborted && late.destroy(), () => {});
-    socket = await raceSignal(connecting, bound.signal);
-  } catch (error) {
-    if (options.signal?.aborted) throw options.signal.reason;
-    throw classifyAgentError(error, "connect");
-  } finally {
-    bound.clear();
+  const peer = agentPeer(target, options.connect);
+  const bound = AbortSignal.timeout(connectTimeout + timeout);
+  const signal = options.signal === undefined ? bound : AbortSignal.any([options.signal, bound]);
+  const init: RequestInit = { method: request.method };
+  if (request.body !== undefined) {
+    init.body = JSON.stringify(request.body);
+    init.headers = { "content-type": "application/json" };
   }
-  // One bound for handshake, request and response body, each step failing as a timeout.
-  const exchange = deadline(
-    timeout,
-    `${request.method} ${request.path} to the agent of ${target.name}`,
-    options.signal,
-  );
-  let step: "tls" | "http" = "tls";
   try {
-    const secure = await connectTls(socket, {
-      cert: target.clientCert,
-      key: target.clientKey,
-      pinned: target.agentCert,
+    const response = await mtlsRequest(peer, new Request(`https://agent${request.path}`, init), {
+      connectTimeout,
       handshakeTimeout: timeout,
-      signal: exchange.signal,
-    });
-    step = "http";
-    const init: RequestInit = { method: request.method };
-    if (request.body !== undefined) {
-      init.body = JSON.stringify(request.body);
-      init.headers = { "content-type": "application/json" };
-    }
-    const response = await httpRequest(secure, new Request(`https://agent${request.path}`, init), {
-      timeout,
-      signal: exchange.signal,
+      responseTimeout: timeout,
+      signal,
     });
     // Bodies here are small: read them within the bound and hand back a complete Response.
     const body = await response.text();
@@ -212,41 +98,52 @@ export async function callAgent(
       headers: response.headers,
     });
   } catch (error) {
-    socket.destroy();
-    if (options.signal?.aborted) throw options.signal.reason;
-    throw classifyAgentError(exchange.signal.aborted ? exchange.signal.reason : error, step);
-  } finally {
-    exchange.clear();
+    throw classifyFailure(signal.aborted ? signal.reason : error, "request", peer);
   }
 }
 
-async function errorText(response: Response): Promise<string> {
-  const text = (await response.text()).slice(0, 500);
+/** The agent of `target` as a peer of the mutual-TLS client. */
+function agentPeer(target: AgentTarget, connect: AgentConnect): MtlsPeer {
+  return {
+    name: `the agent of ${target.name}`,
+    connect,
+    cert: target.clientCert,
+    key: target.clientKey,
+    pinned: target.agentCert,
+  };
+}
+
+/** Whether trying again soon may help: timeouts and resets. */
+export function retryable(error: unknown): boolean {
+  return error instanceof MtlsError && (error.reason === "timeout" || error.code === "ECONNRESET");
+}
+
+/**
+ * The metadata of the agent's answer (its LXD envelope unwrapped; a body
+ * that is not an envelope as it is); an error status becomes an
+ * {@linkcode MtlsError} `status` with the envelope's message.
+ */
+async function answer(target: AgentTarget, what: string, response: Response): Promise<unknown> {
+  const text = await response.text();
+  let body: unknown = text === "" ? undefined : text;
   try {
-    const body = JSON.parse(text);
-    if (typeof body?.error === "string" && body.error !== "") return body.error;
+    body = JSON.parse(text);
+  } catch {
+    // not JSON
+  }
+  let unwrapped: Unwrapped | undefined;
+  try {
+    unwrapped = unwrapEnvelope(body);
   } catch {
     // not the LXD envelope
   }
-  return text.trim() || response.statusText;
-}
-
-async function expectOk(target: AgentTarget, what: string, response: Response): Promise<unknown> {
-  if (response.ok) {
-    const text = await response.text();
-    if (text === "") return undefined;
-    try {
-      const body = JSON.parse(text);
-      return body !== null && typeof body === "object" && "metadata" in body ? body.metadata : body;
-    } catch {
-      return text;
-    }
-  }
-  const message = await errorText(response);
-  const kind = response.status === 500 ? "rejected" : "http";
-  throw new AgentCallError(
-    kind,
+  if (response.ok) return unwrapped?.ok ? unwrapped.metadata : body;
+  const message = unwrapped?.ok === false && unwrapped.error !== ""
+    ? unwrapped.error
+    : text.slice(0, 500).trim() || response.statusText;
+  throw new MtlsError(
     `${what} to the agent of ${target.name} failed with ${response.status}: ${message}`,
+    "status",
     { status: response.status },
   );
 }
@@ -267,9 +164,9 @@ const sleep = (ms: number, signal?: AbortSignal) =>
 
 /**
  * Tells the agent where the host is: `PUT /1.0` with `info`. Retries only
- * timeouts (`attempts` in all, backoff from `retryDelay`); a refused
- * connection, a TLS failure or a 500 (the agent could not reach the host)
- * fails at once with an {@linkcode AgentCallError}.
+ * timeouts and resets (`attempts` in all, backoff from `retryDelay`); a
+ * refused connection, a TLS failure or a 500 (the agent could not reach the
+ * host) fails at once with an {@linkcode MtlsError}.
  */
 export async function announce(
   target: AgentTarget,
@@ -285,11 +182,11 @@ export async function announce(
         { method: "PUT", path: "/1.0", body: info },
         options,
       );
-      const metadata = await expectOk(target, "PUT /1.0", response);
+      const metadata = await answer(target, "PUT /1.0", response);
       const pid = serverPid(metadata);
       return pid === undefined ? { attempts: attempt } : { attempts: attempt, pid };
     } catch (error) {
-      if (!(error instanceof AgentCallError) || !error.retryable || attempt >= attempts) {
+      if (!retryable(error) || attempt >= attempts) {
         throw error;
       }
       await sleep(delay, options.signal);
@@ -309,7 +206,7 @@ export async function pushEvent(
     { method: "POST", path: "/1.0/events", body: event },
     options,
   );
-  await expectOk(target, "POST /1.0/events", response);
+  await answer(target, "POST /1.0/events", response);
 }
 
 /** What `GET /1.0` on the agent API tells about the agent process. */
@@ -331,7 +228,7 @@ export async function probeAgent(
   options: AgentCallOptions,
 ): Promise<AgentProbe> {
   const response = await callAgent(target, { method: "GET", path: "/1.0" }, options);
-  const metadata = await expectOk(target, "GET /1.0", response);
+  const metadata = await answer(target, "GET /1.0", response);
   const m = (metadata ?? {}) as Record<string, unknown>;
   const conn = ("connection" in m ? m.connection : m.host) as Record<string, unknown> | null;
   let connection: AgentProbe["connection"];

@@ -1,12 +1,7 @@
 import assert from "node:assert/strict";
 import type { Duplex } from "node:stream";
-import {
-  AgentCallError,
-  announce,
-  classifyAgentError,
-  probeAgent,
-  pushEvent,
-} from "./announcer.ts";
+import { announce, probeAgent, pushEvent, retryable } from "./announcer.ts";
+import { MtlsError } from "../../shared/http/mtls_client.ts";
 import { FakeAgent, makeIdentity, makeTarget, unixConnect } from "./_fake_agent.ts";
 import { tempDir } from "./_test_util.ts";
 import type { ConnectionInfo, DevlxdEvent } from "../../shared/api.ts";
@@ -43,7 +38,7 @@ Deno.test("announce() fails fast when the agent refuses the connection", async (
   const connect = refusing();
   await assert.rejects(
     announce(target, INFO, { connect, attempts: 5, retryDelay: 1 }),
-    (e: unknown) => e instanceof AgentCallError && e.kind === "refused" && !e.retryable,
+    (e: unknown) => e instanceof MtlsError && e.reason === "refused" && !retryable(e),
   );
   assert.equal(connect.calls(), 1);
 });
@@ -59,7 +54,7 @@ Deno.test("announce() retries a connect that times out, a bounded number of time
   };
   await assert.rejects(
     announce(target, INFO, { connect: hanging, connectTimeout: 20, attempts: 3, retryDelay: 1 }),
-    (e: unknown) => e instanceof AgentCallError && e.kind === "timeout",
+    (e: unknown) => e instanceof MtlsError && e.reason === "timeout",
   );
   assert.equal(calls, 3);
 });
@@ -81,7 +76,7 @@ Deno.test("announce() retries an agent that accepts but never completes the hand
         attempts: 2,
         retryDelay: 1,
       }),
-      (e: unknown) => e instanceof AgentCallError && e.kind === "timeout",
+      (e: unknown) => e instanceof MtlsError && e.reason === "timeout",
     );
     assert.equal(held.length, 2);
   } finally {
@@ -103,7 +98,7 @@ Deno.test("announce() reports a 500 as rejected: the agent could not reach the h
   await assert.rejects(
     announce(target, INFO, { connect: unixConnect(fake.path), attempts: 3 }),
     (e: unknown) =>
-      e instanceof AgentCallError && e.kind === "rejected" && e.status === 500 &&
+      e instanceof MtlsError && e.reason === "status" && e.status === 500 &&
       /failed to connect to host/.test(e.message),
   );
   assert.equal(fake.requests.length, 1);
@@ -120,7 +115,7 @@ Deno.test("announce() refuses an agent presenting another certificate than agent
   await fake.ready;
   await assert.rejects(
     announce(target, INFO, { connect: unixConnect(fake.path) }),
-    (e: unknown) => e instanceof AgentCallError && e.kind === "tls",
+    (e: unknown) => e instanceof MtlsError && e.reason === "tls",
   );
   assert.deepEqual(fake.puts, []);
   assert.notEqual(agent.cert, impostor.cert);
@@ -167,13 +162,4 @@ Deno.test("probeAgent() returns the host address the agent reports, or null when
   const b = await probeAgent(target, { connect: unixConnect(without.path) });
   assert.deepEqual(a.connection, { cid: 2, port: 1234 });
   assert.equal(b.connection, null);
-});
-
-Deno.test("classifyAgentError() maps errno codes to failure kinds", () => {
-  const err = (code: string) => Object.assign(new Error(code), { code });
-  assert.equal(classifyAgentError(err("ECONNREFUSED"), "connect").kind, "refused");
-  assert.equal(classifyAgentError(err("ETIMEDOUT"), "connect").kind, "timeout");
-  assert.equal(classifyAgentError(new Deno.errors.TimedOut("t"), "connect").kind, "timeout");
-  assert.equal(classifyAgentError(err("ENOENT"), "connect").kind, "unreachable");
-  assert.equal(classifyAgentError(new Error("bad"), "tls").kind, "tls");
 });

@@ -42,6 +42,7 @@ import {
   HOST_CID,
 } from "../../shared/api.ts";
 import { type Logger, silentLogger } from "../../shared/log.ts";
+import { MtlsError } from "../../shared/http/mtls_client.ts";
 import { Slots } from "../../shared/slots.ts";
 import {
   type AgentStatus,
@@ -51,7 +52,6 @@ import {
   type StatusChannel,
 } from "../instance.ts";
 import {
-  AgentCallError,
   type AgentCallOptions,
   type AgentProbe,
   announce,
@@ -800,7 +800,7 @@ export class Coordinator implements AsyncDisposable {
       this.#intervals.connected,
     );
     entry.nextAnnounceAt = now + backoff;
-    const kind = failure instanceof AgentCallError ? failure.kind : "error";
+    const kind = failure instanceof MtlsError ? failure.reason : "error";
     this.#logger.info("announce failed", {
       instance: instance.name,
       reason,
@@ -934,8 +934,7 @@ export class Coordinator implements AsyncDisposable {
               break;
             }
             if (
-              error instanceof AgentCallError &&
-              (error.kind === "http" || error.kind === "rejected")
+              error instanceof MtlsError && error.reason === "status"
             ) {
               // The agent answered: it will not take this event. Do not block the queue on it.
               entry.dropped++;

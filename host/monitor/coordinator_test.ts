@@ -1,7 +1,8 @@
 import assert from "node:assert/strict";
 import type { ConnectionInfo, DevlxdEvent } from "../../shared/api.ts";
 import type { Instance, InstanceRuntime, StatusChannel } from "../instance.ts";
-import { AgentCallError, type AgentProbe } from "./announcer.ts";
+import { type AgentProbe } from "./announcer.ts";
+import { MtlsError } from "../../shared/http/mtls_client.ts";
 import {
   type AgentApi,
   Coordinator,
@@ -356,7 +357,7 @@ Deno.test("Coordinator records a refused announce as lastError and retries at a 
   const { ring, vm } = fixture;
   const { api, changes, coordinator } = setup([vm]);
   await using _c = coordinator;
-  api.announceError = new AgentCallError("refused", "Agent refused the connection");
+  api.announceError = new MtlsError("Agent refused the connection", "refused");
   coordinator.start();
   ring.write("STARTED\n");
   const failed = await changes.until((c) => c.error !== undefined);
@@ -379,7 +380,7 @@ Deno.test("Coordinator keeps an agent CONNECTED when it reached the host during 
   await using _c = coordinator;
   const release = Promise.withResolvers<void>();
   api.gate = release.promise;
-  api.announceError = new AgentCallError("timeout", "vsock connect timed out after 3000 ms");
+  api.announceError = new MtlsError("vsock connect timed out after 3000 ms", "timeout");
   coordinator.start();
   ring.write("STARTED\n");
   assert.equal(await api.entered.next(), "vm1");
@@ -494,7 +495,7 @@ Deno.test("Coordinator keeps an event queued when the push fails and retries it"
   await using _c = coordinator;
   coordinator.start();
   coordinator.agentSeen("vm1");
-  api.pushError = new AgentCallError("timeout", "Agent connect timed out");
+  api.pushError = new MtlsError("Agent connect timed out", "timeout");
   assert.equal(await coordinator.pushEvent("vm1", event("x")), "queued");
   api.pushError = undefined;
   coordinator.agentSeen("vm1"); // the agent shows up again
@@ -571,7 +572,7 @@ Deno.test("Coordinator writes CONNECT 2:<port> on a bidirectional serial channel
   const vm = makeInstance("vm1", 10, { kind: "socket", path });
   const { api, changes, coordinator } = setup([vm]);
   await using _c = coordinator;
-  api.announceError = new AgentCallError("refused", "Agent refused the connection");
+  api.announceError = new MtlsError("Agent refused the connection", "refused");
   coordinator.start();
   using guest = await listener.accept();
   await guest.write(new TextEncoder().encode("STARTED\n"));

@@ -9,17 +9,10 @@
 
 import { Buffer } from "node:buffer";
 import type { SocketReader } from "./_reader.ts";
+import { HttpError } from "./http_error.ts";
 
-/** A protocol violation, with the status a server answers it with. */
-export class HttpError extends Error {
-  override name = "HttpError";
-  readonly status: number;
-
-  constructor(status: number, message: string) {
-    super(message);
-    this.status = status;
-  }
-}
+/** A protocol violation is an {@linkcode HttpError} with the status a server answers it with. */
+export { HttpError };
 
 export const STATUS_TEXT: Record<number, string> = {
   100: "Continue",

@@ -87,7 +87,10 @@ export async function httpRequest(
   };
   const onAbort = () => fail(signal!.reason);
   const timer = Number.isFinite(timeout)
-    ? setTimeout(() => fail(new Error(`No HTTP response head within ${timeout} ms`)), timeout)
+    ? setTimeout(
+      () => fail(new Deno.errors.TimedOut(`No HTTP response head within ${timeout} ms`)),
+      timeout,
+    )
     : undefined;
   signal?.addEventListener("abort", onAbort, { once: true });
   try {

@@ -1,16 +1,17 @@
 /**
- * `HostPool`: the agent's idle keep-alive connections to the host, so that a
- * burst of guest requests (cloud-init's boot reads, a config-management run)
- * pays one mutual-TLS handshake instead of one per request, while an idle
- * guest holds nothing: a connection left idle for `idleTimeout` ms is closed.
+ * `ConnectionPool`: idle keep-alive connections of the mutual-TLS client
+ * (`mtls_client.ts`), so that a burst of requests to one peer (the agent's
+ * guest requests to the host: cloud-init's boot reads, a config-management
+ * run) pays one handshake instead of one per request, while an idle client
+ * holds nothing: a connection left idle for `idleTimeout` ms is closed.
  *
- * Connections are kept per host address and certificate (new connection info
- * never reuses a connection made for the old one), at most `maxIdle` of them,
- * newest first. A connection the host closes while idle leaves the pool at
- * once. Each pooled connection still holds its slot of the agent's bound on
- * open connections (it is open); a connection returned while requests wait
- * for a slot is closed instead, so that the waiter gets its slot now and no
- * request waits for an idle timer.
+ * Connections are kept per key (the peer's address and pinned certificate:
+ * new connection info never reuses a connection made for the old one), at
+ * most `maxIdle` of them, newest first. A connection the peer closes while
+ * idle leaves the pool at once. Each pooled connection still holds its slot
+ * of the caller's bound on open connections (it is open); a connection
+ * returned while requests wait for a slot is closed instead, so that the
+ * waiter gets its slot now and no request waits for an idle timer.
  *
  * Owns the idle connections and their timers: `close()` destroys both.
  * Needs no permissions.
@@ -18,11 +19,10 @@
  */
 
 import type { Duplex } from "node:stream";
-import type { ConnectionInfo } from "../shared/api.ts";
-import type { Slots } from "../shared/slots.ts";
+import type { Slots } from "../slots.ts";
 
-/** Options of {@linkcode HostPool}. */
-export interface HostPoolOptions {
+/** Options of {@linkcode ConnectionPool}. */
+export interface ConnectionPoolOptions {
   /**
    * Milliseconds an idle connection is kept; 0 closes every connection after
    * its response (one connection per request).
@@ -43,19 +43,14 @@ interface Idle {
   onGone: () => void;
 }
 
-/** The pool key of `info`: the host's address and the certificate pinned for it. */
-function keyOf(info: Pick<ConnectionInfo, "cid" | "port" | "certificate">): string {
-  return `${info.cid}:${info.port}\n${info.certificate}`;
-}
-
-export class HostPool implements Disposable {
+export class ConnectionPool implements Disposable {
   readonly idleTimeout: number;
   readonly maxIdle: number;
   /** Idle connections, oldest first. */
   #idle: Idle[] = [];
   #closed = false;
 
-  constructor(options: HostPoolOptions = {}) {
+  constructor(options: ConnectionPoolOptions = {}) {
     this.idleTimeout = Math.max(0, options.idleTimeout ?? 2000);
     this.maxIdle = Math.max(0, Math.floor(options.maxIdle ?? 4));
   }
@@ -65,9 +60,8 @@ export class HostPool implements Disposable {
     return this.#idle.length;
   }
 
-  /** Takes the newest idle connection to `info`'s host, if one is open. */
-  take(info: Pick<ConnectionInfo, "cid" | "port" | "certificate">): Duplex | undefined {
-    const key = keyOf(info);
+  /** Takes the newest idle connection kept under `key`, if one is open. */
+  take(key: string): Duplex | undefined {
     for (let i = this.#idle.length - 1; i >= 0; i--) {
       const entry = this.#idle[i];
       if (entry.key !== key) continue;
@@ -82,15 +76,11 @@ export class HostPool implements Disposable {
   }
 
   /**
-   * Keeps `socket` (a connection to `info`'s host whose last response is
-   * complete) for the next request, or closes it: when pooling is off, the
-   * pool is closed or full of newer ones, or `slots` has waiters.
+   * Keeps `socket` (a connection whose last response is complete) under
+   * `key` for the next request, or closes it: when pooling is off, the pool
+   * is closed or full of newer ones, or `slots` has waiters.
    */
-  give(
-    info: Pick<ConnectionInfo, "cid" | "port" | "certificate">,
-    socket: Duplex,
-    slots?: Slots,
-  ): void {
+  give(key: string, socket: Duplex, slots?: Slots): void {
     if (
       this.#closed || this.idleTimeout === 0 || this.maxIdle === 0 || socket.destroyed ||
       (slots !== undefined && slots.waiting > 0)
@@ -104,7 +94,7 @@ export class HostPool implements Disposable {
       oldest.socket.destroy();
     }
     const entry: Idle = {
-      key: keyOf(info),
+      key,
       socket,
       timer: setTimeout(() => {
         this.#remove(entry);
@@ -115,19 +105,18 @@ export class HostPool implements Disposable {
         socket.destroy();
       },
     };
-    // The host closing an idle connection (its idle timeout, a restart) ends it here too.
+    // The peer closing an idle connection (its idle timeout, a restart) ends it here too.
     socket.on("end", entry.onGone);
     socket.on("close", entry.onGone);
     socket.on("error", entry.onGone);
-    // Bytes the host sends unasked on an idle connection have no request: drop it.
+    // Bytes the peer sends unasked on an idle connection have no request: drop it.
     socket.on("data", entry.onGone);
     socket.resume();
     this.#idle.push(entry);
   }
 
-  /** Closes every idle connection except those to `info`'s host (new connection info). */
-  retain(info: Pick<ConnectionInfo, "cid" | "port" | "certificate">): void {
-    const key = keyOf(info);
+  /** Closes every idle connection except those kept under `key` (new connection info). */
+  retain(key: string): void {
     for (const entry of this.#idle.filter((e) => e.key !== key)) {
       this.#remove(entry);
       entry.socket.destroy();

@@ -2,12 +2,39 @@ import assert from "node:assert/strict";
 import type { Duplex } from "node:stream";
 import { serveHttp } from "../shared/http/mod.ts";
 import { acceptTls } from "../shared/tls/mod.ts";
-import { hybridGuestTransport, type Listener, listenUnix } from "../shared/vsock/mod.ts";
-import { classifyFailure, hostRequest, probeHost } from "./host_client.ts";
-import { HostUnreachableError } from "./host_fetch.ts";
-import { HostPool } from "./host_pool.ts";
+import {
+  hybridGuestTransport,
+  type Listener,
+  listenUnix,
+  type Transport,
+} from "../shared/vsock/mod.ts";
+import type { ConnectionInfo } from "../shared/api.ts";
+import { ConnectionPool } from "../shared/http/connection_pool.ts";
+import {
+  MtlsError,
+  mtlsRequest,
+  type MtlsRequestOptions,
+  probePeer,
+} from "../shared/http/mtls_client.ts";
+import { hostPeer } from "./host_link.ts";
 import { Slots } from "../shared/slots.ts";
 import { makeTestPair, until, within } from "./_testing.ts";
+
+/** What `HostLink` sends to the host of `info`, without the state transitions. */
+function hostRequest(
+  info: ConnectionInfo,
+  request: Request,
+  options: MtlsRequestOptions & { transport: Transport; cert: string; key: string },
+): Promise<Response> {
+  const { transport, cert, key, ...rest } = options;
+  return mtlsRequest(hostPeer(info, transport, { cert, key }, rest.connectTimeout), request, rest);
+}
+
+/** `HostLink`'s liveness probe of the host at (cid, port). */
+function probeHost(at: { cid: number; port: number }, transport: Transport): Promise<void> {
+  const info = { ...at, certificate: host.cert, devlxd: true };
+  return probePeer(hostPeer(info, transport, agent), { timeout: 2000 });
+}
 
 const agent = await makeTestPair("agent");
 const host = await makeTestPair("host");
@@ -57,7 +84,7 @@ async function expectUnreachable(
   message: RegExp,
 ): Promise<void> {
   await assert.rejects(within(promise, "the failure"), (error: unknown) => {
-    assert.ok(error instanceof HostUnreachableError, String(error));
+    assert.ok(error instanceof MtlsError, String(error));
     assert.equal(error.reason, reason, error.message);
     assert.match(error.message, message);
     assert.match(error.message, /\.$/, "one sentence");
@@ -79,7 +106,7 @@ function serveTls(cert = host) {
   };
 }
 
-Deno.test("hostRequest() sends one request over one TLS connection pinning the host", async () => {
+Deno.test("HostLink request sends one request over one TLS connection pinning the host", async () => {
   let connections = 0;
   const serve = serveTls();
   await withHost((socket) => {
@@ -111,7 +138,7 @@ function holdingHost(held: Array<() => void>) {
   };
 }
 
-Deno.test("hostRequest() with slots keeps at most that many connections open, the rest queue", async () => {
+Deno.test("HostLink request with slots keeps at most that many connections open, the rest queue", async () => {
   // The host holds every answer until the test lets one go: without the bound,
   // all six requests would be connected at once.
   let open = 0;
@@ -155,7 +182,7 @@ Deno.test("hostRequest() with slots keeps at most that many connections open, th
   });
 });
 
-Deno.test("hostRequest() gives up waiting for a slot after queueTimeout, as 'busy'", async () => {
+Deno.test("HostLink request gives up waiting for a slot after queueTimeout, as 'busy'", async () => {
   const held: Array<() => void> = [];
   await withHost(holdingHost(held), async (uds, port) => {
     const slots = new Slots(1);
@@ -175,7 +202,7 @@ Deno.test("hostRequest() gives up waiting for a slot after queueTimeout, as 'bus
   });
 });
 
-Deno.test("hostRequest() reports a refused connection in one sentence", async () => {
+Deno.test("HostLink request reports a refused connection in one sentence", async () => {
   await withHost(undefined, async (uds, port) => {
     await expectUnreachable(
       hostRequest(info(port), new Request("http://lxd/1.0"), {
@@ -188,7 +215,7 @@ Deno.test("hostRequest() reports a refused connection in one sentence", async ()
   });
 });
 
-Deno.test("hostRequest() refuses a host presenting another certificate than the pinned one", async () => {
+Deno.test("HostLink request refuses a host presenting another certificate than the pinned one", async () => {
   await withHost(serveTls(other), async (uds, port) => {
     await expectUnreachable(
       hostRequest(info(port), new Request("http://lxd/1.0"), {
@@ -201,7 +228,7 @@ Deno.test("hostRequest() refuses a host presenting another certificate than the 
   });
 });
 
-Deno.test("hostRequest() gives up on a host that never completes the handshake", async () => {
+Deno.test("HostLink request gives up on a host that never completes the handshake", async () => {
   await withHost(
     (socket) => new Promise((resolve) => socket.once("close", resolve)),
     async (uds, port) => {
@@ -220,7 +247,7 @@ Deno.test("hostRequest() gives up on a host that never completes the handshake",
   );
 });
 
-Deno.test("hostRequest() reports a host that closes before answering", async () => {
+Deno.test("HostLink request reports a host that closes before answering", async () => {
   await withHost(async (socket) => {
     const { socket: tlsSocket } = await acceptTls(socket, { ...host, pinned: agent.cert });
     tlsSocket.once("data", () => tlsSocket.destroy());
@@ -237,7 +264,7 @@ Deno.test("hostRequest() reports a host that closes before answering", async () 
   });
 });
 
-Deno.test("probeHost() resolves while something listens and rejects once nothing does", async () => {
+Deno.test("HostLink probe resolves while something listens and rejects once nothing does", async () => {
   await withHost(async () => {}, async (uds, port) => {
     await probeHost({ cid: 2, port }, hybridGuestTransport(uds));
   });
@@ -250,12 +277,7 @@ Deno.test("probeHost() resolves while something listens and rejects once nothing
   });
 });
 
-Deno.test("classifyFailure() keeps an existing HostUnreachableError", () => {
-  const error = new HostUnreachableError("x.", "timeout");
-  assert.equal(classifyFailure(error, "request", { cid: 2, port: 1 }), error);
-});
-
-Deno.test("hostRequest() with a pool sends a burst of requests over one kept-alive connection", async () => {
+Deno.test("HostLink request with a pool sends a burst of requests over one kept-alive connection", async () => {
   let connections = 0;
   let requests = 0;
   const serve = serveTls();
@@ -263,7 +285,7 @@ Deno.test("hostRequest() with a pool sends a burst of requests over one kept-ali
     connections++;
     return serve(socket);
   }, async (uds, port) => {
-    using pool = new HostPool({ idleTimeout: 10_000 });
+    using pool = new ConnectionPool({ idleTimeout: 10_000 });
     const options = { transport: hybridGuestTransport(uds), ...agent, pool };
     for (const path of ["/1.0", "/1.0/config", "/1.0/meta-data", "/1.0/devices"]) {
       const res = await hostRequest(info(port), new Request(`http://lxd${path}`), options);
@@ -284,14 +306,14 @@ Deno.test("hostRequest() with a pool sends a burst of requests over one kept-ali
   });
 });
 
-Deno.test("hostRequest() with a pool holds no connection after the idle window", async () => {
+Deno.test("HostLink request with a pool holds no connection after the idle window", async () => {
   const closed: Promise<void>[] = [];
   const serve = serveTls();
   await withHost((socket) => {
     closed.push(new Promise((resolve) => socket.once("close", () => resolve())));
     return serve(socket);
   }, async (uds, port) => {
-    using pool = new HostPool({ idleTimeout: 200 });
+    using pool = new ConnectionPool({ idleTimeout: 200 });
     const res = await hostRequest(info(port), new Request("http://lxd/1.0"), {
       transport: hybridGuestTransport(uds),
       ...agent,
@@ -305,7 +327,7 @@ Deno.test("hostRequest() with a pool holds no connection after the idle window",
   });
 });
 
-Deno.test("hostRequest() with a pool sends a request again on a new connection when the host closed the idle one unanswered, never after an answer", async () => {
+Deno.test("HostLink request with a pool sends a request again on a new connection when the host closed the idle one unanswered, never after an answer", async () => {
   const held: Array<() => void> = [];
   let connections = 0;
   const seen: string[] = [];
@@ -329,7 +351,7 @@ Deno.test("hostRequest() with a pool sends a request again on a new connection w
     });
   };
   await withHost(serveOnce, async (uds, port) => {
-    using pool = new HostPool({ idleTimeout: 10_000 });
+    using pool = new ConnectionPool({ idleTimeout: 10_000 });
     const options = { transport: hybridGuestTransport(uds), ...agent, pool };
     await (await hostRequest(info(port), new Request("http://lxd/1.0"), options)).arrayBuffer();
     const second = hostRequest(
@@ -348,7 +370,7 @@ Deno.test("hostRequest() with a pool sends a request again on a new connection w
   });
 });
 
-Deno.test("hostRequest() with a pool does not send again when the host answered part of a response", async () => {
+Deno.test("HostLink request with a pool does not send again when the host answered part of a response", async () => {
   let connections = 0;
   const serve = async (socket: Duplex) => {
     connections++;
@@ -369,7 +391,7 @@ Deno.test("hostRequest() with a pool does not send again when the host answered 
     await new Promise((resolve) => tlsSocket.once("close", resolve));
   };
   await withHost(serve, async (uds, port) => {
-    using pool = new HostPool({ idleTimeout: 10_000 });
+    using pool = new ConnectionPool({ idleTimeout: 10_000 });
     const options = { transport: hybridGuestTransport(uds), ...agent, pool };
     await (await hostRequest(info(port), new Request("http://lxd/1.0"), options)).arrayBuffer();
     await expectUnreachable(
