@@ -4,7 +4,7 @@
  * @module
  */
 
-import { generateKeyPair, type KeyPair } from "../shared/tls/mod.ts";
+import { generateKeyPair, type KeyPair } from "../shared/tls/key_pair.ts";
 
 /** Resolves with `promise`, or rejects after `ms` naming `what`. */
 export async function within<T>(promise: Promise<T>, what: string, ms = 5000): Promise<T> {

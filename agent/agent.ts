@@ -31,8 +31,7 @@
 import type { ConnectionInfo } from "../shared/api.ts";
 import { HttpServer } from "../shared/http/mod.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
-import { certificateFingerprint } from "../shared/tls/certificate.ts";
-import { acceptTls } from "../shared/tls/mutual_tls.ts";
+import { acceptTls, certificateFingerprint } from "../shared/tls/mod.ts";
 import type { Transport } from "../shared/vsock/mod.ts";
 import { createAgentApi } from "./agent_api.ts";
 import { Operations } from "./operations.ts";

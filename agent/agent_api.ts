@@ -17,10 +17,9 @@
 
 import { Hono } from "hono";
 import { type ConnectionInfo, parseConnectionInfo } from "../shared/api.ts";
-import { errorResponse, syncResponse } from "../shared/http/envelope.ts";
-import { HttpError } from "../shared/http/http_error.ts";
+import { errorResponse, HttpError, syncResponse } from "../shared/http/mod.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
-import { certificateValidity } from "../shared/tls/certificate.ts";
+import { certificateValidity } from "../shared/tls/mod.ts";
 import type { StatusSnapshot } from "./agent_state.ts";
 import { BodyTooLargeError, readBody } from "./read_body.ts";
 import {

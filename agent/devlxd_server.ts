@@ -27,6 +27,7 @@ import {
   type HttpHandler,
   HttpServer,
   isWebSocketRequest,
+  MtlsError,
   unwrapEnvelope,
   upgradeWebSocket,
 } from "../shared/http/mod.ts";
@@ -35,7 +36,6 @@ import { type Listener, listenUnix, SocketError } from "../shared/vsock/mod.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
 import type { EventRelay } from "./event_relay.ts";
 import { BodyTooLargeError, readBody } from "./read_body.ts";
-import { MtlsError } from "../shared/http/mtls_client.ts";
 import type { HostLink } from "./host_link.ts";
 
 export interface DevlxdAppOptions {

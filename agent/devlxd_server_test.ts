@@ -2,8 +2,7 @@ import assert from "node:assert/strict";
 import { Hono } from "hono";
 import { createDevlxdApp, DevlxdServer, textError } from "./devlxd_server.ts";
 import { EventRelay } from "./event_relay.ts";
-import { errorResponse, syncResponse } from "../shared/http/envelope.ts";
-import { MtlsError } from "../shared/http/mtls_client.ts";
+import { errorResponse, MtlsError, syncResponse } from "../shared/http/mod.ts";
 import type { HostFetch } from "./host_link.ts";
 import { until, within } from "./_testing.ts";
 

@@ -4,8 +4,7 @@
  * host uses (shared/exec_client.ts): one connection per request and stream.
  */
 import assert from "node:assert/strict";
-import { serveHttp } from "../shared/http/mod.ts";
-import { connectWebSocket } from "../shared/http/websocket_conn.ts";
+import { connectWebSocket, serveHttp } from "../shared/http/mod.ts";
 import { runExec } from "../shared/exec_client.ts";
 import { connectUnix, listenUnix } from "../shared/vsock/mod.ts";
 import { AgentStatus } from "./agent_state.ts";
@@ -193,7 +192,7 @@ Deno.test("exec: a client that goes away gets its command killed (nothing left r
 Deno.test("exec: a wrong secret is refused with 403, and streams not connected in time fail the operation", async () => {
   await using agent = await agentApi({ connectTimeout: 300 });
   const socket = await agent.dial();
-  const { httpRequest } = await import("../shared/http/http_request.ts");
+  const { httpRequest } = await import("../shared/http/mod.ts");
   const response = await httpRequest(
     socket,
     new Request("http://a/1.0/exec", {
@@ -217,7 +216,7 @@ Deno.test("exec: a wrong secret is refused with 403, and streams not connected i
 
 Deno.test("exec: more than maxRunning operations at once are refused with 503", async () => {
   await using agent = await agentApi({ maxRunning: 1, connectTimeout: 300 });
-  const { httpRequest } = await import("../shared/http/http_request.ts");
+  const { httpRequest } = await import("../shared/http/mod.ts");
   const post = async () =>
     await httpRequest(
       await agent.dial(),
@@ -237,7 +236,7 @@ Deno.test("exec: more than maxRunning operations at once are refused with 503", 
 
 Deno.test("exec: without wait-for-websocket the agent answers 400 as lxd-agent does", async () => {
   await using agent = await agentApi();
-  const { httpRequest } = await import("../shared/http/http_request.ts");
+  const { httpRequest } = await import("../shared/http/mod.ts");
   const response = await httpRequest(
     await agent.dial(),
     new Request("http://a/1.0/exec", {
@@ -267,7 +266,7 @@ Deno.test("exec: on a PTY the end of the client's input is the terminal's EOF, s
 Deno.test("exec: the status does not wait for a client that never reads its control stream (LXD's)", async () => {
   // A close timeout far beyond the bound below: waiting for the client's close frame would show.
   await using agent = await agentApi({ closeTimeout: 60_000 });
-  const { httpRequest } = await import("../shared/http/http_request.ts");
+  const { httpRequest } = await import("../shared/http/mod.ts");
   const response = await httpRequest(
     await agent.dial(),
     new Request("http://a/1.0/exec", {

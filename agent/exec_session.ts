@@ -33,8 +33,7 @@
  */
 
 import type { InstanceExecControl, InstanceExecPost } from "../shared/instance_api.ts";
-import { acceptWebSocket, type WebSocketConnection } from "../shared/http/websocket_conn.ts";
-import { errorResponse } from "../shared/http/envelope.ts";
+import { acceptWebSocket, errorResponse, type WebSocketConnection } from "../shared/http/mod.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
 import {
   type ChildProcess,

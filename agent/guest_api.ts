@@ -24,15 +24,18 @@
  */
 
 import type { Hono } from "hono";
-import { errorResponse, syncResponse } from "../shared/http/envelope.ts";
-import { acceptWebSocket } from "../shared/http/websocket_conn.ts";
+import {
+  acceptWebSocket,
+  errorResponse,
+  syncResponse,
+  upgradeResponse,
+} from "../shared/http/mod.ts";
 import type { AgentMetrics, InstanceState } from "../shared/instance_api.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
 import { BodyTooLargeError, readBody } from "./read_body.ts";
 import { ExecRequestError, ExecSession, parseExecRequest } from "./exec_session.ts";
 import { collectMetrics } from "./guest_metrics.ts";
 import { SftpServer } from "./sftp_server.ts";
-import { upgradeResponse } from "../shared/http/serve_http.ts";
 import { collectState } from "./guest_state.ts";
 import { type AgentEvent, Operations, TooManyOperationsError } from "./operations.ts";
 

@@ -27,14 +27,14 @@
  */
 
 import type { ConnectionInfo } from "../shared/api.ts";
-import { ConnectionPool } from "../shared/http/connection_pool.ts";
 import {
+  ConnectionPool,
   MtlsError,
   type MtlsPeer,
   mtlsRequest,
   poolKey,
   probePeer,
-} from "../shared/http/mtls_client.ts";
+} from "../shared/http/mod.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
 import { Slots } from "../shared/slots.ts";
 import type { Transport } from "../shared/vsock/mod.ts";

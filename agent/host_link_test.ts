@@ -1,6 +1,13 @@
 import assert from "node:assert/strict";
 import type { Duplex } from "node:stream";
-import { serveHttp } from "../shared/http/mod.ts";
+import {
+  ConnectionPool,
+  MtlsError,
+  mtlsRequest,
+  type MtlsRequestOptions,
+  probePeer,
+  serveHttp,
+} from "../shared/http/mod.ts";
 import { acceptTls } from "../shared/tls/mod.ts";
 import {
   hybridGuestTransport,
@@ -9,13 +16,6 @@ import {
   type Transport,
 } from "../shared/vsock/mod.ts";
 import type { ConnectionInfo } from "../shared/api.ts";
-import { ConnectionPool } from "../shared/http/connection_pool.ts";
-import {
-  MtlsError,
-  mtlsRequest,
-  type MtlsRequestOptions,
-  probePeer,
-} from "../shared/http/mtls_client.ts";
 import { hostPeer } from "./host_link.ts";
 import { Slots } from "../shared/slots.ts";
 import { makeTestPair, until, within } from "./_testing.ts";

@@ -120,7 +120,7 @@ Deno.test(requires(getuid() === 0 ? undefined : "not root (it changes a file's o
 
 Deno.test("sftp: the upgrade needs Upgrade: sftp; an agent without it answers as LXD reports (101 expected, 404)", async () => {
   await using agent = await agentApi();
-  const { httpRequest } = await import("../shared/http/http_request.ts");
+  const { httpRequest } = await import("../shared/http/mod.ts");
   const plain = await httpRequest(await agent.dial(), new Request("http://a/1.0/sftp"));
   assert.equal(plain.status, 400);
   assert.equal((await plain.json()).error, "Missing or invalid upgrade header");

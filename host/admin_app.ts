@@ -17,8 +17,7 @@
 
 import { Hono } from "hono";
 import { bodyLimit } from "hono/body-limit";
-import { errorResponse, syncResponse } from "../shared/http/envelope.ts";
-import { HttpError } from "../shared/http/http_error.ts";
+import { errorResponse, HttpError, syncResponse } from "../shared/http/mod.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
 import { ALL_TOPICS } from "./event_hub.ts";
 import { own } from "./instance.ts";

@@ -19,8 +19,7 @@
 
 import type { Duplex } from "node:stream";
 import { ExecError, runExec } from "../shared/exec_client.ts";
-import { unwrapEnvelope } from "../shared/http/envelope.ts";
-import { httpRequest } from "../shared/http/http_request.ts";
+import { httpRequest, unwrapEnvelope } from "../shared/http/mod.ts";
 import type { InstanceExecControl, InstanceState } from "../shared/instance_api.ts";
 import { connectUnix } from "../shared/vsock/mod.ts";
 import type { AgentCommand, ExecCommand, FileCommand } from "./agent_cli.ts";

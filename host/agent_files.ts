@@ -18,7 +18,7 @@
 
 import type { Hono } from "hono";
 import type { Duplex } from "node:stream";
-import { errorResponse, syncResponse } from "../shared/http/envelope.ts";
+import { errorResponse, syncResponse } from "../shared/http/mod.ts";
 import { FX } from "../shared/sftp/codec.ts";
 import { openSftp, type SftpClient, SftpStatusError } from "../shared/sftp/client.ts";
 

@@ -19,14 +19,14 @@
 import type { Hono } from "hono";
 import type { Duplex } from "node:stream";
 import { AGENT_API_PORT } from "../shared/api.ts";
-import { errorResponse } from "../shared/http/envelope.ts";
-import { httpRequest } from "../shared/http/http_request.ts";
-import { dialMtls } from "../shared/http/mtls_client.ts";
 import {
   connectWebSocket,
+  dialMtls,
+  errorResponse,
+  httpRequest,
   type WebSocketConnection,
   WebSocketHandshakeError,
-} from "../shared/http/websocket_conn.ts";
+} from "../shared/http/mod.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
 import { connectHybrid, connectVsock } from "../shared/vsock/mod.ts";
 import type { Instance } from "./instance.ts";

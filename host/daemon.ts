@@ -14,7 +14,7 @@
 import { join } from "node:path";
 import type { DevlxdEvent } from "../shared/api.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
-import { certificateDer, certificateFingerprint } from "../shared/tls/certificate.ts";
+import { certificateDer, certificateFingerprint } from "../shared/tls/mod.ts";
 import { generateKeyPair, readKeyPair, writeKeyPair } from "../shared/tls/key_pair.ts";
 import {
   connectHybrid,

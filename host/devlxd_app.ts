@@ -11,8 +11,7 @@
 import { Hono } from "hono";
 import type { DevlxdEvent, DevlxdInfo } from "../shared/api.ts";
 import { isGuestVisibleKey } from "../shared/api.ts";
-import { errorResponse, syncResponse } from "../shared/http/envelope.ts";
-import { HttpError } from "../shared/http/http_error.ts";
+import { errorResponse, HttpError, syncResponse } from "../shared/http/mod.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
 import type { EventHub } from "./event_hub.ts";
 import { devlxdEnabled, devlxdImagesEnabled, type Instance, own } from "./instance.ts";

@@ -24,8 +24,7 @@
  * @module
  */
 
-import { errorResponse } from "../shared/http/envelope.ts";
-import { type Admission, type AuthContext, HttpServer } from "../shared/http/mod.ts";
+import { type Admission, type AuthContext, errorResponse, HttpServer } from "../shared/http/mod.ts";
 import { type Logger, LogSummary, silentLogger } from "../shared/log.ts";
 import {
   acceptTls,

@@ -9,7 +9,7 @@ import assert from "node:assert/strict";
 import type { Duplex } from "node:stream";
 import { runExec } from "../shared/exec_client.ts";
 import { openSftp } from "../shared/sftp/client.ts";
-import { connectWebSocket } from "../shared/http/websocket_conn.ts";
+import { connectWebSocket } from "../shared/http/mod.ts";
 import { connectTls } from "../shared/tls/mod.ts";
 import {
   agentPaths,

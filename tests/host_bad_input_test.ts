@@ -11,7 +11,7 @@ import { join } from "node:path";
 import tls from "node:tls";
 import type { Duplex } from "node:stream";
 import { httpRequest } from "../shared/http/mod.ts";
-import { generateKeyPair } from "../shared/tls/mod.ts";
+import { generateKeyPair } from "../shared/tls/key_pair.ts";
 import {
   agentConnection,
   type AgentIdentity,

@@ -11,7 +11,8 @@ import { Buffer } from "node:buffer";
 import http from "node:http";
 import net from "node:net";
 import type { Duplex } from "node:stream";
-import { acceptTls, generateKeyPair } from "../../shared/tls/mod.ts";
+import { acceptTls } from "../../shared/tls/mod.ts";
+import { generateKeyPair } from "../../shared/tls/key_pair.ts";
 import type { ConnectionInfo, DevlxdEvent } from "../../shared/api.ts";
 import type { AgentTarget } from "./announcer.ts";
 

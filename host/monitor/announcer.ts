@@ -18,13 +18,14 @@
 import type { Duplex } from "node:stream";
 import type { ConnectionInfo, DevlxdEvent } from "../../shared/api.ts";
 import type { Instance } from "../instance.ts";
-import { unwrapEnvelope, type Unwrapped } from "../../shared/http/envelope.ts";
 import {
   classifyFailure,
   MtlsError,
   type MtlsPeer,
   mtlsRequest,
-} from "../../shared/http/mtls_client.ts";
+  unwrapEnvelope,
+  type Unwrapped,
+} from "../../shared/http/mod.ts";
 
 /** What is needed to talk to one agent: its pinned cert and our client identity. */
 export type AgentTarget = Pick<Instance, "name" | "agentCert" | "clientCert" | "clientKey">;

@@ -42,7 +42,7 @@ import {
   HOST_CID,
 } from "../../shared/api.ts";
 import { type Logger, silentLogger } from "../../shared/log.ts";
-import { MtlsError } from "../../shared/http/mtls_client.ts";
+import { MtlsError } from "../../shared/http/mod.ts";
 import { Slots } from "../../shared/slots.ts";
 import {
   type AgentStatus,

@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import type { ConnectionInfo, DevlxdEvent } from "../../shared/api.ts";
 import type { Instance, InstanceRuntime, StatusChannel } from "../instance.ts";
 import { type AgentProbe } from "./announcer.ts";
-import { MtlsError } from "../../shared/http/mtls_client.ts";
+import { MtlsError } from "../../shared/http/mod.ts";
 import {
   type AgentApi,
   Coordinator,

@@ -5,7 +5,8 @@
 
 import assert from "node:assert/strict";
 import * as net from "node:net";
-import { acceptTls, connectTls, generateKeyPair, writeKeyPair } from "../tls/mod.ts";
+import { acceptTls, connectTls } from "../tls/mod.ts";
+import { generateKeyPair, writeKeyPair } from "../tls/key_pair.ts";
 import { errorResponse, syncResponse, unwrapEnvelope } from "./envelope.ts";
 import { httpRequest } from "./http_request.ts";
 import { serveHttp } from "./serve_http.ts";

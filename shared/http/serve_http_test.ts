@@ -3,7 +3,8 @@ import type { Duplex } from "node:stream";
 import { type HttpHandler, serveHttp, type ServeHttpOptions } from "./serve_http.ts";
 import { httpRequest } from "./http_request.ts";
 import { closed, fdSocketPair, unixSocketPair, whenClosed } from "../tls/_testing.ts";
-import { acceptTls, connectTls, generateKeyPair } from "../tls/mod.ts";
+import { acceptTls, connectTls } from "../tls/mod.ts";
+import { generateKeyPair } from "../tls/key_pair.ts";
 import { within } from "../vsock/_testing.ts";
 
 /** Everything the peer receives, with a way to wait until a condition on it holds. */

@@ -35,14 +35,13 @@ import * as http from "node:http";
 import * as net from "node:net";
 import { cpuUsage } from "node:process";
 import type { Duplex } from "node:stream";
+import { acceptTls, connectTls } from "../../shared/tls/mod.ts";
 import {
-  acceptTls,
-  connectTls,
   generateKeyPair,
   type KeyPair,
   readKeyPair,
   writeKeyPair,
-} from "../../shared/tls/mod.ts";
+} from "../../shared/tls/key_pair.ts";
 import { httpRequest, serveHttp, syncResponse } from "../../shared/http/mod.ts";
 import { connectUnix, listenUnix } from "../../shared/vsock/mod.ts";
 
