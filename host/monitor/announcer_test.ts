@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import type { Duplex } from "node:stream";
 import { announce, probeAgent, pushEvent, retryable } from "./announcer.ts";
 import { MtlsError } from "../../shared/http/mod.ts";
-import { FakeAgent, makeIdentity, makeTarget, unixConnect } from "./_fake_agent.ts";
+import { FakeAgent, makeIdentity, makeTarget, unixConnect } from "../../tests/fakes/agent.ts";
 import { tempDir } from "./_test_util.ts";
 import type { ConnectionInfo, DevlxdEvent } from "../../shared/api.ts";
 

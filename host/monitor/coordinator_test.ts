@@ -9,8 +9,8 @@ import {
   type CoordinatorOptions,
   type CoordinatorStore,
 } from "./coordinator.ts";
-import { FakeQmpServer, FakeRingBuffer } from "./_fake_qmp.ts";
-import { FakeAgent, makeIdentity, makeTarget, unixConnect } from "./_fake_agent.ts";
+import { FakeQmpServer, FakeRingBuffer } from "../../tests/fakes/qmp.ts";
+import { FakeAgent, makeIdentity, makeTarget, unixConnect } from "../../tests/fakes/agent.ts";
 import { Queue, tempDir } from "./_test_util.ts";
 
 const INTERVALS = { waiting: 10, stopped: 20, connected: 100 };

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { QmpClient, QmpError, readRingBuffer } from "./qmp_client.ts";
-import { FakeQmpServer, FakeRingBuffer } from "./_fake_qmp.ts";
+import { FakeQmpServer, FakeRingBuffer } from "../../tests/fakes/qmp.ts";
 
 async function tempSocket(): Promise<{ path: string } & AsyncDisposable> {
   const dir = await Deno.makeTempDir({ prefix: "qmp-test-" });

@@ -220,7 +220,7 @@ export abstract class StatusWatcher implements AsyncDisposable {
    * When the next timed poll is due: one interval after the last, rounded up
    * to a tick of a tenth of the interval (at most 1 s) on a clock shared by
    * all watchers, so that the polls of many instances share event-loop
-   * wake-ups (timer slack). bench_poll.ts measured 400 watchers at 100 polls/s:
+   * wake-ups (timer slack). tests/bench/poll.ts measured 400 watchers at 100 polls/s:
    * 87 µs of host CPU per poll with the slack, 257 µs without.
    */
   #due(): number {

@@ -4,7 +4,7 @@ import {
   readStatusChannel,
   type StatusObservation,
 } from "./status_watcher.ts";
-import { FakeQmpServer, FakeRingBuffer } from "./_fake_qmp.ts";
+import { FakeQmpServer, FakeRingBuffer } from "../../tests/fakes/qmp.ts";
 import { Queue, tempDir } from "./_test_util.ts";
 
 const HOUR = 3_600_000;

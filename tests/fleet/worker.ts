@@ -4,7 +4,7 @@
  *
  * - VMM stand-in: per instance a socket-backed serial port (the agent's end)
  *   whose bytes land in a 16-byte QEMU-like ring buffer, read by the host over
- *   a fake QMP socket (`ringbuf-read`, `host/monitor/_fake_qmp.ts`). A stand-in
+ *   a fake QMP socket (`ringbuf-read`, `tests/fakes/qmp.ts`). A stand-in
  *   because 1,000 real QEMUs do not fit in this machine (2 cores, 24 GiB).
  * - Guest: per instance one real `Agent` (agent/agent.ts, with its own
  *   certificate from the config drive the host wrote, its own serial channel,
@@ -37,7 +37,7 @@ import {
   listenUnix,
   type Transport,
 } from "../../shared/vsock/mod.ts";
-import { FakeQmpServer, FakeRingBuffer } from "../../host/monitor/_fake_qmp.ts";
+import { FakeQmpServer, FakeRingBuffer } from "../fakes/qmp.ts";
 import { fleetPaths } from "./paths.ts";
 
 const encoder = new TextEncoder();

@@ -9,7 +9,7 @@
  * 2. `--watchers` StatusWatchers polling on their timers for `--duration` ms
  *    (host-process CPU per poll, timers and parsing included).
  *
- * Usage: deno run -P=test host/monitor/bench_poll.ts [--reads 5000]
+ * Usage: deno run -P=test tests/bench/poll.ts [--reads 5000]
  *        [--watchers 20] [--interval 50] [--duration 5000] [--per-qemu 1]
  * (`--per-qemu N` puts N QMP sockets in each QEMU, to simulate many
  * instances with few processes; the QEMU figure is then less realistic.)
@@ -19,8 +19,8 @@
 
 import process from "node:process";
 import { parseArgs } from "node:util";
-import { QmpClient, ringbufReadArgs } from "./qmp_client.ts";
-import { createStatusWatcher, type StatusWatcher } from "./status_watcher.ts";
+import { QmpClient, ringbufReadArgs } from "../../host/monitor/qmp_client.ts";
+import { createStatusWatcher, type StatusWatcher } from "../../host/monitor/status_watcher.ts";
 
 const CLOCK_TICKS = 100; // USER_HZ on Linux
 
@@ -100,7 +100,7 @@ async function main(): Promise<number> {
       );
     }
   } catch (error) {
-    console.log(`bench_poll: skipped, cannot start QEMU: ${(error as Error).message}`);
+    console.log(`tests/bench/poll.ts: skipped, cannot start QEMU: ${(error as Error).message}`);
     for (const c of children) c.kill("SIGKILL");
     await Promise.all(children.map((c) => c.status));
     await Deno.remove(dir, { recursive: true });

@@ -14,7 +14,7 @@ import type { Duplex } from "node:stream";
 import { acceptTls } from "../../shared/tls/mod.ts";
 import { generateKeyPair } from "../../shared/tls/key_pair.ts";
 import type { ConnectionInfo, DevlxdEvent } from "../../shared/api.ts";
-import type { AgentTarget } from "./announcer.ts";
+import type { AgentTarget } from "../../host/monitor/announcer.ts";
 
 /** A PEM certificate and its PKCS#8 PEM key. */
 export interface Identity {
