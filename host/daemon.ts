@@ -15,7 +15,6 @@ import { join } from "node:path";
 import type { DevlxdEvent } from "../shared/api.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
 import { certificateDer, certificateFingerprint } from "../shared/tls/certificate.ts";
-import { generateKeyPair, readKeyPair, writeKeyPair } from "../shared/tls/key_pair.ts";
 import {
   connectHybrid,
   connectVsock,
@@ -23,56 +22,22 @@ import {
   listenUnix,
   listenVsock,
   localCid,
-  RANDOM_PORT_MAX,
-  RANDOM_PORT_MIN,
+  randomPort,
 } from "../shared/vsock/mod.ts";
 import { AGENT_API_PORT } from "../shared/api.ts";
 import { createAdminApp, type DaemonStatus } from "./admin_app.ts";
+import { ensureServerCertificate, generateInstanceKeyPair } from "./certificates.ts";
 import { dialAgent } from "./agent_proxy.ts";
-import { VERSION } from "./cli.ts";
+import { VERSION } from "./version.ts";
 import { agentConf, writeFileAtomic } from "./config_drive.ts";
 import { createDevlxdApp } from "./devlxd_app.ts";
 import { EventHub, type LifecycleEvent } from "./event_hub.ts";
 import { devlxdEnabled, type Instance } from "./instance.ts";
-import { InstanceService, type KeyPairGenerator } from "./instance_service.ts";
+import { InstanceService } from "./instance_service.ts";
 import { Registry } from "./registry.ts";
 import { checkOwner, defaultConfigDrive, prepareStateDir, type StatePaths } from "./state_dir.ts";
 import { DevlxdServer } from "./vsock_server.ts";
 import { Coordinator, type CoordinatorIntervals } from "./monitor/coordinator.ts";
-
-/**
- * The curve of the certificates the host makes: its server identity and each
- * instance's agent and client pairs. P-256 rather than LXD's P-384: a mutual
- * handshake costs ≈ 40 % less CPU on both ends (tests/bench/tls.ts: 1,448 →
- * 891 µs per request), and peers only pin the exact certificate, so LXD, Go and
- * a stock `lxd-agent` accept it as they accept any ECDSA certificate. Existing
- * P-384 certificates in a state directory or the registry are kept and used.
- */
-export const HOST_KEY_CURVE = "P-256";
-
-/** The host's TLS identity: generated once ({@linkcode HOST_KEY_CURVE}), 0600 in the state directory. */
-export async function ensureServerCertificate(
-  paths: StatePaths,
-): Promise<{ cert: string; key: string }> {
-  try {
-    return await readKeyPair(paths.dir, "server");
-  } catch (error) {
-    const missing = error instanceof Deno.errors.NotFound ||
-      (error as Error)?.cause instanceof Deno.errors.NotFound;
-    if (!missing) throw error;
-  }
-  const pair = await generateKeyPair({
-    commonName: "lxd-vsock-host",
-    curve: HOST_KEY_CURVE,
-    days: 3650,
-  });
-  await writeKeyPair(paths.dir, "server", pair);
-  return pair;
-}
-
-/** Agent and per-instance client pairs: ECDSA {@linkcode HOST_KEY_CURVE}, 10 years. */
-export const generateInstanceKeyPair: KeyPairGenerator = ({ commonName }) =>
-  generateKeyPair({ commonName, curve: HOST_KEY_CURVE, days: 3650 });
 
 export interface DaemonOptions {
   stateDir: string;
@@ -106,10 +71,6 @@ export interface DaemonOptions {
 
 /** Registry meta key: "<port> <server cert fingerprint>" the config drives were last refreshed for. */
 const CONFIG_DRIVES_META = "config_drives";
-
-export function randomPort(): number {
-  return RANDOM_PORT_MIN + Math.floor(Math.random() * (RANDOM_PORT_MAX - RANDOM_PORT_MIN + 1));
-}
 
 export class Daemon {
   readonly paths: StatePaths;

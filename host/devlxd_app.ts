@@ -15,7 +15,7 @@ import { errorResponse, syncResponse } from "../shared/http/envelope.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
 import type { EventHub } from "./event_hub.ts";
 import { devlxdEnabled, devlxdImagesEnabled, type Instance, own } from "./instance.ts";
-import { isValidConfigKey } from "./registry.ts";
+import { isValidConfigKey } from "./instance_validation.ts";
 
 /** An HTTP status with a message, turned into the LXD error envelope. */
 export class HttpError extends Error {
