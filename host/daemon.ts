@@ -3,8 +3,9 @@
  * certificate, the event hubs, the instance service, the devlxd server on
  * AF_VSOCK and on one `<uds_path>_<port>` listener per hybrid instance, and
  * the admin API on `<state-dir>/admin.sock` (0600). The status monitor and
- * coordinator hook in through `service` (agent state), `events`/`lifecycle`
- * (subscriptions) and `onAgentRequest`.
+ * coordinator (the one writer of agent state) hears of every authenticated
+ * agent request from the devlxd server and subscribes to `events` and
+ * `lifecycle`.
  *
  * Owns every listener, connection and the registry; `close()` releases them.
  * Needs read/write on the state directory, net (unix sockets) and ffi.
@@ -97,14 +98,12 @@ export class Daemon {
   #coordinator: Coordinator | undefined;
   #hybrid = new Map<string, { path: string; listener: Listener }>();
   #admin: Deno.HttpServer<Deno.UnixAddr> | undefined;
-  #hooks: Set<(name: string) => void>;
   #logger: Logger;
   #unsubscribe: () => void = () => {};
   #closing: Promise<void> | undefined;
   #shutdownTimeout: number;
 
   private constructor(init: {
-    hooks: Set<(name: string) => void>;
     paths: StatePaths;
     registry: Registry;
     service: InstanceService;
@@ -118,7 +117,6 @@ export class Daemon {
     logger: Logger;
     shutdownTimeout: number;
   }) {
-    this.#hooks = init.hooks;
     this.paths = init.paths;
     this.registry = init.registry;
     this.service = init.service;
@@ -198,56 +196,12 @@ export class Daemon {
         imagesDir: options.imagesDir ?? paths.images,
         logger,
       });
-      const hooks = new Set<(name: string) => void>();
-      const agentRequest = (name: string) => {
-        service.recordSeen(name);
-        for (const hook of hooks) {
-          try {
-            hook(name);
-          } catch (error) {
-            logger.error("agent request hook failed", { instance: name, error });
-          }
-        }
-      };
-      server = new DevlxdServer({
-        cert,
-        key,
-        byCid: (c) => registry.byCid(c),
-        byName: (n) => registry.get(n),
-        handler: (request, instance) => app.fetch(request, { instance }),
-        onAgentRequest: agentRequest,
-        maxConnectionsPerInstance: options.maxConnectionsPerInstance,
-        handshakeTimeout: options.handshakeTimeout,
-        headersTimeout: options.headersTimeout,
-        idleTimeout: options.idleTimeout,
-        maxHeaderSize: options.maxHeaderSize,
-        maxBodySize: options.maxBodySize,
-        logger,
-      });
-      const daemon = new Daemon({
-        hooks,
-        paths,
-        registry,
-        service,
-        events,
-        lifecycle,
-        server,
-        port,
-        cid,
-        transport,
-        serverCert: cert,
-        logger,
-        shutdownTimeout: options.shutdownTimeout ?? 5000,
-      });
-      if (vsock) server.serve(vsock, { kind: "vsock" });
-      vsock = undefined;
-      // One line for all of them (a fleet host opens hundreds here); each at debug.
-      for (const instance of registry.list()) daemon.#openHybrid(instance, "debug");
       const coordinator = options.monitor === false ? undefined : new Coordinator({
         store: {
           list: () => registry.list(),
           get: (name) => registry.get(name),
           setRuntime: (name, patch) => service.applyRuntime(name, patch),
+          recordSeen: (name) => service.recordSeen(name),
           queueEvent: (name, event) => registry.queueEvent(name, event),
           dequeueEvents: (ids) => registry.dequeueEvents(ids),
           queuedEvents: (name) => registry.queuedEvents(name),
@@ -263,7 +217,44 @@ export class Daemon {
         intervals: options.intervals,
         logger: logger.with({ component: "monitor" }),
       });
-      daemon.#coordinator = monitor = coordinator;
+      monitor = coordinator;
+      server = new DevlxdServer({
+        cert,
+        key,
+        byCid: (c) => registry.byCid(c),
+        byName: (n) => registry.get(n),
+        handler: (request, instance) => app.fetch(request, { instance }),
+        // The coordinator records it (and acts on it); without one, only lastSeen is kept.
+        onAgentRequest: coordinator
+          ? (name) => coordinator.agentSeen(name)
+          : (name) => service.recordSeen(name),
+        maxConnectionsPerInstance: options.maxConnectionsPerInstance,
+        handshakeTimeout: options.handshakeTimeout,
+        headersTimeout: options.headersTimeout,
+        idleTimeout: options.idleTimeout,
+        maxHeaderSize: options.maxHeaderSize,
+        maxBodySize: options.maxBodySize,
+        logger,
+      });
+      const daemon = new Daemon({
+        paths,
+        registry,
+        service,
+        events,
+        lifecycle,
+        server,
+        port,
+        cid,
+        transport,
+        serverCert: cert,
+        logger,
+        shutdownTimeout: options.shutdownTimeout ?? 5000,
+      });
+      daemon.#coordinator = coordinator;
+      if (vsock) server.serve(vsock, { kind: "vsock" });
+      vsock = undefined;
+      // One line for all of them (a fleet host opens hundreds here); each at debug.
+      for (const instance of registry.list()) daemon.#openHybrid(instance, "debug");
       const unsubscribes = [
         lifecycle.subscribe("*", (event) => {
           const instance = registry.get(event.instance);
@@ -286,7 +277,6 @@ export class Daemon {
         unsubscribes.push(
           events.subscribe("*", (event, name) => void coordinator.pushEvent(name, event)),
         );
-        hooks.add((name) => coordinator.agentSeen(name));
       }
       daemon.#unsubscribe = () => unsubscribes.forEach((u) => u());
       await daemon.#serveAdmin();
@@ -314,12 +304,6 @@ export class Daemon {
     }
   }
 
-  /** Calls `hook(name)` on every authenticated agent request; returns the unsubscribe. */
-  onAgentRequest(hook: (name: string) => void): () => void {
-    this.#hooks.add(hook);
-    return () => this.#hooks.delete(hook);
-  }
-
   #openHybrid(instance: Instance, level: "info" | "debug" = "info"): void {
     if (instance.hybrid === undefined || this.#hybrid.has(instance.name)) return;
     const path = `${instance.hybrid}_${this.port}`;
@@ -334,11 +318,7 @@ export class Daemon {
         path,
         error,
       });
-      this.service.setAgentState(
-        instance.name,
-        instance.runtime.agentState,
-        `cannot listen on ${path}`,
-      );
+      this.#coordinator?.reportError(instance.name, `cannot listen on ${path}`);
     }
   }
 
