@@ -22,7 +22,8 @@ import {
   writeConfigDrive,
 } from "./config_drive.ts";
 import type { EventHub, LifecycleEvent } from "./event_hub.ts";
-import type { Instance, InstanceRuntime, StatusChannel } from "./instance.ts";
+import type { Instance, InstanceRuntime } from "./instance.ts";
+import type { InstanceIdentity } from "./instance_validation.ts";
 import type { Registry } from "./registry.ts";
 import { defaultConfigDrive, type StatePaths } from "./state_dir.ts";
 
@@ -36,13 +37,7 @@ export interface KeyPair {
 export type KeyPairGenerator = (options: { commonName: string }) => Promise<KeyPair>;
 
 /** What `add()` needs. */
-export interface AddInstance {
-  name: string;
-  cid: number;
-  status?: StatusChannel;
-  hybrid?: string;
-  config?: Record<string, string>;
-  devices?: Record<string, Record<string, string>>;
+export interface AddInstance extends InstanceIdentity {
   /** Where to write the config drive. @default <state-dir>/instances/<name>/config */
   configDrive?: string;
 }

@@ -97,6 +97,20 @@ export interface AnnounceMachineInit {
   onStatus(status: AgentStatus, changed: boolean): void;
 }
 
+/** What operators see of an instance's agent and its announces. */
+export interface AgentView {
+  agentState: AgentStatus;
+  /** The last state line read from the channel (or STOPPED when it went away). */
+  observed?: AgentState;
+  /** ISO times: the agent's last authenticated request, the last change of `agentState`. */
+  lastSeen?: string;
+  lastChange?: string;
+  lastError?: string;
+  /** When the host last announced itself successfully, and which port. */
+  lastAnnounce?: string;
+  announcedPort?: number;
+}
+
 /** Channel failures that just mean "the VM is not running": no lastError. */
 const QUIET_CHANNEL_ERRORS = [
   Deno.errors.NotFound,
@@ -160,15 +174,7 @@ export class AnnounceMachine {
   }
 
   /** What operators see of the machine (the coordinator adds the channel's side). */
-  view(): {
-    agentState: AgentStatus;
-    observed?: AgentState;
-    lastSeen?: string;
-    lastChange?: string;
-    lastError?: string;
-    lastAnnounce?: string;
-    announcedPort?: number;
-  } {
+  view(): AgentView {
     return {
       agentState: this.#status,
       observed: this.#observed,

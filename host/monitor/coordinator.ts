@@ -17,7 +17,7 @@
  */
 
 import type { Duplex } from "node:stream";
-import type { AgentState, DevlxdEvent } from "../../shared/api.ts";
+import type { DevlxdEvent } from "../../shared/api.ts";
 import { type Logger, silentLogger } from "../../shared/log.ts";
 import { Slots } from "../../shared/slots.ts";
 import { type AgentStatus, devlxdEnabled, type Instance, type StatusChannel } from "../instance.ts";
@@ -25,6 +25,7 @@ import { type AgentCallOptions, announce, probeAgent, pushEvent } from "./announ
 import {
   type AgentApi,
   type AgentStateStore,
+  type AgentView,
   type AnnounceContext,
   AnnounceMachine,
 } from "./announce_machine.ts";
@@ -107,7 +108,7 @@ export interface CoordinatorOptions {
 }
 
 /** What operators see per instance. */
-export interface MonitorStatus {
+export interface MonitorStatus extends AgentView {
   name: string;
   cid: number;
   channel: StatusChannel["kind"];
@@ -115,15 +116,6 @@ export interface MonitorStatus {
   channelUp: boolean;
   /** ISO time since which the guest has not read a line the host wrote to its channel. */
   channelStalled?: string;
-  agentState: AgentStatus;
-  /** The last state line read from the channel (or STOPPED when it went away). */
-  observed?: AgentState;
-  lastSeen?: string;
-  lastChange?: string;
-  lastError?: string;
-  /** When the host last announced itself successfully, and which port. */
-  lastAnnounce?: string;
-  announcedPort?: number;
   queuedEvents: number;
   droppedEvents: number;
   /** Current poll period of the channel, in ms. */
@@ -332,7 +324,6 @@ export class Coordinator implements AsyncDisposable {
   // --- internals ---------------------------------------------------------
 
   #status(e: Entry): MonitorStatus {
-    const view = e.machine.view();
     const { queued, dropped } = this.#outbox.counts(e.instance.name);
     return {
       name: e.instance.name,
@@ -342,13 +333,7 @@ export class Coordinator implements AsyncDisposable {
       channelStalled: e.watcher.stalledSince === undefined
         ? undefined
         : new Date(e.watcher.stalledSince).toISOString(),
-      agentState: view.agentState,
-      observed: view.observed,
-      lastSeen: view.lastSeen,
-      lastChange: view.lastChange,
-      lastError: view.lastError,
-      lastAnnounce: view.lastAnnounce,
-      announcedPort: view.announcedPort,
+      ...e.machine.view(),
       queuedEvents: queued,
       droppedEvents: dropped,
       pollInterval: e.watcher.interval,
