@@ -17,7 +17,8 @@ function waitFor(
   signal: AbortSignal | undefined,
   register: (wake: () => void) => () => void,
 ): Promise<boolean> {
-  const timeout = AbortSignal.timeout(Math.max(0, ms));
+  // As setTimeout does, a delay that is not a finite number (undefined, NaN) is 0.
+  const timeout = AbortSignal.timeout(Number.isFinite(ms) ? Math.max(0, Math.trunc(ms)) : 0);
   const either = signal === undefined ? timeout : AbortSignal.any([signal, timeout]);
   if (either.aborted) return Promise.resolve(false);
   return new Promise((resolve) => {
@@ -36,7 +37,10 @@ function waitFor(
   });
 }
 
-/** Waits `ms` milliseconds, less when `signal` aborts first. Never rejects. */
+/**
+ * Waits `ms` milliseconds (0 when it is not a finite number, as `setTimeout`
+ * does), less when `signal` aborts first. Never rejects.
+ */
 export async function sleep(ms: number, signal?: AbortSignal): Promise<void> {
   await waitFor(ms, signal, () => () => {});
 }
