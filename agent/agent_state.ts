@@ -11,6 +11,7 @@
 
 import type { AgentState } from "../shared/api.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
+import { writeFileAtomicSync } from "../shared/write_file_atomic.ts";
 
 /** What the state file holds (and `--status --format json` prints). */
 export interface StatusSnapshot {
@@ -56,12 +57,10 @@ function dirname(path: string): string {
   return i <= 0 ? (i === 0 ? "/" : ".") : path.slice(0, i);
 }
 
-/** Writes `text` to `path` atomically: a temp file in the same directory, then rename. */
-export function writeFileAtomic(path: string, text: string): void {
+/** Writes `text` to `path` atomically (0644), making its directory first. */
+function writeStateFile(path: string, text: string): void {
   Deno.mkdirSync(dirname(path), { recursive: true });
-  const temp = `${path}.${Deno.pid}.tmp`;
-  Deno.writeTextFileSync(temp, text, { mode: 0o644 });
-  Deno.renameSync(temp, path);
+  writeFileAtomicSync(path, text, { mode: 0o644, durable: false });
 }
 
 export class AgentStatus {
@@ -202,7 +201,7 @@ export class AgentStatus {
     this.#snapshot.ready = ready;
     if (this.#readyFile !== undefined) {
       try {
-        if (ready) writeFileAtomic(this.#readyFile, "Ready\n");
+        if (ready) writeStateFile(this.#readyFile, "Ready\n");
         else Deno.removeSync(this.#readyFile);
       } catch (error) {
         if (!(error instanceof Deno.errors.NotFound)) {
@@ -228,7 +227,7 @@ export class AgentStatus {
     this.#snapshot.updatedAt = this.#now().toISOString();
     if (this.#options.stateFile === undefined) return;
     try {
-      writeFileAtomic(this.#options.stateFile, JSON.stringify(this.#snapshot, null, 2) + "\n");
+      writeStateFile(this.#options.stateFile, JSON.stringify(this.#snapshot, null, 2) + "\n");
     } catch (error) {
       this.#logger.warn("cannot write the state file", { file: this.#options.stateFile, error });
     }

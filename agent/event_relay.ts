@@ -13,6 +13,7 @@
 
 import { LineBuffer } from "../shared/line_buffer.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
+import { sleep } from "../shared/wait.ts";
 import type { HostFetch } from "./host_link.ts";
 
 export interface EventRelayOptions {
@@ -86,19 +87,6 @@ export function goEventOrder(event: unknown): unknown {
   for (const key of EVENT_FIELDS) if (key in source) ordered[key] = source[key];
   for (const [key, value] of Object.entries(source)) if (!(key in ordered)) ordered[key] = value;
   return ordered;
-}
-
-function delay(ms: number, signal: AbortSignal): Promise<void> {
-  return new Promise((resolve) => {
-    if (signal.aborted) return resolve();
-    const done = () => {
-      clearTimeout(timer);
-      signal.removeEventListener("abort", done);
-      resolve();
-    };
-    const timer = setTimeout(done, ms);
-    signal.addEventListener("abort", done, { once: true });
-  });
 }
 
 export class EventRelay {
@@ -218,7 +206,7 @@ export class EventRelay {
           this.#logger.debug("events pull from the host failed", { error });
         }
       }
-      await delay(wait, signal);
+      await sleep(wait, signal);
       wait = Math.min(wait * 2, longest);
     }
   }

@@ -30,6 +30,7 @@ import { type AgentState, MAX_CONNECT_LINE, parseConnectLine } from "../shared/a
 import { LineBuffer } from "../shared/line_buffer.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
 import { DeviceFd, SocketError } from "../shared/vsock/mod.ts";
+import { sleep } from "../shared/wait.ts";
 
 /** An open port: a char device fd or a unix socket connection. */
 interface OpenPort {
@@ -179,19 +180,6 @@ export interface SerialChannelOptions {
   logger?: Logger;
 }
 
-function delay(ms: number, signal: AbortSignal): Promise<void> {
-  return new Promise((resolve) => {
-    if (signal.aborted) return resolve();
-    const timer = setTimeout(done, ms);
-    function done() {
-      clearTimeout(timer);
-      signal.removeEventListener("abort", done);
-      resolve();
-    }
-    signal.addEventListener("abort", done, { once: true });
-  });
-}
-
 /** The virtio-serial status channel. */
 export class SerialChannel {
   #options:
@@ -304,7 +292,7 @@ export class SerialChannel {
       const port = await this.#openFirst();
       if (port === undefined) {
         opened();
-        await delay(this.#options.retryInterval, signal);
+        await sleep(this.#options.retryInterval, signal);
         continue;
       }
       if (signal.aborted) {
@@ -323,7 +311,7 @@ export class SerialChannel {
           const n = await port.read(buf);
           if (n === null) break;
           if (n === undefined) {
-            await delay(this.#options.pollInterval, signal);
+            await sleep(this.#options.pollInterval, signal);
             if (!port.stillThere()) break;
             continue;
           }
@@ -337,7 +325,7 @@ export class SerialChannel {
         this.#options.logger.debug("serial port closed; looking for it again", {
           port: port.path,
         });
-        await delay(this.#options.retryInterval, signal);
+        await sleep(this.#options.retryInterval, signal);
       }
     }
   }

@@ -22,7 +22,8 @@ import { type Logger, silentLogger } from "../shared/log.ts";
 import { ALL_TOPICS } from "./event_hub.ts";
 import { own } from "./instance.ts";
 import { type AddInstance, type InstanceService, publicInstance } from "./instance_service.ts";
-import { MAX_CONFIG_VALUE, RegistryError } from "./registry.ts";
+import { MAX_CONFIG_VALUE } from "./instance_validation.ts";
+import { RegistryError } from "./registry_error.ts";
 import { type AgentProxyOptions, mountAgentProxy } from "./agent_proxy.ts";
 import { mountFileRoutes } from "./agent_files.ts";
 

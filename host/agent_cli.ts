@@ -8,7 +8,7 @@
  */
 
 import { parseArgs } from "node:util";
-import { checkInstanceName } from "./registry.ts";
+import { checkInstanceName } from "./instance_validation.ts";
 import { defaultStateDir } from "./state_dir.ts";
 import type { CliEnvironment, OutputFormat } from "./cli.ts";
 import { PROGRAM, UsageError } from "./cli.ts";

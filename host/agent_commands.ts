@@ -33,7 +33,8 @@ import {
 import { openSftp, SftpStatusError } from "../shared/sftp/client.ts";
 import { dialAgent } from "./agent_proxy.ts";
 import { CommandError, connectDaemon } from "./commands.ts";
-import { Registry, RegistryError } from "./registry.ts";
+import { Registry } from "./registry.ts";
+import { RegistryError } from "./registry_error.ts";
 import { statePaths } from "./state_dir.ts";
 
 /** The console, signals and environment an agent command may use. */

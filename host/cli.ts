@@ -9,11 +9,11 @@
 import { parseArgs } from "node:util";
 import { LOG_LEVELS, type LogLevel, parseLogLevel } from "../shared/log.ts";
 import type { StatusChannel } from "./instance.ts";
-import { checkInstanceCid, checkInstanceName } from "./registry.ts";
+import { checkInstanceCid, checkInstanceName } from "./instance_validation.ts";
 import { defaultStateDir } from "./state_dir.ts";
 import { type AgentCommand, parseAgentCommand } from "./agent_cli.ts";
+import { VERSION } from "./version.ts";
 
-export const VERSION = "0.1.0";
 export const PROGRAM = "lxd-vsock-host";
 
 /** A wrong command line: the message is shown with a hint, exit status 2. */

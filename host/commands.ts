@@ -9,15 +9,17 @@
 
 import { resolve } from "node:path";
 import { httpRequest, unwrapEnvelope } from "../shared/http/mod.ts";
-import { connectUnix } from "../shared/vsock/mod.ts";
+import { connectUnix, randomPort } from "../shared/vsock/mod.ts";
 import { createAdminApp, type DaemonStatus } from "./admin_app.ts";
 import { firstIpv4ByInstance } from "./agent_commands.ts";
-import { type Command, VERSION } from "./cli.ts";
-import { ensureServerCertificate, generateInstanceKeyPair, randomPort } from "./daemon.ts";
+import type { Command } from "./cli.ts";
+import { ensureServerCertificate, generateInstanceKeyPair } from "./certificates.ts";
 import { InstanceService, type PublicInstance } from "./instance_service.ts";
 import { type ChannelReading, readStatusChannel } from "./monitor/status_watcher.ts";
-import { Registry, RegistryError } from "./registry.ts";
+import { Registry } from "./registry.ts";
+import { RegistryError } from "./registry_error.ts";
 import { checkOwner, OwnershipError, prepareStateDir, statePaths } from "./state_dir.ts";
+import { VERSION } from "./version.ts";
 
 export interface CommandIO {
   stdout: (text: string) => void;

@@ -10,6 +10,7 @@
 
 import { basename, dirname, join, resolve } from "node:path";
 import { type ConnectionInfo, HOST_CID, parseConnectionInfo } from "../shared/api.ts";
+import { writeFileAtomic } from "../shared/write_file_atomic.ts";
 
 /** What goes on a config drive. */
 export interface ConfigDrive {
@@ -25,22 +26,6 @@ export interface ConfigDrive {
 /** The `agent.conf` content for a host certificate and port (0 when unknown). */
 export function agentConf(serverCert: string, port: number): ConnectionInfo {
   return { cid: HOST_CID, port, certificate: serverCert, devlxd: true };
-}
-
-/** Writes `text` to `path` atomically with mode 0600. */
-export async function writeFileAtomic(path: string, text: string): Promise<void> {
-  const tmp = `${path}.tmp-${crypto.randomUUID()}`;
-  try {
-    using file = await Deno.open(tmp, { write: true, createNew: true, mode: 0o600 });
-    const data = new TextEncoder().encode(text);
-    let written = 0;
-    while (written < data.length) written += await file.write(data.subarray(written));
-    await file.sync();
-  } catch (error) {
-    await Deno.remove(tmp).catch(() => {});
-    throw error;
-  }
-  await Deno.rename(tmp, path);
 }
 
 /** Writes a config drive into `dir` (created 0700 if needed). */

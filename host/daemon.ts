@@ -3,8 +3,9 @@
  * certificate, the event hubs, the instance service, the devlxd server on
  * AF_VSOCK and on one `<uds_path>_<port>` listener per hybrid instance, and
  * the admin API on `<state-dir>/admin.sock` (0600). The status monitor and
- * coordinator hook in through `service` (agent state), `events`/`lifecycle`
- * (subscriptions) and `onAgentRequest`.
+ * coordinator (the one writer of agent state) hears of every authenticated
+ * agent request from the devlxd server and subscribes to `events` and
+ * `lifecycle`.
  *
  * Owns every listener, connection and the registry; `close()` releases them.
  * Needs read/write on the state directory, net (unix sockets) and ffi.
@@ -15,7 +16,6 @@ import { join } from "node:path";
 import type { DevlxdEvent } from "../shared/api.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
 import { certificateDer, certificateFingerprint } from "../shared/tls/mod.ts";
-import { generateKeyPair, readKeyPair, writeKeyPair } from "../shared/tls/key_pair.ts";
 import {
   connectHybrid,
   connectVsock,
@@ -23,56 +23,23 @@ import {
   listenUnix,
   listenVsock,
   localCid,
-  RANDOM_PORT_MAX,
-  RANDOM_PORT_MIN,
+  randomPort,
 } from "../shared/vsock/mod.ts";
 import { AGENT_API_PORT } from "../shared/api.ts";
 import { createAdminApp, type DaemonStatus } from "./admin_app.ts";
+import { ensureServerCertificate, generateInstanceKeyPair } from "./certificates.ts";
 import { dialAgent } from "./agent_proxy.ts";
-import { VERSION } from "./cli.ts";
-import { agentConf, writeFileAtomic } from "./config_drive.ts";
+import { VERSION } from "./version.ts";
+import { writeFileAtomic } from "../shared/write_file_atomic.ts";
+import { agentConf } from "./config_drive.ts";
 import { createDevlxdApp } from "./devlxd_app.ts";
 import { EventHub, type LifecycleEvent } from "./event_hub.ts";
 import { devlxdEnabled, type Instance } from "./instance.ts";
-import { InstanceService, type KeyPairGenerator } from "./instance_service.ts";
+import { InstanceService } from "./instance_service.ts";
 import { Registry } from "./registry.ts";
 import { checkOwner, defaultConfigDrive, prepareStateDir, type StatePaths } from "./state_dir.ts";
 import { DevlxdServer } from "./vsock_server.ts";
 import { Coordinator, type CoordinatorIntervals } from "./monitor/coordinator.ts";
-
-/**
- * The curve of the certificates the host makes: its server identity and each
- * instance's agent and client pairs. P-256 rather than LXD's P-384: a mutual
- * handshake costs ≈ 40 % less CPU on both ends (tests/bench/tls.ts: 1,448 →
- * 891 µs per request), and peers only pin the exact certificate, so LXD, Go and
- * a stock `lxd-agent` accept it as they accept any ECDSA certificate. Existing
- * P-384 certificates in a state directory or the registry are kept and used.
- */
-export const HOST_KEY_CURVE = "P-256";
-
-/** The host's TLS identity: generated once ({@linkcode HOST_KEY_CURVE}), 0600 in the state directory. */
-export async function ensureServerCertificate(
-  paths: StatePaths,
-): Promise<{ cert: string; key: string }> {
-  try {
-    return await readKeyPair(paths.dir, "server");
-  } catch (error) {
-    const missing = error instanceof Deno.errors.NotFound ||
-      (error as Error)?.cause instanceof Deno.errors.NotFound;
-    if (!missing) throw error;
-  }
-  const pair = await generateKeyPair({
-    commonName: "lxd-vsock-host",
-    curve: HOST_KEY_CURVE,
-    days: 3650,
-  });
-  await writeKeyPair(paths.dir, "server", pair);
-  return pair;
-}
-
-/** Agent and per-instance client pairs: ECDSA {@linkcode HOST_KEY_CURVE}, 10 years. */
-export const generateInstanceKeyPair: KeyPairGenerator = ({ commonName }) =>
-  generateKeyPair({ commonName, curve: HOST_KEY_CURVE, days: 3650 });
 
 export interface DaemonOptions {
   stateDir: string;
@@ -107,10 +74,6 @@ export interface DaemonOptions {
 /** Registry meta key: "<port> <server cert fingerprint>" the config drives were last refreshed for. */
 const CONFIG_DRIVES_META = "config_drives";
 
-export function randomPort(): number {
-  return RANDOM_PORT_MIN + Math.floor(Math.random() * (RANDOM_PORT_MAX - RANDOM_PORT_MIN + 1));
-}
-
 export class Daemon {
   readonly paths: StatePaths;
   readonly registry: Registry;
@@ -136,14 +99,12 @@ export class Daemon {
   #coordinator: Coordinator | undefined;
   #hybrid = new Map<string, { path: string; listener: Listener }>();
   #admin: Deno.HttpServer<Deno.UnixAddr> | undefined;
-  #hooks: Set<(name: string) => void>;
   #logger: Logger;
   #unsubscribe: () => void = () => {};
   #closing: Promise<void> | undefined;
   #shutdownTimeout: number;
 
   private constructor(init: {
-    hooks: Set<(name: string) => void>;
     paths: StatePaths;
     registry: Registry;
     service: InstanceService;
@@ -157,7 +118,6 @@ export class Daemon {
     logger: Logger;
     shutdownTimeout: number;
   }) {
-    this.#hooks = init.hooks;
     this.paths = init.paths;
     this.registry = init.registry;
     this.service = init.service;
@@ -237,56 +197,12 @@ export class Daemon {
         imagesDir: options.imagesDir ?? paths.images,
         logger,
       });
-      const hooks = new Set<(name: string) => void>();
-      const agentRequest = (name: string) => {
-        service.recordSeen(name);
-        for (const hook of hooks) {
-          try {
-            hook(name);
-          } catch (error) {
-            logger.error("agent request hook failed", { instance: name, error });
-          }
-        }
-      };
-      server = new DevlxdServer({
-        cert,
-        key,
-        byCid: (c) => registry.byCid(c),
-        byName: (n) => registry.get(n),
-        handler: (request, instance) => app.fetch(request, { instance }),
-        onAgentRequest: agentRequest,
-        maxConnectionsPerInstance: options.maxConnectionsPerInstance,
-        handshakeTimeout: options.handshakeTimeout,
-        headersTimeout: options.headersTimeout,
-        idleTimeout: options.idleTimeout,
-        maxHeaderSize: options.maxHeaderSize,
-        maxBodySize: options.maxBodySize,
-        logger,
-      });
-      const daemon = new Daemon({
-        hooks,
-        paths,
-        registry,
-        service,
-        events,
-        lifecycle,
-        server,
-        port,
-        cid,
-        transport,
-        serverCert: cert,
-        logger,
-        shutdownTimeout: options.shutdownTimeout ?? 5000,
-      });
-      if (vsock) server.serve(vsock, { kind: "vsock" });
-      vsock = undefined;
-      // One line for all of them (a fleet host opens hundreds here); each at debug.
-      for (const instance of registry.list()) daemon.#openHybrid(instance, "debug");
       const coordinator = options.monitor === false ? undefined : new Coordinator({
         store: {
           list: () => registry.list(),
           get: (name) => registry.get(name),
           setRuntime: (name, patch) => service.applyRuntime(name, patch),
+          recordSeen: (name) => service.recordSeen(name),
           queueEvent: (name, event) => registry.queueEvent(name, event),
           dequeueEvents: (ids) => registry.dequeueEvents(ids),
           queuedEvents: (name) => registry.queuedEvents(name),
@@ -302,7 +218,44 @@ export class Daemon {
         intervals: options.intervals,
         logger: logger.with({ component: "monitor" }),
       });
-      daemon.#coordinator = monitor = coordinator;
+      monitor = coordinator;
+      server = new DevlxdServer({
+        cert,
+        key,
+        byCid: (c) => registry.byCid(c),
+        byName: (n) => registry.get(n),
+        handler: (request, instance) => app.fetch(request, { instance }),
+        // The coordinator records it (and acts on it); without one, only lastSeen is kept.
+        onAgentRequest: coordinator
+          ? (name) => coordinator.agentSeen(name)
+          : (name) => service.recordSeen(name),
+        maxConnectionsPerInstance: options.maxConnectionsPerInstance,
+        handshakeTimeout: options.handshakeTimeout,
+        headersTimeout: options.headersTimeout,
+        idleTimeout: options.idleTimeout,
+        maxHeaderSize: options.maxHeaderSize,
+        maxBodySize: options.maxBodySize,
+        logger,
+      });
+      const daemon = new Daemon({
+        paths,
+        registry,
+        service,
+        events,
+        lifecycle,
+        server,
+        port,
+        cid,
+        transport,
+        serverCert: cert,
+        logger,
+        shutdownTimeout: options.shutdownTimeout ?? 5000,
+      });
+      daemon.#coordinator = coordinator;
+      if (vsock) server.serve(vsock, { kind: "vsock" });
+      vsock = undefined;
+      // One line for all of them (a fleet host opens hundreds here); each at debug.
+      for (const instance of registry.list()) daemon.#openHybrid(instance, "debug");
       const unsubscribes = [
         lifecycle.subscribe("*", (event) => {
           const instance = registry.get(event.instance);
@@ -325,7 +278,6 @@ export class Daemon {
         unsubscribes.push(
           events.subscribe("*", (event, name) => void coordinator.pushEvent(name, event)),
         );
-        hooks.add((name) => coordinator.agentSeen(name));
       }
       daemon.#unsubscribe = () => unsubscribes.forEach((u) => u());
       await daemon.#serveAdmin();
@@ -353,12 +305,6 @@ export class Daemon {
     }
   }
 
-  /** Calls `hook(name)` on every authenticated agent request; returns the unsubscribe. */
-  onAgentRequest(hook: (name: string) => void): () => void {
-    this.#hooks.add(hook);
-    return () => this.#hooks.delete(hook);
-  }
-
   #openHybrid(instance: Instance, level: "info" | "debug" = "info"): void {
     if (instance.hybrid === undefined || this.#hybrid.has(instance.name)) return;
     const path = `${instance.hybrid}_${this.port}`;
@@ -373,11 +319,7 @@ export class Daemon {
         path,
         error,
       });
-      this.service.setAgentState(
-        instance.name,
-        instance.runtime.agentState,
-        `cannot listen on ${path}`,
-      );
+      this.#coordinator?.reportError(instance.name, `cannot listen on ${path}`);
     }
   }
 

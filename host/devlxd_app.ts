@@ -15,7 +15,7 @@ import { errorResponse, HttpError, syncResponse } from "../shared/http/mod.ts";
 import { type Logger, silentLogger } from "../shared/log.ts";
 import type { EventHub } from "./event_hub.ts";
 import { devlxdEnabled, devlxdImagesEnabled, type Instance, own } from "./instance.ts";
-import { isValidConfigKey } from "./registry.ts";
+import { isValidConfigKey } from "./instance_validation.ts";
 
 export interface DevlxdAppOptions {
   /** Stores PATCH /1.0 `Ready`/`Started`. */

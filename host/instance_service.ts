@@ -2,8 +2,8 @@
  * The operations on instances that the admin API, the CLI (without a daemon)
  * and the devlxd API share: each one changes the registry, then tells
  * whoever listens: devlxd `config`/`device` events on the instance's topic
- * of `events`, and lifecycle events on `lifecycle`. Also where the status
- * monitor and coordinator report agent state. Registering an instance
+ * of `events`, and lifecycle events on `lifecycle`. Also where the
+ * coordinator's agent state is recorded (`applyRuntime`). Registering an instance
  * generates its key pairs and writes its config drive.
  * Needs read/write permission on the state directory.
  * @module
@@ -22,7 +22,8 @@ import {
   writeConfigDrive,
 } from "./config_drive.ts";
 import type { EventHub, LifecycleEvent } from "./event_hub.ts";
-import type { AgentStatus, Instance, InstanceRuntime, StatusChannel } from "./instance.ts";
+import type { Instance, InstanceRuntime } from "./instance.ts";
+import type { InstanceIdentity } from "./instance_validation.ts";
 import type { Registry } from "./registry.ts";
 import { defaultConfigDrive, type StatePaths } from "./state_dir.ts";
 
@@ -36,13 +37,7 @@ export interface KeyPair {
 export type KeyPairGenerator = (options: { commonName: string }) => Promise<KeyPair>;
 
 /** What `add()` needs. */
-export interface AddInstance {
-  name: string;
-  cid: number;
-  status?: StatusChannel;
-  hybrid?: string;
-  config?: Record<string, string>;
-  devices?: Record<string, Record<string, string>>;
+export interface AddInstance extends InstanceIdentity {
   /** Where to write the config drive. @default <state-dir>/instances/<name>/config */
   configDrive?: string;
 }
@@ -286,26 +281,11 @@ export class InstanceService {
     this.#lifecycle(name, "ready", { ready });
   }
 
-  /** Records the agent state the monitor or coordinator observed. */
-  setAgentState(name: string, agentState: AgentStatus, error?: string): void {
-    const runtime = this.registry.require(name).runtime;
-    const changed = runtime.agentState !== agentState;
-    if (!changed && error === runtime.lastError) return;
-    this.registry.updateRuntime(name, {
-      agentState,
-      lastChange: changed ? this.#now().toISOString() : runtime.lastChange,
-      lastError: error,
-    });
-    if (changed) {
-      this.#logger.info("agent state", { instance: name, state: agentState });
-      this.#lifecycle(name, "agent-state", { agentState, error });
-    }
-  }
-
   /**
-   * Durably applies runtime fields the status monitor observed (agent state,
-   * change time, last error, last seen), publishing a lifecycle event when the
-   * agent state changed. Unknown instances are ignored (removed meanwhile).
+   * Durably applies the agent runtime fields the coordinator decided (agent
+   * state, change time, last error, last seen; it is their one writer),
+   * publishing a lifecycle event when the agent state changed. Unknown
+   * instances are ignored (removed meanwhile).
    */
   applyRuntime(name: string, patch: Partial<InstanceRuntime>): void {
     const before = this.registry.get(name)?.runtime;

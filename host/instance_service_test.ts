@@ -79,12 +79,18 @@ Deno.test("InstanceService.setReady() persists and publishes only on change", as
   }]);
 });
 
-Deno.test("InstanceService.setAgentState() records state, change time and error, publishing state changes", async () => {
+Deno.test("InstanceService.applyRuntime() records state, change time and error, publishing state changes", async () => {
   await using t = await setup();
   await t.service.add({ name: "vm1", cid: 3 });
-  t.service.setAgentState("vm1", "STARTED");
-  t.service.setAgentState("vm1", "STARTED", "announce failed");
-  t.service.setAgentState("vm1", "CONNECTED");
+  // What the coordinator's announce machine records (it stamps lastChange).
+  const lastChange = "2026-01-01T00:00:00.000Z";
+  t.service.applyRuntime("vm1", { agentState: "STARTED", lastChange, lastError: undefined });
+  t.service.applyRuntime("vm1", {
+    agentState: "STARTED",
+    lastChange,
+    lastError: "announce failed",
+  });
+  t.service.applyRuntime("vm1", { agentState: "CONNECTED", lastChange, lastError: undefined });
   const runtime = t.registry.require("vm1").runtime;
   assert.equal(runtime.agentState, "CONNECTED");
   assert.equal(runtime.lastChange, "2026-01-01T00:00:00.000Z");

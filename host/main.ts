@@ -8,12 +8,13 @@
  */
 
 import { createLogger } from "../shared/log.ts";
-import { type Command, parseConfig, PROGRAM, UsageError, VERSION } from "./cli.ts";
+import { type Command, parseConfig, PROGRAM, UsageError } from "./cli.ts";
+import { VERSION } from "./version.ts";
 import { CommandError, runCommand } from "./commands.ts";
 import { type AgentCommandIO, runAgentCommand } from "./agent_commands.ts";
 import { currentUid } from "../shared/sys/ids.ts";
 import { Daemon } from "./daemon.ts";
-import { RegistryError } from "./registry.ts";
+import { RegistryError } from "./registry_error.ts";
 import { OwnershipError } from "./state_dir.ts";
 
 const encoder = new TextEncoder();

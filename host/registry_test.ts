@@ -1,7 +1,8 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { MAX_CID } from "../shared/api.ts";
-import { type NewInstance, Registry, RegistryError, SEEN_PERSIST_INTERVAL_MS } from "./registry.ts";
+import { type NewInstance, Registry, SEEN_PERSIST_INTERVAL_MS } from "./registry.ts";
+import { RegistryError } from "./registry_error.ts";
 
 const PEM = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
 const KEY = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";

@@ -126,15 +126,16 @@ Deno.test(requires(noQemu, {
           devices: {},
           runtime: { agentState: "STOPPED", ready: false },
         };
+        const changed = notifier();
         const store: CoordinatorStore = {
           list: () => [instance],
           get: (name) => name === "vm1" ? instance : undefined,
           setRuntime: (_name, patch: Partial<InstanceRuntime>) => {
             instance.runtime = { ...instance.runtime, ...patch };
+            changed.notify();
           },
         };
         const announced: ConnectionInfo[] = [];
-        const changed = notifier();
         const coordinator: Coordinator = new Coordinator({
           store,
           hostPort: () => 40404,
@@ -149,7 +150,6 @@ Deno.test(requires(noQemu, {
             pushEvent: () => Promise.resolve(),
             probe: () => Promise.resolve({ pid: 1, metadata: {} }),
           },
-          onChange: () => changed.notify(),
         });
         await using _c = coordinator;
         coordinator.start();
@@ -160,8 +160,8 @@ Deno.test(requires(noQemu, {
         );
         assert.equal(announced.length, 1);
         assert.equal(announced[0].port, 40404);
-        assert.equal(coordinator.status("vm1")!.observed, "STARTED");
-        assert.equal(coordinator.status("vm1")!.channelUp, true);
+        assert.equal(coordinator.snapshot().find((s) => s.name === "vm1")!.observed, "STARTED");
+        assert.equal(coordinator.snapshot().find((s) => s.name === "vm1")!.channelUp, true);
 
         const stopped = changed.until(
           () => instance.runtime.agentState === "STOPPED",
@@ -170,7 +170,7 @@ Deno.test(requires(noQemu, {
         );
         await guest.close();
         await stopped;
-        assert.equal(coordinator.status("vm1")!.channelUp, false);
+        assert.equal(coordinator.snapshot().find((s) => s.name === "vm1")!.channelUp, false);
       } finally {
         await guest.close();
       }

@@ -3,11 +3,12 @@ import type { ConnectionInfo, DevlxdEvent } from "../../shared/api.ts";
 import type { Instance, InstanceRuntime, StatusChannel } from "../instance.ts";
 import { type AgentProbe } from "./announcer.ts";
 import { MtlsError } from "../../shared/http/mod.ts";
+import type { AgentApi } from "./announce_machine.ts";
 import {
-  type AgentApi,
   Coordinator,
   type CoordinatorOptions,
   type CoordinatorStore,
+  type MonitorStatus,
 } from "./coordinator.ts";
 import { FakeQmpServer, FakeRingBuffer } from "../../tests/fakes/qmp.ts";
 import { FakeAgent, makeIdentity, makeTarget, unixConnect } from "../../tests/fakes/agent.ts";
@@ -35,9 +36,18 @@ function makeInstance(
   };
 }
 
+/** The coordinator's view of one instance, as operators see it. */
+function statusOf(coordinator: Coordinator, name: string): MonitorStatus | undefined {
+  return coordinator.snapshot().find((s) => s.name === name);
+}
+
+type Change = { name: string; state: string; error?: string };
+
 class FakeStore implements CoordinatorStore {
   readonly instances = new Map<string, Instance>();
   seen = 0;
+  /** Every change of agent state or last error the coordinator recorded. */
+  readonly changes = new Queue<Change>();
   constructor(instances: Instance[]) {
     for (const i of instances) this.instances.set(i.name, i);
   }
@@ -50,6 +60,7 @@ class FakeStore implements CoordinatorStore {
   setRuntime(name: string, patch: Partial<InstanceRuntime>): void {
     const i = this.instances.get(name)!;
     i.runtime = { ...i.runtime, ...patch };
+    this.changes.push({ name, state: i.runtime.agentState, error: i.runtime.lastError });
   }
   recordSeen(): void {
     this.seen++;
@@ -110,7 +121,7 @@ class FakeApi implements AgentApi {
 function setup(instances: Instance[], extra: Partial<CoordinatorOptions> = {}) {
   const store = new FakeStore(instances);
   const api = new FakeApi();
-  const changes = new Queue<{ name: string; state: string; error?: string }>();
+  const changes = store.changes;
   let port = 40001;
   const coordinator = new Coordinator({
     store,
@@ -119,8 +130,6 @@ function setup(instances: Instance[], extra: Partial<CoordinatorOptions> = {}) {
     agentApi: api,
     intervals: INTERVALS,
     backoff: { min: 20, max: 40 },
-    onChange: (name, runtime) =>
-      changes.push({ name, state: runtime.agentState, error: runtime.lastError }),
     ...extra,
   });
   api.coordinator = coordinator;
@@ -171,7 +180,7 @@ Deno.test("Coordinator announces when the agent shows STARTED and is CONNECTED o
   await changes.until((c) => c.state === "CONNECTED");
   assert.deepEqual(changes.all.map((c) => c.state), ["STARTED", "CONNECTED"]);
   assert.equal(store.get("vm1")!.runtime.agentState, "CONNECTED");
-  const status = coordinator.status("vm1")!;
+  const status = statusOf(coordinator, "vm1")!;
   assert.equal(status.pollInterval, INTERVALS.connected);
   assert.equal(status.announcedPort, 40001);
   assert.equal(status.observed, "STARTED");
@@ -215,7 +224,7 @@ Deno.test("Coordinator does not re-announce on the periodic STARTED of a connect
   }
   assert.ok(api.probes >= 2, `${api.probes} probes: the agent API was checked`);
   assert.equal(api.announces.all.length, 1);
-  assert.equal(coordinator.status("vm1")!.agentState, "CONNECTED");
+  assert.equal(statusOf(coordinator, "vm1")!.agentState, "CONNECTED");
 });
 
 Deno.test("Coordinator re-announces an agent that restarted without STOPPED at the next slow poll", async () => {
@@ -240,7 +249,7 @@ Deno.test("Coordinator re-announces an agent that restarted without STOPPED at t
   }
   const readsToNotice = qemu.commands.filter((c) => c === "ringbuf-read").length - readsAtCrash;
   assert.ok(readsToNotice <= 2, `noticed after ${readsToNotice} slow polls`);
-  assert.equal(coordinator.status("vm1")!.agentState, "CONNECTED");
+  assert.equal(statusOf(coordinator, "vm1")!.agentState, "CONNECTED");
 });
 
 Deno.test("Coordinator takes the pid from an announce answer that carries it, without a probe, and still spots a restart", async () => {
@@ -346,7 +355,7 @@ Deno.test("Coordinator marks STOPPED on a STOPPED line, polls slower, and announ
   await changes.until((c) => c.state === "CONNECTED");
   ring.write("STOPPED\n");
   await changes.until((c) => c.state === "STOPPED");
-  assert.equal(coordinator.status("vm1")!.pollInterval, INTERVALS.stopped);
+  assert.equal(statusOf(coordinator, "vm1")!.pollInterval, INTERVALS.stopped);
   ring.write("STARTED\n");
   await changes.until((c) => c.state === "CONNECTED");
   assert.equal(api.announces.all.length, 2);
@@ -370,7 +379,7 @@ Deno.test("Coordinator records a refused announce as lastError and retries at a 
   } finally {
     clearInterval(rewrite);
   }
-  assert.equal(coordinator.status("vm1")!.lastError, undefined);
+  assert.equal(statusOf(coordinator, "vm1")!.lastError, undefined);
 });
 
 Deno.test("Coordinator keeps an agent CONNECTED when it reached the host during an announce that then failed", async () => {
@@ -392,7 +401,7 @@ Deno.test("Coordinator keeps an agent CONNECTED when it reached the host during 
   assert.equal(failed.state, "CONNECTED");
   assert.match(failed.error!, /announce failed: vsock connect timed out/);
   assert.deepEqual(changes.all.map((c) => c.state), ["STARTED", "CONNECTED", "CONNECTED"]);
-  const status = coordinator.status("vm1")!;
+  const status = statusOf(coordinator, "vm1")!;
   assert.equal(status.agentState, "CONNECTED");
   assert.equal(status.pollInterval, INTERVALS.connected);
   assert.match(status.lastError!, /announce failed/);
@@ -424,7 +433,7 @@ Deno.test("Coordinator.start() announces to every agent last known up, with boun
     ["vm0", "vm1", "vm2", "vm3", "vm4", "vm5"],
   );
   assert.ok(api.announces.all.every((a) => a.info.port === 45678));
-  assert.equal(coordinator.status("off")!.agentState, "STOPPED");
+  assert.equal(statusOf(coordinator, "off")!.agentState, "STOPPED");
 });
 
 Deno.test("Coordinator marks only the instance whose QEMU went away STOPPED", async () => {
@@ -454,10 +463,10 @@ Deno.test("Coordinator marks only the instance whose QEMU went away STOPPED", as
   await changes.until((c) => c.name === "b" && c.state === "CONNECTED");
   await qemuA.close();
   await changes.until((c) => c.name === "a" && c.state === "STOPPED");
-  assert.equal(coordinator.status("a")!.channelUp, false);
-  assert.equal(coordinator.status("b")!.agentState, "CONNECTED");
-  assert.equal(coordinator.status("b")!.channelUp, true);
-  assert.equal(coordinator.status("a")!.lastError, undefined);
+  assert.equal(statusOf(coordinator, "a")!.channelUp, false);
+  assert.equal(statusOf(coordinator, "b")!.agentState, "CONNECTED");
+  assert.equal(statusOf(coordinator, "b")!.channelUp, true);
+  assert.equal(statusOf(coordinator, "a")!.lastError, undefined);
 });
 
 Deno.test("Coordinator queues events while the agent is offline and delivers them in order on reconnect", async () => {
@@ -469,12 +478,12 @@ Deno.test("Coordinator queues events while the agent is offline and delivers the
     ["a", "b", "c", "d"].map((v) => coordinator.pushEvent("vm1", event(v))),
   );
   assert.deepEqual(results, ["queued", "queued", "queued", "queued"]);
-  assert.equal(coordinator.status("vm1")!.queuedEvents, 3);
+  assert.equal(statusOf(coordinator, "vm1")!.queuedEvents, 3);
   assert.equal(api.pushes.length, 0);
   coordinator.agentSeen("vm1");
   assert.equal(await coordinator.pushEvent("vm1", event("e")), "pushed");
   assert.deepEqual(api.pushes.map((p) => p.event), ["b", "c", "d", "e"].map(event));
-  assert.equal(coordinator.status("vm1")!.droppedEvents, 1);
+  assert.equal(statusOf(coordinator, "vm1")!.droppedEvents, 1);
 });
 
 Deno.test("Coordinator bounds the offline queue in bytes: large events push out the oldest, the newest stays", async () => {
@@ -483,10 +492,10 @@ Deno.test("Coordinator bounds the offline queue in bytes: large events push out 
   await using _c = coordinator;
   coordinator.start();
   for (const v of ["a", "b", "c"]) await coordinator.pushEvent("vm1", event(v.repeat(2000)));
-  assert.equal(coordinator.status("vm1")!.queuedEvents, 2);
-  assert.equal(coordinator.status("vm1")!.droppedEvents, 1);
+  assert.equal(statusOf(coordinator, "vm1")!.queuedEvents, 2);
+  assert.equal(statusOf(coordinator, "vm1")!.droppedEvents, 1);
   await coordinator.pushEvent("vm1", event("x".repeat(9000)));
-  assert.equal(coordinator.status("vm1")!.queuedEvents, 1);
+  assert.equal(statusOf(coordinator, "vm1")!.queuedEvents, 1);
 });
 
 Deno.test("Coordinator keeps an event queued when the push fails and retries it", async () => {
@@ -534,22 +543,7 @@ Deno.test("Coordinator pushes events queued while offline even if the agent open
   assert.equal(await coordinator.pushEvent("vm1", event("online")), "stream");
   assert.deepEqual((await api.pushed.next()).event, event("offline"));
   assert.deepEqual(api.pushes.map((p) => p.event), [event("offline")]);
-  assert.equal(coordinator.status("vm1")!.queuedEvents, 0);
-});
-
-Deno.test("Coordinator.portChanged() re-announces the new port to agents that are up", async () => {
-  const up = makeInstance("up", 10, { kind: "none" });
-  const down = makeInstance("down", 11, { kind: "none" });
-  const { api, coordinator, setPort } = setup([up, down]);
-  await using _c = coordinator;
-  coordinator.start();
-  coordinator.agentSeen("up");
-  setPort(50000);
-  coordinator.portChanged();
-  const { name, info } = await api.announces.next();
-  assert.deepEqual([name, info.port], ["up", 50000]);
-  assert.equal(coordinator.status("down")!.agentState, "STOPPED");
-  assert.equal(api.announces.all.length, 1);
+  assert.equal(statusOf(coordinator, "vm1")!.queuedEvents, 0);
 });
 
 Deno.test("Coordinator.update() announces a security.devlxd change to an agent that is up", async () => {
@@ -583,7 +577,7 @@ Deno.test("Coordinator writes CONNECT 2:<port> on a bidirectional serial channel
   const sent = await changes.until((c) => c.state === "CONNECT sent");
   assert.match(sent.error!, /CONNECT line sent/);
   coordinator.agentSeen("vm1");
-  assert.equal(coordinator.status("vm1")!.agentState, "CONNECTED");
+  assert.equal(statusOf(coordinator, "vm1")!.agentState, "CONNECTED");
 });
 
 Deno.test("Coordinator.remove() stops watching and drops queued events", async () => {
@@ -593,7 +587,7 @@ Deno.test("Coordinator.remove() stops watching and drops queued events", async (
   coordinator.start();
   assert.equal(await coordinator.pushEvent("vm1", event("q")), "queued");
   coordinator.remove("vm1");
-  assert.equal(coordinator.status("vm1"), undefined);
+  assert.equal(statusOf(coordinator, "vm1"), undefined);
   assert.equal(await coordinator.pushEvent("vm1", event("r")), "dropped");
   assert.deepEqual(coordinator.snapshot(), []);
 });
@@ -627,7 +621,7 @@ Deno.test("Coordinator announces over mutual TLS to an agent API and delivers ev
   assert.deepEqual(fake.puts[0], { cid: 2, port: 41000, certificate: host.cert, devlxd: true });
   assert.equal(await coordinator.pushEvent("vm1", event("tls")), "pushed");
   assert.deepEqual(fake.events, [event("tls")]);
-  assert.equal(coordinator.status("vm1")!.agentState, "CONNECTED");
+  assert.equal(statusOf(coordinator, "vm1")!.agentState, "CONNECTED");
 });
 
 Deno.test("Coordinator announces to an agent that reads the CONNECT line without PUT /1.0 (one handshake: its own); one that does not read it gets the PUT", async () => {

@@ -28,6 +28,7 @@
 import { type AgentState, parseStatusLine } from "../../shared/api.ts";
 import { LineBuffer } from "../../shared/line_buffer.ts";
 import { type Logger, silentLogger } from "../../shared/log.ts";
+import { Waiters } from "../../shared/wait.ts";
 import type { StatusChannel } from "../instance.ts";
 import { QmpClient, QmpError, readRingBuffer, ringbufReadArgs } from "./qmp_client.ts";
 
@@ -352,26 +353,13 @@ class SocketStatusWatcher extends StatusWatcher {
     return this.#conn !== undefined;
   }
 
-  /** Called once the channel is connected. */
-  #writableWaiters: Array<() => void> = [];
+  /** Woken once the channel is connected. */
+  #writable = new Waiters();
 
   override whenWritable(ms: number, signal?: AbortSignal): Promise<boolean> {
     if (this.#conn !== undefined) return Promise.resolve(true);
-    if (ms <= 0 || this.closed || signal?.aborted) return Promise.resolve(false);
-    return new Promise((resolve) => {
-      const done = (writable: boolean) => {
-        clearTimeout(timer);
-        signal?.removeEventListener("abort", onAbort);
-        const at = this.#writableWaiters.indexOf(wake);
-        if (at >= 0) this.#writableWaiters.splice(at, 1);
-        resolve(writable);
-      };
-      const wake = () => done(true);
-      const onAbort = () => done(false);
-      const timer = setTimeout(() => done(false), ms);
-      signal?.addEventListener("abort", onAbort, { once: true });
-      this.#writableWaiters.push(wake);
-    });
+    if (this.closed) return Promise.resolve(false);
+    return this.#writable.wait(ms, signal);
   }
 
   override get stalledSince(): number | undefined {
@@ -425,7 +413,7 @@ class SocketStatusWatcher extends StatusWatcher {
     const onAbort = () => conn.close();
     signal.addEventListener("abort", onAbort, { once: true });
     this.#conn = conn;
-    for (const wake of this.#writableWaiters.splice(0)) wake();
+    this.#writable.wake();
     try {
       up();
       // Garbage without a newline is dropped (to its newline) once it is too long.

@@ -14,6 +14,8 @@
  * @module
  */
 
+import { writeFileAtomic } from "../write_file_atomic.ts";
+
 // `@peculiar/x509` (with `reflect-metadata`) costs ≈ 45 ms to compile and ≈ 12 MB of
 // memory: it is loaded on the first generateKeyPair(), never by a process that only
 // reads its key pairs (the agent, a host restarting with its certificates in place).
@@ -129,13 +131,9 @@ export async function writeKeyPair(dir: string, name: string, pair: KeyPair): Pr
 }
 
 async function writeAtomic(path: string, text: string): Promise<void> {
-  const temp = `${path}.${crypto.randomUUID()}.tmp`;
   try {
-    await Deno.writeTextFile(temp, text, { mode: 0o600, createNew: true });
-    await Deno.chmod(temp, 0o600); // the umask may have narrowed it; never wider than 0600
-    await Deno.rename(temp, path);
+    await writeFileAtomic(path, text, { mode: 0o600 });
   } catch (error) {
-    await Deno.remove(temp).catch(() => {});
     throw new Error(`Cannot write ${path}: ${(error as Error).message}`, { cause: error });
   }
 }

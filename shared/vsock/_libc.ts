@@ -22,9 +22,10 @@
  * @module
  */
 
+/** The address families: defined with the sockaddr encodings. */
+export { AF_UNIX, AF_VSOCK } from "./sockaddr.ts";
+
 /** Linux socket, epoll and vsock constants (the same on x86_64 and aarch64). */
-export const AF_UNIX = 1;
-export const AF_VSOCK = 40;
 export const SOCK_STREAM = 1;
 export const SOCK_NONBLOCK = 0o4000;
 export const SOCK_CLOEXEC = 0o2000000;

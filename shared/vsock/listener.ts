@@ -16,6 +16,7 @@ import { waitReadable } from "./_reactor.ts";
 import { FdSocket } from "./fd_socket.ts";
 import { decodeSockaddr, SOCKADDR_MAX_SIZE, type SocketAddress } from "./sockaddr.ts";
 import { socketError } from "./socket_error.ts";
+import { sleep } from "../wait.ts";
 
 /** Accepts connections until closed; iteration ends on `close()`. */
 export interface Listener extends AsyncIterable<FdSocket>, Disposable {
@@ -87,15 +88,7 @@ export async function acceptLoop(
     } catch (error) {
       if (options.stopped()) return;
       options.onError?.(error, pause);
-      await new Promise<void>((resolve) => {
-        const done = () => {
-          clearTimeout(timer);
-          options.signal?.removeEventListener("abort", done);
-          resolve();
-        };
-        const timer = setTimeout(done, pause);
-        options.signal?.addEventListener("abort", done, { once: true });
-      });
+      await sleep(pause, options.signal);
       pause = Math.min(pause * 2, options.maxPause ?? 2000);
       continue;
     }

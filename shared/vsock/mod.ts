@@ -70,4 +70,5 @@ export {
   localCid,
   RANDOM_PORT_MAX,
   RANDOM_PORT_MIN,
+  randomPort,
 } from "./vsock.ts";

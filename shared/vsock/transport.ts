@@ -15,7 +15,7 @@ import { listenHybridMux } from "./hybrid.ts";
 import type { Listener } from "./listener.ts";
 import { checkU32, VMADDR_CID_ANY } from "./sockaddr.ts";
 import { type ConnectOptions, connectUnix } from "./unix.ts";
-import { connectVsock, listenVsock, RANDOM_PORT_MAX, RANDOM_PORT_MIN } from "./vsock.ts";
+import { connectVsock, listenVsock, randomPort } from "./vsock.ts";
 
 /** Listening on a port and connecting to a (CID, port), whatever carries them. */
 export interface Transport {
@@ -51,9 +51,7 @@ export function hybridGuestTransport(udsPath: string): Transport {
   return {
     listen(port: number): Listener {
       checkU32(port, "vsock port");
-      const served = port !== 0
-        ? port
-        : RANDOM_PORT_MIN + Math.floor(Math.random() * (RANDOM_PORT_MAX - RANDOM_PORT_MIN + 1));
+      const served = port !== 0 ? port : randomPort();
       return listenHybridMux(udsPath, [served], {
         replace: true,
         address: { family: "vsock", cid: VMADDR_CID_ANY, port: served },

@@ -48,7 +48,8 @@ export interface ListenVsockOptions {
   backlog?: number;
 }
 
-function randomPort(): number {
+/** A port picked at random from {@linkcode RANDOM_PORT_MIN} … {@linkcode RANDOM_PORT_MAX}. */
+export function randomPort(): number {
   return RANDOM_PORT_MIN + Math.floor(Math.random() * (RANDOM_PORT_MAX - RANDOM_PORT_MIN + 1));
 }
 

@@ -28,7 +28,7 @@ import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { httpRequest } from "../../shared/http/mod.ts";
 import { connectUnix } from "../../shared/vsock/mod.ts";
-import { ensureServerCertificate, generateInstanceKeyPair } from "../../host/daemon.ts";
+import { ensureServerCertificate, generateInstanceKeyPair } from "../../host/certificates.ts";
 import { InstanceService, type KeyPair } from "../../host/instance_service.ts";
 import { Registry } from "../../host/registry.ts";
 import { prepareStateDir } from "../../host/state_dir.ts";

@@ -1,7 +1,11 @@
 import assert from "node:assert/strict";
 import * as crypto from "node:crypto";
 import { generateKeyPair, writeKeyPair } from "../shared/tls/key_pair.ts";
-import { ensureServerCertificate, generateInstanceKeyPair, HOST_KEY_CURVE } from "./daemon.ts";
+import {
+  ensureServerCertificate,
+  generateInstanceKeyPair,
+  HOST_KEY_CURVE,
+} from "./certificates.ts";
 import { prepareStateDir } from "./state_dir.ts";
 
 function curveOf(pem: string): string | undefined {
@@ -15,7 +19,7 @@ Deno.test("generateInstanceKeyPair() makes ECDSA P-256 certificates", async () =
 });
 
 Deno.test("ensureServerCertificate() makes a P-256 identity once and keeps an existing P-384 one", async () => {
-  const dir = await Deno.makeTempDir({ prefix: "lxd-vsock-daemon-test-" });
+  const dir = await Deno.makeTempDir({ prefix: "lxd-vsock-certificates-test-" });
   try {
     const fresh = await prepareStateDir(`${dir}/fresh`);
     const made = await ensureServerCertificate(fresh);
