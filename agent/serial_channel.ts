@@ -196,12 +196,14 @@ export class SerialChannel {
   #firstOpen: Promise<void> | undefined;
 
   constructor(options: SerialChannelOptions) {
+    // `??` per field: an option passed as undefined (the agent forwards its
+    // own optional settings) keeps the default instead of a 0 ms busy retry.
     this.#options = {
-      watch: true,
-      retryInterval: 1000,
-      pollInterval: 200,
-      logger: silentLogger,
       ...options,
+      watch: options.watch ?? true,
+      retryInterval: options.retryInterval ?? 1000,
+      pollInterval: options.pollInterval ?? 200,
+      logger: options.logger ?? silentLogger,
     };
     if (this.#options.watch) {
       const first = Promise.withResolvers<void>();

@@ -186,3 +186,23 @@ Deno.test("SerialChannel speaks both ways over a socket-backed port and rejoins 
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("SerialChannel keeps its default retry interval when the option is passed as undefined", async () => {
+  // The agent forwards its own optional settings; an undefined retryInterval once
+  // became 0 ms: an agent without a serial port looked for it in a busy loop.
+  let lookups = 0;
+  const paths = {
+    *[Symbol.iterator]() {
+      lookups++;
+      yield "/nonexistent/serial-port";
+    },
+  } as unknown as string[];
+  const channel = new SerialChannel({ paths, retryInterval: undefined, pollInterval: undefined });
+  try {
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    // Default 1000 ms: the first look only; a 0 ms retry makes hundreds.
+    assert.ok(lookups <= 2, `${lookups} lookups in 300 ms`);
+  } finally {
+    await channel.close();
+  }
+});
