@@ -35,8 +35,8 @@ import { acceptTls, certificateFingerprint } from "../shared/tls/mod.ts";
 import type { Transport } from "../shared/vsock/mod.ts";
 import { createAgentApi } from "./agent_api.ts";
 import { Operations } from "./operations.ts";
-import type { AgentStatus } from "./agent_state.ts";
-import { createDevlxdApp, DevlxdServer } from "./devlxd_server.ts";
+import type { GuestAgentStatus } from "./agent_state.ts";
+import { createGuestDevlxdApp, GuestDevlxdServer } from "./devlxd_server.ts";
 import { EventRelay } from "./event_relay.ts";
 import { HostLink } from "./host_link.ts";
 import type { Identity } from "./identity.ts";
@@ -45,7 +45,7 @@ import { SerialChannel } from "./serial_channel.ts";
 export interface AgentOptions {
   identity: Identity;
   transport: Transport;
-  status: AgentStatus;
+  status: GuestAgentStatus;
   /** Candidate serial ports, first existing wins. */
   serialPorts: string[];
   /** Port of the agent API. */
@@ -128,7 +128,7 @@ function fingerprint(pem: string): string | undefined {
 export class Agent {
   #options: AgentOptions;
   #logger: Logger;
-  #status: AgentStatus;
+  #status: GuestAgentStatus;
   /** The way to the host: connection info in use, connections, reachability. */
   #host: HostLink;
   /** The last connection info a validation request reached the host with. */
@@ -136,7 +136,7 @@ export class Agent {
   #generation = 0;
   #serial: SerialChannel | undefined;
   #relay: EventRelay;
-  #devlxd: DevlxdServer;
+  #devlxd: GuestDevlxdServer;
   #devlxdChange: Promise<void> = Promise.resolve();
   /** The agent API server (mutual TLS pinning `server.crt`). */
   #apiServer: HttpServer;
@@ -205,7 +205,7 @@ export class Agent {
       label: "agent API",
       logger: this.#logger,
     });
-    this.#devlxd = new DevlxdServer(options.devlxdSocket, {
+    this.#devlxd = new GuestDevlxdServer(options.devlxdSocket, {
       mode: options.devlxdMode ?? 0o600,
       logger: this.#logger,
     });
@@ -387,7 +387,7 @@ export class Agent {
       try {
         if (enabled) {
           await this.#devlxd.start((signal) =>
-            createDevlxdApp({
+            createGuestDevlxdApp({
               host: this.#host,
               events: this.#relay,
               onReady: (state) => this.#status.setReady(state === "Ready"),

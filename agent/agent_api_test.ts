@@ -1,13 +1,13 @@
 import assert from "node:assert/strict";
 import type { ConnectionInfo } from "../shared/api.ts";
-import { AgentStatus } from "./agent_state.ts";
+import { GuestAgentStatus } from "./agent_state.ts";
 import { createAgentApi } from "./agent_api.ts";
 import { makeTestPair } from "./_testing.ts";
 
 const hostPair = await makeTestPair("host");
 
 function api(apply: (info: ConnectionInfo) => Promise<void> = () => Promise.resolve()) {
-  const status = new AgentStatus();
+  const status = new GuestAgentStatus();
   const applied: ConnectionInfo[] = [];
   const published: unknown[] = [];
   const app = createAgentApi({

@@ -1,5 +1,5 @@
 /**
- * `AgentStatus`: the agent's state machine (STARTED → CONNECTED → STARTED …
+ * `GuestAgentStatus`: the agent's state machine (STARTED → CONNECTED → STARTED …
  * → STOPPED) and what `--status` shows about it — the host it uses, when it
  * last connected or failed and why, whether devlxd is served, and the guest's
  * Ready flag. Every change rewrites the state file atomically (temp file +
@@ -34,7 +34,7 @@ export interface StatusSnapshot {
   updatedAt: string;
 }
 
-export interface AgentStatusOptions {
+export interface GuestAgentStatusOptions {
   /** State file path; none written when undefined. */
   stateFile?: string;
   /**
@@ -63,9 +63,9 @@ function writeStateFile(path: string, text: string): void {
   writeFileAtomicSync(path, text, { mode: 0o644, durable: false });
 }
 
-export class AgentStatus {
+export class GuestAgentStatus {
   #snapshot: StatusSnapshot;
-  #options: AgentStatusOptions;
+  #options: GuestAgentStatusOptions;
   #readyFile: string | undefined;
   #listeners = new Set<Listener>();
   #dirty = false;
@@ -73,7 +73,7 @@ export class AgentStatus {
   #logger: Logger;
   #now: () => Date;
 
-  constructor(options: AgentStatusOptions = {}) {
+  constructor(options: GuestAgentStatusOptions = {}) {
     this.#options = options;
     this.#logger = options.logger ?? silentLogger;
     this.#now = options.now ?? (() => new Date());

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { AgentStatus, type StatusSnapshot } from "./agent_state.ts";
+import { GuestAgentStatus, type StatusSnapshot } from "./agent_state.ts";
 
 async function stateDir(): Promise<string> {
   return await Deno.makeTempDir({ prefix: "agent-state-" });
@@ -9,10 +9,10 @@ function readSnapshot(path: string): StatusSnapshot {
   return JSON.parse(Deno.readTextFileSync(path));
 }
 
-Deno.test("AgentStatus starts STARTED and writes the state file", async () => {
+Deno.test("GuestAgentStatus starts STARTED and writes the state file", async () => {
   const dir = await stateDir();
   try {
-    const status = new AgentStatus({ stateFile: `${dir}/run/state.json`, version: "1.2.3" });
+    const status = new GuestAgentStatus({ stateFile: `${dir}/run/state.json`, version: "1.2.3" });
     assert.equal(status.state, "STARTED");
     const file = readSnapshot(`${dir}/run/state.json`);
     assert.equal(file.state, "STARTED");
@@ -25,11 +25,11 @@ Deno.test("AgentStatus starts STARTED and writes the state file", async () => {
   }
 });
 
-Deno.test("AgentStatus records connections, failures with their reason, and transitions", async () => {
+Deno.test("GuestAgentStatus records connections, failures with their reason, and transitions", async () => {
   const dir = await stateDir();
   try {
     let t = Date.parse("2026-01-01T00:00:00Z");
-    const status = new AgentStatus({
+    const status = new GuestAgentStatus({
       stateFile: `${dir}/state.json`,
       now: () => new Date(t += 1000),
     });
@@ -57,8 +57,8 @@ Deno.test("AgentStatus records connections, failures with their reason, and tran
   }
 });
 
-Deno.test("AgentStatus stays STARTED while the host answers but has not announced itself since the start (LXD 5.0.2 acts only on STARTED)", () => {
-  const status = new AgentStatus();
+Deno.test("GuestAgentStatus stays STARTED while the host answers but has not announced itself since the start (LXD 5.0.2 acts only on STARTED)", () => {
+  const status = new GuestAgentStatus();
   const transitions: string[] = [];
   status.onTransition((state, previous) => transitions.push(`${previous}->${state}`));
   status.setHost({ cid: 2, port: 1234 }, "agent.conf");
@@ -76,24 +76,24 @@ Deno.test("AgentStatus stays STARTED while the host answers but has not announce
   assert.deepEqual(transitions, ["STARTED->CONNECTED", "CONNECTED->STARTED", "STARTED->CONNECTED"]);
 });
 
-Deno.test("AgentStatus keeps the Ready flag across restarts of the agent", async () => {
+Deno.test("GuestAgentStatus keeps the Ready flag across restarts of the agent", async () => {
   const dir = await stateDir();
   try {
-    const first = new AgentStatus({ stateFile: `${dir}/state.json` });
+    const first = new GuestAgentStatus({ stateFile: `${dir}/state.json` });
     first.setReady(true);
     assert.equal(Deno.readTextFileSync(`${dir}/ready`), "Ready\n");
-    const second = new AgentStatus({ stateFile: `${dir}/state.json` });
+    const second = new GuestAgentStatus({ stateFile: `${dir}/state.json` });
     assert.equal(second.ready, true);
     assert.equal(readSnapshot(`${dir}/state.json`).ready, true);
     second.setReady(false);
-    assert.equal(new AgentStatus({ stateFile: `${dir}/state.json` }).ready, false);
+    assert.equal(new GuestAgentStatus({ stateFile: `${dir}/state.json` }).ready, false);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
 });
 
-Deno.test("AgentStatus without a state file keeps working in memory", () => {
-  const status = new AgentStatus();
+Deno.test("GuestAgentStatus without a state file keeps working in memory", () => {
+  const status = new GuestAgentStatus();
   status.setDevlxd(true, true);
   status.setReady(true);
   assert.equal(status.ready, true);
@@ -105,11 +105,11 @@ Deno.test("AgentStatus without a state file keeps working in memory", () => {
   });
 });
 
-Deno.test("AgentStatus writes a repeated connection only on flush()", async () => {
+Deno.test("GuestAgentStatus writes a repeated connection only on flush()", async () => {
   const dir = await stateDir();
   try {
     let t = Date.parse("2026-01-01T00:00:00Z");
-    const status = new AgentStatus({
+    const status = new GuestAgentStatus({
       stateFile: `${dir}/state.json`,
       now: () => new Date(t += 1000),
     });

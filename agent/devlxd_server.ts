@@ -1,7 +1,7 @@
 /**
  * The devlxd API served to guest processes on `/dev/lxd/sock`:
- * `createDevlxdApp()` is the Hono app (every route testable with
- * `app.request()`), `DevlxdServer` serves it on a fresh unix socket.
+ * `createGuestDevlxdApp()` is the Hono app (every route testable with
+ * `app.request()`), `GuestDevlxdServer` serves it on a fresh unix socket.
  *
  * Each request that needs the host is proxied through the agent's `HostLink`
  * (`host.fetch`: one request, on a kept-alive or a new connection), the LXD
@@ -11,7 +11,7 @@
  * image export) pass through without buffering; `/1.0/events` is also
  * served as a WebSocket when the client asks (as LXD's devlxd does).
  *
- * Owns (DevlxdServer): the unix socket, the directory created for it, and the
+ * Owns (GuestDevlxdServer): the unix socket, the directory created for it, and the
  * connections accepted on it. Permissions: `--allow-ffi` (the socket, its
  * mode, its directory and its removal all go through `listenUnix`).
  * @module
@@ -38,7 +38,7 @@ import type { EventRelay } from "./event_relay.ts";
 import { BodyTooLargeError, readBody } from "./read_body.ts";
 import type { HostLink } from "./host_link.ts";
 
-export interface DevlxdAppOptions {
+export interface GuestDevlxdAppOptions {
   /** The way to the host's devlxd API (the agent's `HostLink`; tests pass any `fetch`). */
   host: Pick<HostLink, "fetch">;
   events: EventRelay;
@@ -124,7 +124,7 @@ function untilAborted(
 const decoder = new TextDecoder();
 
 /** The devlxd Hono app. */
-export function createDevlxdApp(options: DevlxdAppOptions): Hono {
+export function createGuestDevlxdApp(options: GuestDevlxdAppOptions): Hono {
   const logger = options.logger ?? silentLogger;
   const maxBody = options.maxBodySize ?? 64 * 1024;
   const maxResponse = options.maxResponseSize ?? 8 * 1024 * 1024;
@@ -337,7 +337,7 @@ function websocketEvents(
   });
 }
 
-export interface DevlxdServerOptions {
+export interface GuestDevlxdServerOptions {
   /**
    * File mode of the socket.
    * @default {0o600}
@@ -356,12 +356,12 @@ const STOP_GRACE = 2000;
  * agent's explicit permissions (Deno refuses `/dev` paths to its own file
  * system API without `--allow-all`).
  */
-export class DevlxdServer {
+export class GuestDevlxdServer {
   #path: string;
-  #options: DevlxdServerOptions;
+  #options: GuestDevlxdServerOptions;
   #server: HttpServer | undefined;
 
-  constructor(path: string, options: DevlxdServerOptions = {}) {
+  constructor(path: string, options: GuestDevlxdServerOptions = {}) {
     this.#path = path;
     this.#options = options;
   }

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { Hono } from "hono";
-import { createDevlxdApp, DevlxdServer, textError } from "./devlxd_server.ts";
+import { createGuestDevlxdApp, GuestDevlxdServer, textError } from "./devlxd_server.ts";
 import { EventRelay } from "./event_relay.ts";
 import { errorResponse, MtlsError, syncResponse } from "../shared/http/mod.ts";
 import type { HostFetch } from "./host_link.ts";
@@ -50,9 +50,12 @@ function fakeHost() {
   return { asked, fetchHost };
 }
 
-function app(fetchHost: HostFetch, extra: Partial<Parameters<typeof createDevlxdApp>[0]> = {}) {
+function app(
+  fetchHost: HostFetch,
+  extra: Partial<Parameters<typeof createGuestDevlxdApp>[0]> = {},
+) {
   const events = new EventRelay();
-  return { app: createDevlxdApp({ host: { fetch: fetchHost }, events, ...extra }), events };
+  return { app: createGuestDevlxdApp({ host: { fetch: fetchHost }, events, ...extra }), events };
 }
 
 Deno.test("devlxd GET / answers locally", async () => {
@@ -307,7 +310,7 @@ async function rawRequest(path: string, head: string): Promise<string> {
   }
 }
 
-Deno.test("DevlxdServer replaces a stale socket, sets its mode and serves the app", async () => {
+Deno.test("GuestDevlxdServer replaces a stale socket, sets its mode and serves the app", async () => {
   const dir = await Deno.makeTempDir();
   const path = `${dir}/lxd/sock`;
   await Deno.mkdir(`${dir}/lxd`);
@@ -329,10 +332,11 @@ Deno.test("DevlxdServer replaces a stale socket, sets its mode and serves the ap
   assert.ok((await Deno.lstat(path)).isSocket, "a stale socket file is there");
 
   const host = fakeHost();
-  const server = new DevlxdServer(path, { mode: 0o600 });
+  const server = new GuestDevlxdServer(path, { mode: 0o600 });
   try {
     await server.start((signal) =>
-      createDevlxdApp({ host: { fetch: host.fetchHost }, events: new EventRelay(), signal }).fetch
+      createGuestDevlxdApp({ host: { fetch: host.fetchHost }, events: new EventRelay(), signal })
+        .fetch
     );
     assert.equal(server.serving, true);
     assert.equal((await Deno.stat(path)).mode! & 0o777, 0o600);
@@ -354,15 +358,15 @@ Deno.test("DevlxdServer replaces a stale socket, sets its mode and serves the ap
   assert.equal(server.serving, false);
 });
 
-Deno.test("DevlxdServer.stop() ends open event streams and removes the socket", async () => {
+Deno.test("GuestDevlxdServer.stop() ends open event streams and removes the socket", async () => {
   const dir = await Deno.makeTempDir();
   const path = `${dir}/sock`;
   const events = new EventRelay();
-  const server = new DevlxdServer(path);
+  const server = new GuestDevlxdServer(path);
   const client = Deno.createHttpClient({ proxy: { transport: "unix", path } });
   try {
     await server.start((signal) =>
-      createDevlxdApp({ host: { fetch: fakeHost().fetchHost }, events, signal }).fetch
+      createGuestDevlxdApp({ host: { fetch: fakeHost().fetchHost }, events, signal }).fetch
     );
     const res = await fetch("http://lxd/1.0/events", { client });
     const reader = res.body!.getReader();
@@ -392,11 +396,11 @@ Deno.test("devlxd /1.0/events upgrades to a WebSocket when asked, one text messa
   const dir = await Deno.makeTempDir();
   const path = `${dir}/sock`;
   const events = new EventRelay();
-  const server = new DevlxdServer(path);
+  const server = new GuestDevlxdServer(path);
   const conn = { current: undefined as Deno.UnixConn | undefined };
   try {
     await server.start((signal) =>
-      createDevlxdApp({ host: { fetch: fakeHost().fetchHost }, events, signal }).fetch
+      createGuestDevlxdApp({ host: { fetch: fakeHost().fetchHost }, events, signal }).fetch
     );
     conn.current = await Deno.connect({ transport: "unix", path });
     await conn.current.write(
@@ -488,10 +492,10 @@ function headLength(bytes: Uint8Array): number {
   return end === -1 ? -1 : end + 4;
 }
 
-Deno.test("DevlxdServer creates the socket's directory and removes both on stop()", async () => {
+Deno.test("GuestDevlxdServer creates the socket's directory and removes both on stop()", async () => {
   const dir = await Deno.makeTempDir();
   const path = `${dir}/dev/lxd/sock`;
-  const server = new DevlxdServer(path);
+  const server = new GuestDevlxdServer(path);
   try {
     await server.start(() => () => new Response("ok"));
     assert.ok((await Deno.lstat(path)).isSocket);
@@ -506,11 +510,11 @@ Deno.test("DevlxdServer creates the socket's directory and removes both on stop(
   }
 });
 
-Deno.test("DevlxdServer refuses to replace a file that is not a socket, leaving it", async () => {
+Deno.test("GuestDevlxdServer refuses to replace a file that is not a socket, leaving it", async () => {
   const dir = await Deno.makeTempDir();
   const path = `${dir}/sock`;
   await Deno.writeTextFile(path, "mine");
-  const server = new DevlxdServer(path);
+  const server = new GuestDevlxdServer(path);
   try {
     await assert.rejects(
       server.start(() => () => new Response("ok")),
@@ -524,10 +528,10 @@ Deno.test("DevlxdServer refuses to replace a file that is not a socket, leaving 
   }
 });
 
-Deno.test("DevlxdServer.stop() closes an idle keep-alive connection at once", async () => {
+Deno.test("GuestDevlxdServer.stop() closes an idle keep-alive connection at once", async () => {
   const dir = await Deno.makeTempDir();
   const path = `${dir}/sock`;
-  const server = new DevlxdServer(path);
+  const server = new GuestDevlxdServer(path);
   let client: Awaited<ReturnType<typeof rawConnection>> | undefined;
   try {
     await server.start(() => () => new Response("ok"));
@@ -547,10 +551,10 @@ Deno.test("devlxd: a guest leaving in the middle of an event stream ends its sub
   const dir = await Deno.makeTempDir();
   const path = `${dir}/sock`;
   const events = new EventRelay();
-  const server = new DevlxdServer(path);
+  const server = new GuestDevlxdServer(path);
   try {
     await server.start((signal) =>
-      createDevlxdApp({ host: { fetch: fakeHost().fetchHost }, events, signal }).fetch
+      createGuestDevlxdApp({ host: { fetch: fakeHost().fetchHost }, events, signal }).fetch
     );
     const client = await rawConnection(path);
     await client.write("GET /1.0/events HTTP/1.1\r\nHost: lxd\r\n\r\n");
@@ -569,11 +573,11 @@ Deno.test("devlxd WebSocket events: stop() sends close 1001 and ends the subscri
   const dir = await Deno.makeTempDir();
   const path = `${dir}/sock`;
   const events = new EventRelay();
-  const server = new DevlxdServer(path);
+  const server = new GuestDevlxdServer(path);
   const clients: Awaited<ReturnType<typeof rawConnection>>[] = [];
   try {
     await server.start((signal) =>
-      createDevlxdApp({ host: { fetch: fakeHost().fetchHost }, events, signal }).fetch
+      createGuestDevlxdApp({ host: { fetch: fakeHost().fetchHost }, events, signal }).fetch
     );
     const bad = await rawConnection(path);
     clients.push(bad);

@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { connectWebSocket, serveHttp } from "../shared/http/mod.ts";
 import { runExec } from "../shared/exec_client.ts";
 import { connectUnix, listenUnix } from "../shared/vsock/mod.ts";
-import { AgentStatus } from "./agent_state.ts";
+import { GuestAgentStatus } from "./agent_state.ts";
 import { createAgentApi } from "./agent_api.ts";
 import { Operations } from "./operations.ts";
 import { within } from "./_testing.ts";
@@ -20,7 +20,7 @@ async function agentApi(
   const dir = await Deno.makeTempDir({ prefix: "lxd-vsock-exec-" });
   const path = `${dir}/agent.sock`;
   const operations = new Operations({ maxRunning: options.maxRunning, retention: 200 });
-  const status = new AgentStatus();
+  const status = new GuestAgentStatus();
   const app = createAgentApi({
     status: () => status.snapshot(),
     applyConnection: () => Promise.resolve(),

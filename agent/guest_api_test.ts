@@ -1,10 +1,10 @@
 import assert from "node:assert/strict";
-import { AgentStatus } from "./agent_state.ts";
+import { GuestAgentStatus } from "./agent_state.ts";
 import { createAgentApi } from "./agent_api.ts";
 import { collectState } from "./guest_state.ts";
 
 function api(guest = true) {
-  const status = new AgentStatus();
+  const status = new GuestAgentStatus();
   return createAgentApi({
     status: () => status.snapshot(),
     applyConnection: () => Promise.resolve(),

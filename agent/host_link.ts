@@ -38,7 +38,7 @@ import {
 import { type Logger, silentLogger } from "../shared/log.ts";
 import { Slots } from "../shared/slots.ts";
 import type { Transport } from "../shared/vsock/mod.ts";
-import type { AgentStatus } from "./agent_state.ts";
+import type { GuestAgentStatus } from "./agent_state.ts";
 
 export interface HostFetchOptions {
   /** Aborts the request (and the dial). */
@@ -90,7 +90,7 @@ export interface HostLinkOptions {
   /** The agent's certificate and key (PEM). */
   identity: { cert: string; key: string };
   /** The agent's state, which follows the outcome of requests and probes. */
-  status: AgentStatus;
+  status: GuestAgentStatus;
   /**
    * Bound on each dial to the host, in ms.
    * @default {3000}
@@ -125,7 +125,7 @@ export interface HostLinkOptions {
 
 export class HostLink implements Disposable {
   #options: HostLinkOptions;
-  #status: AgentStatus;
+  #status: GuestAgentStatus;
   #logger: Logger;
   #info: ConnectionInfo | undefined;
   /** Requests waiting for the first connection info. */

@@ -18,7 +18,7 @@
 import { createLogger } from "../shared/log.ts";
 import { hybridGuestTransport, vsockTransport } from "../shared/vsock/mod.ts";
 import { Agent } from "./agent.ts";
-import { AgentStatus } from "./agent_state.ts";
+import { GuestAgentStatus } from "./agent_state.ts";
 import { parseConfig, USAGE, UsageError, VERSION } from "./config.ts";
 import { IdentityError, readIdentity } from "./identity.ts";
 import { livenessPath, LivenessSocket } from "./liveness.ts";
@@ -76,7 +76,7 @@ export async function main(args: string[]): Promise<number> {
     return () => Deno.removeSignalListener(signal, handler);
   });
 
-  const status = new AgentStatus({
+  const status = new GuestAgentStatus({
     stateFile: config.stateFile,
     devlxdSocket: config.devlxdSocket,
     version: VERSION,

@@ -10,14 +10,14 @@ import { FX } from "../shared/sftp/codec.ts";
 import { openSftp, SftpStatusError, SftpUpgradeError } from "../shared/sftp/client.ts";
 import { getuid } from "../shared/vsock/_libc.ts";
 import { connectUnix, listenUnix } from "../shared/vsock/mod.ts";
-import { AgentStatus } from "./agent_state.ts";
+import { GuestAgentStatus } from "./agent_state.ts";
 import { createAgentApi } from "./agent_api.ts";
 import { guestPath, SftpPathError } from "./sftp_server.ts";
 
 async function agentApi(guest = true) {
   const dir = await Deno.makeTempDir({ prefix: "lxd-vsock-sftp-" });
   const path = `${dir}/agent.sock`;
-  const status = new AgentStatus();
+  const status = new GuestAgentStatus();
   const app = createAgentApi({
     status: () => status.snapshot(),
     applyConnection: () => Promise.resolve(),

@@ -32,13 +32,13 @@ import { dialAgent } from "./agent_proxy.ts";
 import { VERSION } from "./version.ts";
 import { writeFileAtomic } from "../shared/write_file_atomic.ts";
 import { agentConf } from "./config_drive.ts";
-import { createDevlxdApp } from "./devlxd_app.ts";
+import { createHostDevlxdApp } from "./devlxd_app.ts";
 import { EventHub, type LifecycleEvent } from "./event_hub.ts";
 import { devlxdEnabled, type Instance } from "./instance.ts";
 import { InstanceService } from "./instance_service.ts";
 import { Registry } from "./registry.ts";
 import { checkOwner, defaultConfigDrive, prepareStateDir, type StatePaths } from "./state_dir.ts";
-import { DevlxdServer } from "./vsock_server.ts";
+import { HostVsockServer } from "./vsock_server.ts";
 import { Coordinator, type CoordinatorIntervals } from "./monitor/coordinator.ts";
 
 export interface DaemonOptions {
@@ -95,7 +95,7 @@ export class Daemon {
    * daemon's port and certificate (started after the "listening" line; never rejects).
    */
   configDrivesRefreshed: Promise<void> = Promise.resolve();
-  #server: DevlxdServer;
+  #server: HostVsockServer;
   #coordinator: Coordinator | undefined;
   #hybrid = new Map<string, { path: string; listener: Listener }>();
   #admin: Deno.HttpServer<Deno.UnixAddr> | undefined;
@@ -110,7 +110,7 @@ export class Daemon {
     service: InstanceService;
     events: EventHub<DevlxdEvent>;
     lifecycle: EventHub<LifecycleEvent>;
-    server: DevlxdServer;
+    server: HostVsockServer;
     port: number;
     cid: number | null;
     transport: "vsock" | "unix";
@@ -140,7 +140,7 @@ export class Daemon {
     const logger = options.logger ?? silentLogger;
     const paths = await prepareStateDir(options.stateDir);
     const registry = Registry.open(paths.registry);
-    let server: DevlxdServer | undefined;
+    let server: HostVsockServer | undefined;
     let vsock: Listener | undefined;
     let monitor: Coordinator | undefined;
     try {
@@ -190,7 +190,7 @@ export class Daemon {
         generateKeyPair: generateInstanceKeyPair,
         logger,
       });
-      const app = createDevlxdApp({
+      const app = createHostDevlxdApp({
         setReady: (name, ready) => service.setReady(name, ready),
         events,
         location: options.location ?? Deno.hostname(),
@@ -219,7 +219,7 @@ export class Daemon {
         logger: logger.with({ component: "monitor" }),
       });
       monitor = coordinator;
-      server = new DevlxdServer({
+      server = new HostVsockServer({
         cert,
         key,
         byCid: (c) => registry.byCid(c),

@@ -17,7 +17,7 @@ import type { EventHub } from "./event_hub.ts";
 import { devlxdEnabled, devlxdImagesEnabled, type Instance, own } from "./instance.ts";
 import { isValidConfigKey } from "./instance_validation.ts";
 
-export interface DevlxdAppOptions {
+export interface HostDevlxdAppOptions {
   /** Stores PATCH /1.0 `Ready`/`Started`. */
   setReady: (name: string, ready: boolean) => void;
   /** The devlxd events by instance name, for `/1.0/events`. */
@@ -35,7 +35,7 @@ const EVENT_TYPES = ["config", "device"];
 const FINGERPRINT_RE = /^[0-9a-f]{64}$/;
 
 /** Creates the devlxd app. */
-export function createDevlxdApp(options: DevlxdAppOptions): Hono<DevlxdEnv> {
+export function createHostDevlxdApp(options: HostDevlxdAppOptions): Hono<DevlxdEnv> {
   const logger = options.logger ?? silentLogger;
   const app = new Hono<DevlxdEnv>();
 

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import type { DevlxdEvent } from "../shared/api.ts";
-import { createDevlxdApp } from "./devlxd_app.ts";
+import { createHostDevlxdApp } from "./devlxd_app.ts";
 import { EventHub } from "./event_hub.ts";
 import type { Instance } from "./instance.ts";
 
@@ -33,7 +33,7 @@ function setup() {
   const events = new EventHub<DevlxdEvent>();
   const imagesDir = Deno.makeTempDirSync({ prefix: "devlxd-images-" });
   Deno.writeTextFileSync(join(imagesDir, FP), "image bytes");
-  const app = createDevlxdApp({
+  const app = createHostDevlxdApp({
     setReady: (name, r) => ready.push([name, r]),
     events,
     location: "host1",

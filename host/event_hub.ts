@@ -12,7 +12,7 @@
  * @module
  */
 
-import type { AgentStatus } from "./instance.ts";
+import type { HostAgentStatus } from "./instance.ts";
 
 /** Subscribe to this topic to receive the events of every topic. */
 export const ALL_TOPICS = "*";
@@ -32,7 +32,7 @@ export interface LifecycleEvent {
     | "agent-state"
     | "ready";
   metadata: {
-    agentState?: AgentStatus;
+    agentState?: HostAgentStatus;
     ready?: boolean;
     key?: string;
     value?: string;

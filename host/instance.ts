@@ -20,11 +20,11 @@ export type StatusChannel =
   | { kind: "none" };
 
 /** What operators see as an instance's agent state. */
-export type AgentStatus = AgentState | "CONNECT sent";
+export type HostAgentStatus = AgentState | "CONNECT sent";
 
 export interface InstanceRuntime {
   /** Agent state as last observed. @default "STOPPED" */
-  agentState: AgentStatus;
+  agentState: HostAgentStatus;
   /** Whether the guest said `PATCH /1.0 {"state":"Ready"}` (kept across host restarts). */
   ready: boolean;
   /** ISO time the agent last made an authenticated request. */

@@ -42,7 +42,7 @@ export type ListenerSource =
   /** `<uds_path>_<port>` of one hybrid-vsock instance. */
   | { kind: "hybrid"; instance: string };
 
-export interface DevlxdServerOptions {
+export interface HostVsockServerOptions {
   /** The host's server certificate and key (PEM). */
   cert: string;
   key: string;
@@ -99,13 +99,13 @@ interface Agent {
 }
 
 /** Serves the devlxd API on any number of listeners. */
-export class DevlxdServer {
-  #options: DevlxdServerOptions;
+export class HostVsockServer {
+  #options: HostVsockServerOptions;
   #logger: Logger;
   #summary: LogSummary;
   #http: HttpServer<Agent, ListenerSource>;
 
-  constructor(options: DevlxdServerOptions) {
+  constructor(options: HostVsockServerOptions) {
     this.#options = options;
     this.#logger = options.logger ?? silentLogger;
     this.#summary = new LogSummary(this.#logger);

@@ -8,11 +8,11 @@ import { connectTls } from "../shared/tls/mod.ts";
 import { generateKeyPair, type KeyPair } from "../shared/tls/key_pair.ts";
 import { connectUnix, listenUnix } from "../shared/vsock/mod.ts";
 import type { Instance } from "./instance.ts";
-import { DevlxdServer, type DevlxdServerOptions } from "./vsock_server.ts";
+import { HostVsockServer, type HostVsockServerOptions } from "./vsock_server.ts";
 import { EventHub } from "./event_hub.ts";
 
 interface Fixture extends AsyncDisposable {
-  server: DevlxdServer;
+  server: HostVsockServer;
   path: string;
   agent: KeyPair;
   host: KeyPair;
@@ -20,7 +20,7 @@ interface Fixture extends AsyncDisposable {
   connect(pair?: KeyPair): Promise<Duplex & Disposable>;
 }
 
-async function fixture(options: Partial<DevlxdServerOptions> = {}): Promise<Fixture> {
+async function fixture(options: Partial<HostVsockServerOptions> = {}): Promise<Fixture> {
   const dir = await Deno.makeTempDir({ prefix: "vsock-server-" });
   const [host, agent] = await Promise.all([generateKeyPair(), generateKeyPair()]);
   const instance: Instance = {
@@ -36,7 +36,7 @@ async function fixture(options: Partial<DevlxdServerOptions> = {}): Promise<Fixt
     runtime: { agentState: "STOPPED", ready: false },
   };
   const seen: string[] = [];
-  const server = new DevlxdServer({
+  const server = new HostVsockServer({
     cert: host.cert,
     key: host.key,
     byCid: () => undefined,
@@ -76,7 +76,7 @@ function closed(socket: Duplex): Promise<void> {
   });
 }
 
-Deno.test("DevlxdServer serves the listener's instance to its agent and reports each request", async () => {
+Deno.test("HostVsockServer serves the listener's instance to its agent and reports each request", async () => {
   await using t = await fixture();
   using c = await t.connect();
   const response = await httpRequest(c, new Request("http://devlxd/1.0/config"));
@@ -84,7 +84,7 @@ Deno.test("DevlxdServer serves the listener's instance to its agent and reports 
   assert.deepEqual(t.seen, ["vm1"]);
 });
 
-Deno.test("DevlxdServer answers 401 to a stranger's certificate, without calling the handler, then closes", async () => {
+Deno.test("HostVsockServer answers 401 to a stranger's certificate, without calling the handler, then closes", async () => {
   await using t = await fixture();
   using c = await t.connect(await generateKeyPair());
   const ended = closed(c);
@@ -95,7 +95,7 @@ Deno.test("DevlxdServer answers 401 to a stranger's certificate, without calling
   assert.deepEqual(t.seen, []);
 });
 
-Deno.test("DevlxdServer keeps a streaming response open past the idle timeout; the client leaving aborts it", async () => {
+Deno.test("HostVsockServer keeps a streaming response open past the idle timeout; the client leaving aborts it", async () => {
   const { promise: aborted, resolve } = Promise.withResolvers<void>();
   let tick: ReturnType<typeof setTimeout> | undefined;
   await using t = await fixture({
@@ -130,7 +130,7 @@ Deno.test("DevlxdServer keeps a streaming response open past the idle timeout; t
   clearTimeout(tick);
 });
 
-Deno.test("DevlxdServer.close() ends idle connections at once and waits for an in-flight response", async () => {
+Deno.test("HostVsockServer.close() ends idle connections at once and waits for an in-flight response", async () => {
   const { promise: release, resolve: go } = Promise.withResolvers<void>();
   const { promise: entered, resolve: enter } = Promise.withResolvers<void>();
   await using t = await fixture({
@@ -154,7 +154,7 @@ Deno.test("DevlxdServer.close() ends idle connections at once and waits for an i
   assert.deepEqual(t.server.connections, {});
 });
 
-Deno.test("DevlxdServer counts a connection against the instance's cap once authenticated and closes one over the cap", async () => {
+Deno.test("HostVsockServer counts a connection against the instance's cap once authenticated and closes one over the cap", async () => {
   await using t = await fixture({ maxConnectionsPerInstance: 1 });
   using first = await t.connect();
   // Unauthenticated connections do not count against the cap.
@@ -165,7 +165,7 @@ Deno.test("DevlxdServer counts a connection against the instance's cap once auth
   assert.ok(!first.destroyed && !raw.destroyed);
 });
 
-Deno.test("DevlxdServer keeps at most maxPendingPerPeer unauthenticated connections, evicting the oldest", async () => {
+Deno.test("HostVsockServer keeps at most maxPendingPerPeer unauthenticated connections, evicting the oldest", async () => {
   await using t = await fixture({ maxPendingPerPeer: 2 });
   const a = await connectUnix(t.path);
   const aClosed = closed(a);
@@ -181,7 +181,7 @@ Deno.test("DevlxdServer keeps at most maxPendingPerPeer unauthenticated connecti
   assert.ok(!c.destroyed);
 });
 
-Deno.test("DevlxdServer closes a connection that ends before sending a byte without starting TLS, and goes on serving", async () => {
+Deno.test("HostVsockServer closes a connection that ends before sending a byte without starting TLS, and goes on serving", async () => {
   const lines: string[] = [];
   await using t = await fixture({
     logger: createLogger({ level: "debug", write: (line) => lines.push(line) }),
@@ -198,7 +198,7 @@ Deno.test("DevlxdServer closes a connection that ends before sending a byte with
   assert.deepEqual(lines.filter((line) => /TLS|ended with an error/.test(line)), []);
 });
 
-Deno.test("DevlxdServer cuts a connection whose streamed body fails while the peer does not read", async () => {
+Deno.test("HostVsockServer cuts a connection whose streamed body fails while the peer does not read", async () => {
   const { promise: dropped, resolve: drop } = Promise.withResolvers<void>();
   const { promise: subscribed, resolve: subscribe } = Promise.withResolvers<void>();
   const hub = new EventHub<{ s: string }>({ maxQueueBytes: 1 << 20, onDrop: () => drop() });

@@ -40,8 +40,8 @@ import type { Logger } from "../../shared/log.ts";
 import type { Slots } from "../../shared/slots.ts";
 import { Waiters } from "../../shared/wait.ts";
 import {
-  type AgentStatus,
   devlxdEnabled,
+  type HostAgentStatus,
   type Instance,
   type InstanceRuntime,
 } from "../instance.ts";
@@ -95,12 +95,12 @@ export interface AnnounceMachineInit {
   /** The instance's status channel now (replaced when its description changes). */
   channel(): StatusWatcher;
   /** Called after every change of the agent state or last error, once recorded. */
-  onStatus(status: AgentStatus, changed: boolean): void;
+  onStatus(status: HostAgentStatus, changed: boolean): void;
 }
 
 /** What operators see of an instance's agent and its announces. */
 export interface AgentView {
-  agentState: AgentStatus;
+  agentState: HostAgentStatus;
   /** The last state line read from the channel (or STOPPED when it went away). */
   observed?: AgentState;
   /** ISO times: the agent's last authenticated request, the last change of `agentState`. */
@@ -130,7 +130,7 @@ export class AnnounceMachine {
   instance: Instance;
   #ctx: AnnounceContext;
   #init: AnnounceMachineInit;
-  #status: AgentStatus;
+  #status: HostAgentStatus;
   #observed?: AgentState;
   #lastError?: string;
   #lastChange?: string;
@@ -170,7 +170,7 @@ export class AnnounceMachine {
   }
 
   /** The agent state. */
-  get status(): AgentStatus {
+  get status(): HostAgentStatus {
     return this.#status;
   }
 
@@ -291,7 +291,7 @@ export class AnnounceMachine {
     return generation === this.#generation && !this.#stopped && !this.#ctx.signal.aborted;
   }
 
-  #setStatus(status: AgentStatus, error: string | undefined): void {
+  #setStatus(status: HostAgentStatus, error: string | undefined): void {
     const changed = this.#status !== status;
     if (!changed && error === this.#lastError) return;
     this.#status = status;

@@ -20,7 +20,12 @@ import type { Duplex } from "node:stream";
 import type { DevlxdEvent } from "../../shared/api.ts";
 import { type Logger, silentLogger } from "../../shared/log.ts";
 import { Slots } from "../../shared/slots.ts";
-import { type AgentStatus, devlxdEnabled, type Instance, type StatusChannel } from "../instance.ts";
+import {
+  devlxdEnabled,
+  type HostAgentStatus,
+  type Instance,
+  type StatusChannel,
+} from "../instance.ts";
 import { type AgentCallOptions, announce, probeAgent, pushEvent } from "./announcer.ts";
 import {
   type AgentApi,
@@ -392,7 +397,7 @@ export class Coordinator implements AsyncDisposable {
     });
   }
 
-  #intervalFor(status: AgentStatus): number {
+  #intervalFor(status: HostAgentStatus): number {
     switch (status) {
       case "STOPPED":
         return this.#intervals.stopped;

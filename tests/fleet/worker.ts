@@ -28,7 +28,7 @@
 import "reflect-metadata";
 import type { Buffer } from "node:buffer";
 import { Agent } from "../../agent/agent.ts";
-import { AgentStatus } from "../../agent/agent_state.ts";
+import { GuestAgentStatus } from "../../agent/agent_state.ts";
 import { readIdentity } from "../../agent/identity.ts";
 import { httpRequest } from "../../shared/http/mod.ts";
 import {
@@ -136,7 +136,7 @@ async function main(): Promise<void> {
     const qmp = new FakeQmpServer(p.qmp, { rings: { vserial: ring } });
     const serial = new SerialToRing(p.serialGuest, ring);
     const identity = await readIdentity(p.configDrive);
-    const status = new AgentStatus({ stateFile: p.stateFile, devlxdSocket: p.devlxd });
+    const status = new GuestAgentStatus({ stateFile: p.stateFile, devlxdSocket: p.devlxd });
     status.onTransition((state) => send({ type: "state", i, state, t: now() }));
     const agent = new Agent({
       identity,
