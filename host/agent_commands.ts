@@ -32,9 +32,7 @@ import {
 } from "./agent_files.ts";
 import { openSftp, SftpStatusError } from "../shared/sftp/client.ts";
 import { dialAgent } from "./agent_proxy.ts";
-import { CommandError, connectDaemon } from "./commands.ts";
-import { Registry } from "./registry.ts";
-import { RegistryError } from "./registry_error.ts";
+import { CommandError, connectDaemon, openRegistryOffline } from "./commands.ts";
 import { statePaths } from "./state_dir.ts";
 
 /** The console, signals and environment an agent command may use. */
@@ -77,17 +75,7 @@ async function agentAccess(stateDir: string, name: string): Promise<AgentAccess>
       prefix: `/1.0/instances/${encodeURIComponent(name)}/agent`,
     };
   }
-  let registry: Registry;
-  try {
-    registry = Registry.open(paths.registry);
-  } catch (error) {
-    if (error instanceof RegistryError && error.code === "LOCKED") {
-      throw new CommandError(
-        `The daemon holds ${paths.dir} but its admin socket ${paths.adminSocket} does not answer`,
-      );
-    }
-    throw error;
-  }
+  const registry = openRegistryOffline(paths);
   try {
     const instance = registry.get(name);
     if (instance === undefined) throw new CommandError(`Instance "${name}" not found`);

@@ -18,7 +18,13 @@ import { InstanceService, type PublicInstance } from "./instance_service.ts";
 import { type ChannelReading, readStatusChannel } from "./monitor/status_watcher.ts";
 import { Registry } from "./registry.ts";
 import { RegistryError } from "./registry_error.ts";
-import { checkOwner, OwnershipError, prepareStateDir, statePaths } from "./state_dir.ts";
+import {
+  checkOwner,
+  OwnershipError,
+  prepareStateDir,
+  type StatePaths,
+  statePaths,
+} from "./state_dir.ts";
 import { VERSION } from "./version.ts";
 
 export interface CommandIO {
@@ -78,11 +84,13 @@ export async function connectDaemon(socketPath: string): Promise<AdminConnection
   }
 }
 
-async function openLocal(stateDir: string): Promise<AdminConnection> {
-  const paths = await prepareStateDir(stateDir);
-  let registry: Registry;
+/**
+ * Opens the registry for a command run without the daemon; a registry the
+ * daemon holds (locked) while its admin socket does not answer → CommandError.
+ */
+export function openRegistryOffline(paths: StatePaths): Registry {
   try {
-    registry = Registry.open(paths.registry);
+    return Registry.open(paths.registry);
   } catch (error) {
     if (error instanceof RegistryError && error.code === "LOCKED") {
       throw new CommandError(
@@ -92,6 +100,11 @@ async function openLocal(stateDir: string): Promise<AdminConnection> {
     }
     throw error;
   }
+}
+
+async function openLocal(stateDir: string): Promise<AdminConnection> {
+  const paths = await prepareStateDir(stateDir);
+  const registry = openRegistryOffline(paths);
   try {
     const { cert } = await ensureServerCertificate(paths);
     const service = new InstanceService({

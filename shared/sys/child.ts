@@ -231,7 +231,8 @@ export function spawnChild(options: SpawnOptions): ChildProcess {
   const env = Object.entries(options.env).map(([k, v]) => `${k}=${v}`);
   const cwd = options.cwd ?? "/";
 
-  if (options.pty !== undefined) {
+  // A new session, default signal dispositions, fds 0–2 from `fileActions`.
+  const spawn = (fileActions: Parameters<typeof libc.posixSpawn>[0]["fileActions"]): number => {
     const pid = libc.posixSpawn({
       path: executable,
       argv,
@@ -239,14 +240,19 @@ export function spawnChild(options: SpawnOptions): ChildProcess {
       cwd,
       setsid: true,
       defaultSignals: RESET_SIGNALS,
-      fileActions: [
-        // Opened after setsid(), without O_NOCTTY: the PTY becomes the controlling terminal.
-        { open: { fd: 0, path: options.pty.path, flags: libc.O_RDWR } },
-        { dup2: { from: 0, to: 1 } },
-        { dup2: { from: 0, to: 2 } },
-      ],
+      fileActions,
     });
     if (pid < 0) throw spawnFailure(-pid, program, cwd);
+    return pid;
+  };
+
+  if (options.pty !== undefined) {
+    const pid = spawn([
+      // Opened after setsid(), without O_NOCTTY: the PTY becomes the controlling terminal.
+      { open: { fd: 0, path: options.pty.path, flags: libc.O_RDWR } },
+      { dup2: { from: 0, to: 1 } },
+      { dup2: { from: 0, to: 2 } },
+    ]);
     return new ChildProcess(pid, undefined);
   }
 
@@ -258,20 +264,11 @@ export function spawnChild(options: SpawnOptions): ChildProcess {
       pipes.push(...pair);
     }
     // pipes: [stdin r, stdin w, stdout r, stdout w, stderr r, stderr w]
-    const pid = libc.posixSpawn({
-      path: executable,
-      argv,
-      env,
-      cwd,
-      setsid: true,
-      defaultSignals: RESET_SIGNALS,
-      fileActions: [
-        { dup2: { from: pipes[0], to: 0 } },
-        { dup2: { from: pipes[3], to: 1 } },
-        { dup2: { from: pipes[5], to: 2 } },
-      ],
-    });
-    if (pid < 0) throw spawnFailure(-pid, program, cwd);
+    const pid = spawn([
+      { dup2: { from: pipes[0], to: 0 } },
+      { dup2: { from: pipes[3], to: 1 } },
+      { dup2: { from: pipes[5], to: 2 } },
+    ]);
     for (const fd of [pipes[0], pipes[3], pipes[5]]) libc.close(fd);
     const streams: [FdStream, FdStream, FdStream] = [
       new FdStream(pipes[1], "the command's stdin"),
