@@ -123,6 +123,14 @@ export interface HostLinkOptions {
   logger?: Logger;
 }
 
+/**
+ * Connection set-ups (connect + TLS handshake) to the host in progress at
+ * once. A host counts a connection against its peer only once authenticated
+ * and allows a few pending handshakes per peer (ours: 8, a newer one evicting
+ * the oldest): a burst of 16 at once had its own handshakes evicted.
+ */
+export const MAX_DIALS = 4;
+
 export class HostLink implements Disposable {
   #options: HostLinkOptions;
   #status: GuestAgentStatus;
@@ -132,6 +140,7 @@ export class HostLink implements Disposable {
   #waiters = new Set<() => void>();
   #slots: Slots;
   #pool: ConnectionPool;
+  #dials: Slots;
   #probing = false;
 
   constructor(options: HostLinkOptions) {
@@ -140,6 +149,7 @@ export class HostLink implements Disposable {
     this.#logger = options.logger ?? silentLogger;
     this.#slots = new Slots(options.maxConnections ?? 16);
     this.#pool = new ConnectionPool({ idleTimeout: options.idleTimeout ?? 2000, maxIdle: 4 });
+    this.#dials = new Slots(MAX_DIALS);
   }
 
   /** The connection info in use. */
@@ -218,6 +228,7 @@ export class HostLink implements Disposable {
         responseTimeout: options.stream ? Infinity : this.#options.responseTimeout,
         slots: this.#slots,
         pool: this.#pool,
+        dials: this.#dials,
         signal: options.signal,
       });
       if (this.#info === info) {

@@ -122,3 +122,44 @@ Deno.test("host daemon and our agent: announce, CONNECTED, devlxd proxied, event
   }
   await daemon.waitFor(/msg="agent state" .*instance=vm1 state=STOPPED/, 15_000);
 });
+
+Deno.test("host daemon and our agent: a burst of 64 concurrent guest requests is answered in full (the agent sets up its host connections a few at a time, within the host's bound on a peer's pending handshakes)", async () => {
+  await using dir = await tempDir("host-e2e-burst-");
+  const p = (name: string) => join(dir.path, name);
+  await using _relay = new SerialRelay(p("host-serial.sock"), p("guest-serial.sock"));
+  await using daemon = await DaemonProcess.start(p("state"));
+  const hybrid = await addHybridInstance(p("state"), [
+    "--serial",
+    p("host-serial.sock"),
+    "--config-drive",
+    p("lxd_agent"),
+  ]);
+  const agent = startAgent([
+    `--config-dir=${p("lxd_agent")}`,
+    `--serial-port=${p("guest-serial.sock")}`,
+    `--transport=hybrid:${hybrid}`,
+    `--devlxd-socket=${p("dev-lxd/sock")}`,
+    `--state-file=${p("run/state.json")}`,
+  ]);
+  try {
+    await daemon.waitFor(/msg="agent state" .*instance=vm1 state=CONNECTED/, 30_000);
+    const client = Deno.createHttpClient({ proxy: { transport: "unix", path: p("dev-lxd/sock") } });
+    try {
+      const statuses = await Promise.all(Array.from({ length: 64 }, async () => {
+        const response = await bounded(
+          fetch("http://localhost/1.0", { client }),
+          60_000,
+          "a guest request of the burst",
+        );
+        const text = await response.text();
+        return response.status === 200 ? 200 : `${response.status} ${text.slice(0, 200)}`;
+      }));
+      const failed = statuses.filter((s) => s !== 200);
+      assert.deepEqual(failed, [], `${failed.length} of 64 failed`);
+    } finally {
+      client.close();
+    }
+  } finally {
+    assert.equal(await agent.stop(), 0, agent.log().slice(-2000));
+  }
+});

@@ -207,16 +207,21 @@ export async function agentConnection(
   identity: AgentIdentity,
 ): Promise<Duplex & Disposable> {
   const raw = await connectHybridListener(hybrid, port);
+  // The host may close the connection (a cap, idle eviction, shutdown): a write
+  // then fails on the raw socket; the TLS layer reports it, nothing is uncaught.
+  let tls: Duplex | undefined;
+  raw.on("error", () => tls?.destroy());
   try {
-    const tls = await connectTls(raw, {
+    tls = await connectTls(raw, {
       cert: identity.cert,
       key: identity.key,
       pinned: identity.serverCert,
       handshakeTimeout: 5000,
     });
-    return Object.assign(tls, {
+    const secure = tls;
+    return Object.assign(secure, {
       [Symbol.dispose]: () => {
-        tls.destroy();
+        secure.destroy();
         raw.destroy();
       },
     });

@@ -143,6 +143,13 @@ export interface MtlsRequestOptions extends DialMtlsOptions {
   queueTimeout?: number;
   /** Keeps completed connections for the next request (keep-alive); none: one per request. */
   pool?: ConnectionPool;
+  /**
+   * Bounds the caller's connection set-ups in progress (connect + TLS
+   * handshake) across requests: a burst then opens its connections a few at
+   * a time instead of all at once (a host refuses many pending handshakes
+   * from one peer). Waited for within `queueTimeout`.
+   */
+  dials?: Slots;
 }
 
 /** The key of `peer`'s pooled connections: its name (address) and the pinned certificate. */
@@ -384,15 +391,29 @@ async function newConnection(
     if (!released && slots !== undefined) slots.release();
     released = true;
   };
-  let socket: Duplex;
-  try {
-    socket = await connectRaw(peer, options);
-  } catch (error) {
-    release();
-    throw error;
+  const dials = options.dials;
+  if (dials !== undefined) {
+    try {
+      await acquire(dials, peer, options);
+    } catch (error) {
+      release();
+      throw error;
+    }
   }
-  socket.once("close", release);
-  const secure = await handshake(socket, peer, options);
+  let socket: Duplex;
+  let secure: Duplex;
+  try {
+    try {
+      socket = await connectRaw(peer, options);
+    } catch (error) {
+      release();
+      throw error;
+    }
+    socket.once("close", release);
+    secure = await handshake(socket, peer, options);
+  } finally {
+    dials?.release();
+  }
   try {
     return await exchange(secure, peer, request, options);
   } catch (error) {

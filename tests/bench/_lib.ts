@@ -184,6 +184,8 @@ export class KeptClient implements Disposable {
   constructor(readonly hybrid: string, readonly port: number, readonly id: AgentIdentity) {}
 
   async get(): Promise<void> {
+    // A connection the host closed meanwhile (evicted while idle) is replaced.
+    if (this.#connection?.destroyed) this[Symbol.dispose]();
     this.#connection ??= await agentConnection(this.hybrid, this.port, this.id);
     let kept = false;
     try {
