@@ -7,11 +7,10 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
 import { checkInstanceName } from "./instance_validation.ts";
 import { defaultStateDir } from "./state_dir.ts";
 import type { CliEnvironment, OutputFormat } from "./cli.ts";
-import { PROGRAM, UsageError } from "./cli.ts";
+import { parse, PROGRAM, UsageError } from "./cli.ts";
 
 /** `exec`: run a command in the VM. */
 export interface ExecCommand {
@@ -129,24 +128,11 @@ function parseFileCommand(
   env: CliEnvironment,
 ): FileCommand | { kind: "help"; text: string } {
   const help = agentHelp("file");
-  let parsed;
-  try {
-    parsed = parseArgs({
-      args,
-      allowPositionals: true,
-      strict: true,
-      options: {
-        mode: { type: "string" },
-        uid: { type: "string" },
-        gid: { type: "string" },
-        "state-dir": { type: "string" },
-        help: { type: "boolean", short: "h" },
-      },
-    });
-  } catch (error) {
-    throw new UsageError((error as Error).message, help);
-  }
-  const { values, positionals } = parsed;
+  const { values, positionals } = parse(args, {
+    mode: { type: "string" },
+    uid: { type: "string" },
+    gid: { type: "string" },
+  }, help);
   if (values.help) return { kind: "help", text: help };
   const [action, ...rest] = positionals;
   if (action !== "push" && action !== "pull") {
@@ -185,32 +171,16 @@ export function parseAgentCommand(
 ): AgentCommand | { kind: "help"; text: string } {
   if (group === "file") return parseFileCommand(args, env);
   const help = agentHelp(group);
-  let parsed;
-  try {
-    parsed = parseArgs({
-      args,
-      allowPositionals: true,
-      strict: true,
-      options: group === "exec"
-        ? {
-          "force-interactive": { type: "boolean", short: "t" },
-          "force-noninteractive": { type: "boolean", short: "T" },
-          env: { type: "string", multiple: true },
-          cwd: { type: "string" },
-          user: { type: "string" },
-          group: { type: "string" },
-          "state-dir": { type: "string" },
-          help: { type: "boolean", short: "h" },
-        }
-        : {
-          format: { type: "string" },
-          "state-dir": { type: "string" },
-          help: { type: "boolean", short: "h" },
-        },
-    });
-  } catch (error) {
-    throw new UsageError((error as Error).message, help);
-  }
+  const parsed = group === "exec"
+    ? parse(args, {
+      "force-interactive": { type: "boolean", short: "t" },
+      "force-noninteractive": { type: "boolean", short: "T" },
+      env: { type: "string", multiple: true },
+      cwd: { type: "string" },
+      user: { type: "string" },
+      group: { type: "string" },
+    }, help)
+    : parse(args, { format: { type: "string" } }, help);
   const values = parsed.values as Record<string, string | boolean | string[] | undefined>;
   if (values.help) return { kind: "help", text: help };
   const [nameArg, ...rest] = parsed.positionals;

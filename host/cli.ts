@@ -225,7 +225,8 @@ const BASE = {
   help: { type: "boolean", short: "h" },
 } as const satisfies Spec;
 
-function parse<const T extends Spec>(args: string[], extra: T, help: string) {
+/** `parseArgs` with `--state-dir` and `--help` besides `extra`; a parse error → UsageError. */
+export function parse<const T extends Spec>(args: string[], extra: T, help: string) {
   try {
     return parseArgs({
       args,
@@ -236,6 +237,25 @@ function parse<const T extends Spec>(args: string[], extra: T, help: string) {
   } catch (error) {
     throw new UsageError((error as Error).message, help);
   }
+}
+
+/**
+ * `GROUP ACTION [--state-dir DIR] ARGS…` for groups whose actions take no other
+ * option: help when there is no action or `-h`; else the action, options, positionals.
+ */
+function subcommand(
+  rest: string[],
+  help: string,
+):
+  | { kind: "help"; text: string }
+  | { action: string; values: { "state-dir"?: string }; pos: string[] } {
+  const [action, ...more] = rest;
+  if (action === undefined || action === "-h" || action === "--help") {
+    return { kind: "help", text: help };
+  }
+  const { values, positionals: pos } = parse(more, {}, help);
+  if (values.help) return { kind: "help", text: help };
+  return { action, values, pos };
 }
 
 function integer(value: string, what: string, help: string): number {
@@ -456,13 +476,10 @@ export function parseConfig(args: string[], env: CliEnvironment): Command {
     }
     case "config": {
       const help = HELP.config;
-      const [action, ...more] = rest;
-      if (action === undefined || action === "-h" || action === "--help") {
-        return { kind: "help", text: help };
-      }
-      const { values, positionals: pos } = parse(more, {}, help);
-      if (values.help) return { kind: "help", text: help };
-      const stateDir = stateDirOf(values);
+      const sub = subcommand(rest, help);
+      if ("kind" in sub) return sub;
+      const { action, pos } = sub;
+      const stateDir = stateDirOf(sub.values);
       if (action === "set") {
         const [n, key, value] = positionals(pos, ["NAME", "KEY", "VALUE"], help);
         return { kind: "config-set", stateDir, name: name(n, help), key, value };
@@ -480,13 +497,10 @@ export function parseConfig(args: string[], env: CliEnvironment): Command {
     }
     case "device": {
       const help = HELP.device;
-      const [action, ...more] = rest;
-      if (action === undefined || action === "-h" || action === "--help") {
-        return { kind: "help", text: help };
-      }
-      const { values, positionals: pos } = parse(more, {}, help);
-      if (values.help) return { kind: "help", text: help };
-      const stateDir = stateDirOf(values);
+      const sub = subcommand(rest, help);
+      if ("kind" in sub) return sub;
+      const { action, pos } = sub;
+      const stateDir = stateDirOf(sub.values);
       if (action === "add") {
         const [n, device, ...pairs] = positionals(pos, ["NAME", "DEVICE", "type=TYPE"], help, true);
         return {
