@@ -44,6 +44,7 @@ Prints "figure:" lines (LXD start, VM start -> STARTED, STARTED -> CONNECTED, LX
 the one stock.json was written with (the comparison is within one `make e2e` run).
 Exit 0 when all passed, 125 when L2 never came up or its QEMU died (retried), else 1.
 """
+import difflib
 import fcntl
 import json
 import os
@@ -770,6 +771,11 @@ class Run:
                o["info"].get("state_error"))
         differ("lxc info memory known", s["info"].get("memory_known"),
                o["info"].get("memory_known"))
+        layout = list(difflib.unified_diff(info_layout(s["info"]["output"]),
+                                           info_layout(o["info"]["output"]), "stock", "ours",
+                                           n=0, lineterm=""))
+        if layout:
+            diffs.append(("lxc info layout", " | ".join(layout[2:])))
         for key in ("list_ipv4", "exec_uname"):
             differ(f"lxc {key} exit status", s[key]["rc"], o[key]["rc"])
             differ(f"lxc {key} output", s[key]["output"], o[key]["output"])
@@ -834,6 +840,13 @@ class Run:
             self.control.srv.close()
             if self.control.sock is not None:
                 self.control.sock.close()
+
+
+def info_layout(text: str) -> list[str]:
+    """`lxc info`'s lines with what differs between any two runs masked: sizes, then every
+    number (counters, PID, dates, the process count)."""
+    sized = re.compile(r"\d+(\.\d+)?(B|kB|MB|GB|KiB|MiB|GiB)\b")
+    return [re.sub(r"\d+", "#", sized.sub("<size>", line)) for line in text.splitlines()]
 
 
 def compare_body(what: str, stock: str, ours: str, differ) -> None:

@@ -637,7 +637,7 @@ class Run:
         self.step(f"operator: file pull of a missing path -> exit {p.returncode}: "
                   f"{p.stderr.strip()[:200]!r}")
         self.expect(p.returncode != 0, "file pull of a missing path succeeded")
-        self.tell(f"operator commands against the {self.label}: exec (uname, exit 3 passed "
+        self.tell(f"operator commands against {self.label}: exec (uname, exit 3 passed "
                   f"through), state (processes {state.get('processes')}), file push/pull "
                   f"(mode 0640, owner 1234:1234) all as expected")
 
