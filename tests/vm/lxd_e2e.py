@@ -844,9 +844,28 @@ class Run:
 
 def info_layout(text: str) -> list[str]:
     """`lxc info`'s lines with what differs between any two runs masked: sizes, then every
-    number (counters, PID, dates, the process count)."""
+    number (counters, PID, dates, the process count). lxc prints the interfaces under
+    "Network usage:" in Go map order (random: eth0 first in one run, lo in the next), so their
+    blocks are sorted."""
     sized = re.compile(r"\d+(\.\d+)?(B|kB|MB|GB|KiB|MiB|GiB)\b")
-    return [re.sub(r"\d+", "#", sized.sub("<size>", line)) for line in text.splitlines()]
+    out: list[str] = []
+    blocks: list[list[str]] = []
+    in_network = False
+    for line in text.splitlines():
+        line = re.sub(r"\d+", "#", sized.sub("<size>", line))
+        indent = len(line) - len(line.lstrip())
+        if in_network and indent == 4 and line.endswith(":"):
+            blocks.append([line])
+            continue
+        if in_network and indent > 4 and blocks:
+            blocks[-1].append(line)
+            continue
+        if blocks:
+            out += [l for block in sorted(blocks) for l in block]
+            blocks = []
+        in_network = line.strip() == "Network usage:"
+        out.append(line)
+    return out + [l for block in sorted(blocks) for l in block]
 
 
 def compare_body(what: str, stock: str, ours: str, differ) -> None:
