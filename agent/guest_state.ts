@@ -77,6 +77,16 @@ export function interfaceType(flags: number): InstanceStateNetwork["type"] {
   return "unknown";
 }
 
+/**
+ * The `hwaddr` of `/sys/class/net/<if>/address`: "" for an all-zero address,
+ * as Go's `net.Interfaces()` leaves it out (lxd-agent 5.0.2 reports `lo` with
+ * no MAC address, so `lxc info` prints none for it).
+ */
+export function hardwareAddress(text: string | undefined): string {
+  const address = text?.trim() ?? "";
+  return /^0{2}(:0{2})*$/.test(address) ? "" : address;
+}
+
 /** An address of an interface as `Deno.networkInterfaces()` reports it. */
 export interface InterfaceAddress {
   name: string;
@@ -144,7 +154,7 @@ export function networkState(sources: StateSources): Record<string, InstanceStat
         packets_dropped_outbound: counter(read, name, "tx_dropped"),
         packets_dropped_inbound: counter(read, name, "rx_dropped"),
       },
-      hwaddr: read(`/sys/class/net/${name}/address`)?.trim() ?? "",
+      hwaddr: hardwareAddress(read(`/sys/class/net/${name}/address`)),
       host_name: "",
       mtu: Number.isInteger(mtu) ? mtu : 0,
       state: flags & IFF_UP ? "up" : "down",

@@ -3,6 +3,7 @@ import { missingProgram, requires } from "../shared/_requires.ts";
 import {
   addressScope,
   collectState,
+  hardwareAddress,
   interfaceType,
   parseCpuUsage,
   parseMeminfo,
@@ -40,6 +41,13 @@ Deno.test("addressScope() and interfaceType() follow lxd-agent's rules", () => {
   assert.equal(interfaceType(0x1), "unknown");
 });
 
+Deno.test("hardwareAddress() leaves out an all-zero address, as Go's net package does", () => {
+  assert.equal(hardwareAddress("00:00:00:00:00:00\n"), "");
+  assert.equal(hardwareAddress("52:54:00:12:34:56\n"), "52:54:00:12:34:56");
+  assert.equal(hardwareAddress("00:00:00:00:00:01"), "00:00:00:00:00:01");
+  assert.equal(hardwareAddress(undefined), "");
+});
+
 Deno.test("processCount() counts pid 1 and the children of every task, breadth-first", () => {
   const tree: Record<string, string> = {
     "/proc/1/task/1/children": "10 11 ",
@@ -66,7 +74,7 @@ Deno.test(requires(missingProgram("ip", "it compares with ip -j addr"), {
     for (const link of links) {
       const ours = state.network![link.ifname];
       assert.equal(ours.mtu, link.mtu, link.ifname);
-      assert.equal(ours.hwaddr, link.address ?? "", link.ifname);
+      assert.equal(ours.hwaddr, hardwareAddress(link.address), link.ifname);
       assert.equal(ours.state, link.flags.includes("UP") ? "up" : "down", link.ifname);
       assert.deepEqual(
         ours.addresses.map((a) => `${a.family} ${a.address}/${a.netmask}`).sort(),

@@ -25,9 +25,13 @@ under tests/vm/guest.py: `stock` is the lxd-agent LXD put on that drive (the con
      is recorded, and ours must get what the stock agent got;
   4. PATCH /1.0 {"state":"Ready"}: the same answer as the stock agent's; LXD 5.0.2 keeps no
      ready state (no volatile.last_state.ready); ours records Ready to re-send it;
-  7. `lxc info vm1`, `lxc list`, `lxc exec vm1 -- true`, `lxc exec vm1 -- sh -c 'exit 3'`,
-     `lxc file pull`: recorded; ours must give what the stock agent gave in the same run (exit
-     statuses, the pulled file, a known process count, no "Could not get VM state");
+  7. `lxc info vm1`, `lxc list`, `lxc list vm1 -c 4` (L2's eth0: a QEMU user-net NIC from
+     raw.qemu, 10.0.2.15/24 set by lxd_guest), `lxc exec vm1 -- true`, `... sh -c 'exit 3'`,
+     `... uname -s -m`, `lxc file pull`, `lxc file push --mode 0640 --uid 1234 --gid 1234`
+     (stat in L2, pulled back), an interactive `lxc exec vm1 -- sh` on a PTY in L1 (stty
+     size, a resize to 40x132 seen by stty, exit 5): recorded; ours must give what the stock
+     agent gave in the same run (exit statuses, outputs, the pulled files' content, mode and
+     owner, sizes seen, a known process count and memory, no "Could not get VM state");
   6. (ours) with an events follower open, the agent stays CONNECTED for --window seconds
      (default 300): no state change in its log, no second announce in LXD's, devlxd keeps
      answering; checks 3, 4 and 7 run inside that window;
@@ -40,13 +44,18 @@ Prints "figure:" lines (LXD start, VM start -> STARTED, STARTED -> CONNECTED, LX
 the one stock.json was written with (the comparison is within one `make e2e` run).
 Exit 0 when all passed, 125 when L2 never came up or its QEMU died (retried), else 1.
 """
+import difflib
+import fcntl
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
+import struct
 import sys
+import termios
 import threading
 import time
 
@@ -307,13 +316,16 @@ class Run:
         vm = dict(l.split("=", 1) for l in open(f"{REPO}/.cache/vm/env").read().split())
         cmdline = (f"console=ttyS0 loglevel=1 panic=-1 mitigations=off rdinit=/init "
                    f"vmtest.mode=root vmtest.ctl=/run/vmtest-ctl vmtest.repo={REPO} "
-                   f"vmtest.run={HERE}/lxd_guest vmtest.modules=vsock,vmw_vsock_virtio_transport "
+                   f"vmtest.run={HERE}/lxd_guest vmtest.modules=vsock,vmw_vsock_virtio_transport,virtio_net "
                    f"vmtest.hostname={NAME} lxde2e.agent={self.kind} lxde2e.port={CONTROL_PORT}")
         # The last -cpu wins: plain `host` instead of LXD's `host,hv_passthrough` (with it
         # L1 froze at the first exec). -kernel makes LXD 5.0.2 start without firmware (its
         # OVMF aborts the outer TCG QEMU).
+        # A NIC for `lxc list`'s address column: QEMU user networking (no bridge, dnsmasq or
+        # tap in L1), no boot ROM; lxd_guest gives L2's eth0 the address 10.0.2.15/24.
         raw = ("-fsdev local,id=l1root,path=/,security_model=none,readonly=on,multidevs=remap "
                "-device virtio-9p-pci,fsdev=l1root,mount_tag=root -cpu host "
+               "-netdev user,id=e2enet,restrict=on -device virtio-net-pci,netdev=e2enet,romfile= "
                f"-kernel {vm['VM_KERNEL']} -initrd {vm['VM_INITRD']} -append '{cmdline}'")
         self.lxc("init", "--empty", "--vm", NAME, "-c", "security.secureboot=false",
                  "-c", "limits.memory=768MiB", "-c", "limits.cpu=1", "-c", "user.probe=hello",
@@ -352,7 +364,7 @@ class Run:
         self.tell(f"starting the real LXD {subprocess.run(['lxd', '--version'], capture_output=True, text=True).stdout.strip()} daemon in L1 (emulated)")
         took = self.start_lxd()
         self.figure("lxd_start_s", took)
-        self.tell(f"LXD ready after {took:.1f}s; creating vm1 (dir pool, no network, "
+        self.tell(f"LXD ready after {took:.1f}s; creating vm1 (dir pool, no LXD network, "
                   f"raw.qemu direct kernel boot, user.probe=hello)")
         self.create_vm()
         self.control = Control(CONTROL_PORT, cid=None)
@@ -499,6 +511,8 @@ class Run:
             "exec": ["exec", NAME, "--", "true"],
             "exec_status": ["exec", NAME, "--", "sh", "-c", "exit 3"],
             "file_pull": ["file", "pull", f"{NAME}/etc/hostname", pulled],
+            "list_ipv4": ["list", NAME, "-c", "4", "--format", "csv"],
+            "exec_uname": ["exec", NAME, "--", "uname", "-s", "-m"],
         }
         for key, args in runs.items():
             if key == "file_pull" and os.path.exists(pulled):
@@ -515,13 +529,124 @@ class Run:
         cli["info"]["processes"] = int(m.group(1)) if m else None
         # LXD asks the agent for the state at `lxc info`; it logs this when it cannot.
         cli["info"]["state_error"] = self.lxd.log.find(STATE_ERROR, since=t) is not None
+        m = re.search(r"Memory \(current\): (\S+)", cli["info"]["output"])
+        cli["info"]["memory_known"] = m is not None
+        cli["file_push"] = self.file_push()
+        cli["interactive"] = self.interactive()
         # The stock agent is the reference; ours is compared with it (compare_with_stock).
         if self.kind == "stock":
             self.expect(cli["exec"]["rc"] == 0, f"lxc exec with the stock agent failed: {cli['exec']}")
         self.tell("lxc: " + "; ".join(
             f"{k} exit {v['rc']}" +
             (f" ({(v['output'].splitlines() or [''])[-1][:70]})" if v["rc"] else "")
-            for k, v in cli.items()))
+            for k, v in cli.items() if "output" in v))
+
+    def file_push(self) -> dict:
+        """`lxc file push --mode 0640 --uid 1234 --gid 1234`, the result's mode and owner as
+        `stat` in L2 shows them (lxc exec), then `lxc file pull` of it back."""
+        local, back, remote = "/tmp/lxd-e2e-push.txt", "/tmp/lxd-e2e-pulled.txt", "/tmp/pushed.txt"
+        body = "pushed by lxc file push\n" * 3
+        with open(local, "w") as f:
+            f.write(body)
+        os.chmod(local, 0o600)
+        if os.path.exists(back):
+            os.unlink(back)
+        out: dict = {}
+        rc, text = self.lxc("file", "push", "--mode", "0640", "--uid", "1234", "--gid", "1234",
+                            local, f"{NAME}{remote}", ok=False, timeout=180)
+        out["push"] = {"rc": rc, "output": text}
+        rc, text = self.lxc("exec", NAME, "--", "stat", "-c", "%a %u %g %s", remote, ok=False,
+                            timeout=180)
+        out["stat"] = {"rc": rc, "output": text}
+        rc, text = self.lxc("file", "pull", f"{NAME}{remote}", back, ok=False, timeout=180)
+        out["pull"] = {"rc": rc, "output": text}
+        try:
+            st = os.lstat(back)
+            out["pulled"] = {"mode": f"{st.st_mode & 0o7777:o}", "uid": st.st_uid,
+                             "gid": st.st_gid, "same_content": open(back).read() == body}
+        except OSError as e:
+            out["pulled"] = {"error": str(e)}
+        rc, text = self.lxc("file", "pull", f"{NAME}/nonexistent/file", back + ".none", ok=False,
+                            timeout=180)
+        out["pull_missing"] = {"rc": rc, "output": text}
+        self.step(f"lxc file push --mode 0640 --uid 1234 --gid 1234 -> exit {out['push']['rc']}; "
+                  f"stat in L2: {out['stat']['output']!r}; pulled back: {out['pulled']}; pull "
+                  f"of a missing path -> exit {rc}: {text[-200:]!r}")
+        return out
+
+    def interactive(self) -> dict:
+        """`lxc exec vm1 -- sh` on a PTY in L1 (24x80): `stty size`, then the PTY resized to
+        40x132 (the kernel sends lxc SIGWINCH; lxc sends the agent a window-resize), `stty
+        size` again until it shows the new size (30 s), then `exit 5`."""
+        out: dict = {"before": None, "after": None, "rc": None}
+        master, slave = os.openpty()
+
+        def size(fd: int, rows: int, cols: int) -> None:
+            fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+        def controlling_tty() -> None:
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        size(slave, 24, 80)
+        t0 = now()
+        p = subprocess.Popen(["lxc", "exec", NAME, "--", "sh"], stdin=slave, stdout=slave,
+                             stderr=slave, env=dict(env(), TERM="xterm"), start_new_session=True,
+                             preexec_fn=controlling_tty)
+        os.close(slave)
+        buf = bytearray()
+
+        def until(pattern: bytes, timeout: float):
+            deadline = now() + timeout
+            while True:
+                m = re.search(pattern, buf)
+                if m:
+                    return m
+                left = deadline - now()
+                if left <= 0:
+                    return None
+                ready, _, _ = select.select([master], [], [], min(left, 1.0))
+                if ready:
+                    try:
+                        data = os.read(master, 4096)
+                    except OSError:  # EIO: lxc closed the terminal
+                        data = b""
+                    if not data:
+                        return None
+                    buf.extend(data)
+
+        try:
+            os.write(master, b"echo A-$(stty size)-Z\r")
+            m = until(rb"A-(\d+ \d+)-Z", 120)
+            out["before"] = m.group(1).decode() if m else None
+            out["first_answer_s"] = round(now() - t0, 1)
+            if m:
+                t1 = now()
+                size(master, 40, 132)
+                for i in range(15):
+                    os.write(master, f"echo B{i}-$(stty size)-Z\r".encode())
+                    m = until(rf"B{i}-(\d+ \d+)-Z".encode(), 60)
+                    if m is None:
+                        break
+                    out["after"] = m.group(1).decode()
+                    if out["after"] == "40 132":
+                        break
+                    time.sleep(2)
+                out["resize_seen_s"] = round(now() - t1, 1)
+                os.write(master, b"exit 5\r")
+            try:
+                out["rc"] = p.wait(60)
+            except subprocess.TimeoutExpired:
+                pass
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            os.close(master)
+        out["transcript"] = buf.decode(errors="replace")[-600:]
+        self.step(f"interactive lxc exec vm1 -- sh on a PTY: stty size {out['before']!r}, after "
+                  f"the resize to 40x132 {out['after']!r}, exit {out['rc']} (5 sent); "
+                  f"transcript tail {out['transcript'][-300:]!r}")
+        return out
 
     def no_flip(self, t_follow: float) -> None:
         first_conn = self.agent_find(r'state=CONNECTED')[0]
@@ -644,6 +769,25 @@ class Run:
                (o["info"].get("processes") or -1) > 0)
         differ("LXD could not get the VM state", s["info"].get("state_error"),
                o["info"].get("state_error"))
+        differ("lxc info memory known", s["info"].get("memory_known"),
+               o["info"].get("memory_known"))
+        layout = list(difflib.unified_diff(info_layout(s["info"]["output"]),
+                                           info_layout(o["info"]["output"]), "stock", "ours",
+                                           n=0, lineterm=""))
+        if layout:
+            diffs.append(("lxc info layout", " | ".join(layout[2:])))
+        for key in ("list_ipv4", "exec_uname"):
+            differ(f"lxc {key} exit status", s[key]["rc"], o[key]["rc"])
+            differ(f"lxc {key} output", s[key]["output"], o[key]["output"])
+        sp, op = s["file_push"], o["file_push"]
+        for key in ("push", "stat", "pull", "pull_missing"):
+            differ(f"lxc file push {key} exit status", sp[key]["rc"], op[key]["rc"])
+        differ("lxc file push stat in the VM", sp["stat"]["output"], op["stat"]["output"])
+        differ("lxc file push pulled back", sp["pulled"], op["pulled"])
+        differ("lxc file pull of a missing path output", sp["pull_missing"]["output"],
+               op["pull_missing"]["output"])
+        for key in ("before", "after", "rc"):
+            differ(f"lxc exec interactive {key}", s["interactive"][key], o["interactive"][key])
         documented = open(README).read()
         missing = []
         for key, what in diffs:
@@ -696,6 +840,32 @@ class Run:
             self.control.srv.close()
             if self.control.sock is not None:
                 self.control.sock.close()
+
+
+def info_layout(text: str) -> list[str]:
+    """`lxc info`'s lines with what differs between any two runs masked: sizes, then every
+    number (counters, PID, dates, the process count). lxc prints the interfaces under
+    "Network usage:" in Go map order (random: eth0 first in one run, lo in the next), so their
+    blocks are sorted."""
+    sized = re.compile(r"\d+(\.\d+)?(B|kB|MB|GB|KiB|MiB|GiB)\b")
+    out: list[str] = []
+    blocks: list[list[str]] = []
+    in_network = False
+    for line in text.splitlines():
+        line = re.sub(r"\d+", "#", sized.sub("<size>", line))
+        indent = len(line) - len(line.lstrip())
+        if in_network and indent == 4 and line.endswith(":"):
+            blocks.append([line])
+            continue
+        if in_network and indent > 4 and blocks:
+            blocks[-1].append(line)
+            continue
+        if blocks:
+            out += [l for block in sorted(blocks) for l in block]
+            blocks = []
+        in_network = line.strip() == "Network usage:"
+        out.append(line)
+    return out + [l for block in sorted(blocks) for l in block]
 
 
 def compare_body(what: str, stock: str, ours: str, differ) -> None:
