@@ -432,7 +432,21 @@ export class AnnounceMachine {
         ctx.slots.release();
       }
     }
-    if (!this.#current(generation)) return;
+    if (!this.#current(generation)) {
+      // The status channel went down and came back meanwhile (a QMP connect
+      // timing out under load): what was announced still reached the agent;
+      // said, not recorded (the new run of the channel decides the state).
+      if (failure === undefined && !this.#stopped && !ctx.signal.aborted) {
+        ctx.logger.info("announced", {
+          instance: instance.name,
+          reason,
+          port,
+          via: viaLine ? "CONNECT line" : "PUT /1.0",
+          during: "a status channel restart",
+        });
+      }
+      return;
+    }
     const now = ctx.now();
     const { waiting, connected } = ctx.intervals;
     if (failure === undefined || lineSent) {

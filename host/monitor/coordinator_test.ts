@@ -3,6 +3,7 @@ import type { ConnectionInfo, DevlxdEvent } from "../../shared/api.ts";
 import type { Instance, InstanceRuntime, StatusChannel } from "../instance.ts";
 import { type AgentProbe } from "./announcer.ts";
 import { MtlsError } from "../../shared/http/mod.ts";
+import { createLogger } from "../../shared/log.ts";
 import type { AgentApi } from "./announce_machine.ts";
 import {
   Coordinator,
@@ -359,6 +360,27 @@ Deno.test("Coordinator marks STOPPED on a STOPPED line, polls slower, and announ
   ring.write("STARTED\n");
   await changes.until((c) => c.state === "CONNECTED");
   assert.equal(api.announces.all.length, 2);
+});
+
+Deno.test("Coordinator logs an announce that succeeded while the status channel went down and came back", async () => {
+  // make e2e (topology, loaded L1): QMP's connect timed out right after a host
+  // restart (STOPPED, then STARTED), the agent got the PUT, and nothing said so.
+  await using fixture = await qmpVm();
+  const { ring, vm } = fixture;
+  const lines = new Queue<string>();
+  const logger = createLogger({ level: "info", write: lines.push });
+  const { api, changes, coordinator } = setup([vm], { logger });
+  await using _c = coordinator;
+  const gate = Promise.withResolvers<void>();
+  api.gate = gate.promise;
+  coordinator.start();
+  ring.write("STARTED\n");
+  await api.entered.next();
+  ring.write("STOPPED\n");
+  await changes.until((c) => c.state === "STOPPED");
+  gate.resolve();
+  const line = await lines.until((l) => /msg="announced"/.test(l));
+  assert.match(line, /instance=vm1 .*via="PUT \/1.0" during="a status channel restart"/);
 });
 
 Deno.test("Coordinator records a refused announce as lastError and retries at a later STARTED", async () => {
