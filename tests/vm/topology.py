@@ -499,10 +499,15 @@ class Run:
             self.step(f"{self.label} exited {rc} on SIGTERM; L2 kernel: "
                       f"{segv or stopped.get('dmesg')}")
             if rc == -signal.SIGSEGV and self.kind == "ours":
-                probe = self.control.call("deno_sigterm_probe", check=self.check)
-                env_crash = probe["ready"] == "ready" and probe["rc"] == -signal.SIGSEGV
-                self.step(f"bare `deno eval` with a SIGTERM listener in this L2: exit "
-                          f"{probe['rc']}; L2 kernel: {probe['dmesg']}")
+                # A bare Deno segfaults on SIGTERM here in about 2 of 3 tries (make e2e,
+                # 2026-12-05), the agent in 3 of 3: up to 3 tries before blaming the agent.
+                for attempt in range(1, 4):
+                    probe = self.control.call("deno_sigterm_probe", check=self.check)
+                    env_crash = probe["ready"] == "ready" and probe["rc"] == -signal.SIGSEGV
+                    self.step(f"bare `deno eval` with a SIGTERM listener in this L2 (try "
+                              f"{attempt}): exit {probe['rc']}; L2 kernel: {probe['dmesg']}")
+                    if env_crash:
+                        break
             self.expect(env_crash, f"the agent exited {rc} on SIGTERM")
             # Deno itself, not the agent, dies on SIGTERM here: the agent's STOPPED line cannot
             # be checked in this VM; the host's STOPPED is checked when the VM powers off.
