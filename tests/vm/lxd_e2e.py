@@ -916,6 +916,18 @@ def main(argv: list[str]) -> int:
         print(f"lxd-{kind}: ok", flush=True)
         return 0
     except Exception as e:  # noqa: BLE001 - every failure is reported with the logs
+        if not isinstance(e, VmFail):
+            # An L2 that reset itself breaks whatever was talking to it (a PTY's broken
+            # pipe, a closed connection): LXD's log says so within moments. VM failure.
+            deadline = now() + 5
+            while now() < deadline and not isinstance(e, VmFail):
+                try:
+                    r.check()
+                    time.sleep(0.2)
+                except VmFail as vm:
+                    e = VmFail(f"{vm} (seen after: {type(e).__name__}: {e})")
+                except Exception:  # noqa: BLE001 - only a VM failure changes the verdict
+                    break
         print(f"lxd-{kind}: FAIL: {'' if isinstance(e, Fail) else type(e).__name__ + ': '}{e}",
               flush=True)
         r.dump()
