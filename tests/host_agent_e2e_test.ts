@@ -47,18 +47,21 @@ function startAgent(args: string[]) {
   };
 }
 
-Deno.test("host daemon and our agent: announce, CONNECTED, devlxd proxied, events, Ready, STOPPED", async () => {
-  await using dir = await tempDir("host-e2e-");
-  const p = (name: string) => join(dir.path, name);
-  await using _relay = new SerialRelay(p("host-serial.sock"), p("guest-serial.sock"));
-  await using daemon = await DaemonProcess.start(p("state"));
+/**
+ * The host daemon with vm1 (hybrid, socket-backed serial port relayed by this
+ * test, config drive in `lxd_agent`) and our agent on it; `extra` goes to
+ * `instance add`, `agentArgs` to the agent.
+ */
+async function hostWithAgent(dir: string, extra: string[], agentArgs: string[]) {
+  const p = (name: string) => join(dir, name);
+  const relay = new SerialRelay(p("host-serial.sock"), p("guest-serial.sock"));
+  const daemon = await DaemonProcess.start(p("state"));
   const hybrid = await addHybridInstance(p("state"), [
     "--serial",
     p("host-serial.sock"),
     "--config-drive",
     p("lxd_agent"),
-    "-c",
-    "user.foo=bar",
+    ...extra,
   ]);
   const agent = startAgent([
     `--config-dir=${p("lxd_agent")}`,
@@ -66,9 +69,26 @@ Deno.test("host daemon and our agent: announce, CONNECTED, devlxd proxied, event
     `--transport=hybrid:${hybrid}`,
     `--devlxd-socket=${p("dev-lxd/sock")}`,
     `--state-file=${p("run/state.json")}`,
+    ...agentArgs,
+  ]);
+  return {
+    p,
+    daemon,
+    agent,
+    async [Symbol.asyncDispose]() {
+      await daemon[Symbol.asyncDispose]();
+      await relay[Symbol.asyncDispose]();
+    },
+  };
+}
+
+Deno.test("host daemon and our agent: announce, CONNECTED, devlxd proxied, events, Ready, STOPPED", async () => {
+  await using dir = await tempDir("host-e2e-");
+  await using w = await hostWithAgent(dir.path, ["-c", "user.foo=bar"], [
     "--rewrite-interval=200ms",
     "--log-level=debug",
   ]);
+  const { p, daemon, agent } = w;
   try {
     await daemon.waitFor(/msg="agent state" .*instance=vm1 state=CONNECTED/, 30_000);
 
@@ -125,22 +145,8 @@ Deno.test("host daemon and our agent: announce, CONNECTED, devlxd proxied, event
 
 Deno.test("host daemon and our agent: a burst of 64 concurrent guest requests is answered in full (the agent sets up its host connections a few at a time, within the host's bound on a peer's pending handshakes)", async () => {
   await using dir = await tempDir("host-e2e-burst-");
-  const p = (name: string) => join(dir.path, name);
-  await using _relay = new SerialRelay(p("host-serial.sock"), p("guest-serial.sock"));
-  await using daemon = await DaemonProcess.start(p("state"));
-  const hybrid = await addHybridInstance(p("state"), [
-    "--serial",
-    p("host-serial.sock"),
-    "--config-drive",
-    p("lxd_agent"),
-  ]);
-  const agent = startAgent([
-    `--config-dir=${p("lxd_agent")}`,
-    `--serial-port=${p("guest-serial.sock")}`,
-    `--transport=hybrid:${hybrid}`,
-    `--devlxd-socket=${p("dev-lxd/sock")}`,
-    `--state-file=${p("run/state.json")}`,
-  ]);
+  await using w = await hostWithAgent(dir.path, [], []);
+  const { p, daemon, agent } = w;
   try {
     await daemon.waitFor(/msg="agent state" .*instance=vm1 state=CONNECTED/, 30_000);
     const client = Deno.createHttpClient({ proxy: { transport: "unix", path: p("dev-lxd/sock") } });
