@@ -295,12 +295,12 @@ function daemonFlags(): string[] {
   return (Deno.env.get("BENCH_DAEMON_FLAGS") ?? "").split(" ").filter(Boolean);
 }
 
-/** Starts the host daemon (unix transport) on `stateDir`. */
+/** Starts the host daemon (unix transport) on `stateDir`, with the `host` task's Deno flags. */
 export function startDaemon(stateDir: string, extra: string[] = []): Child {
   const flags = daemonFlags();
   return new Child([
     "run",
-    "-P=host",
+    ...runFlags("host"),
     ...flags,
     join(ROOT, "host/main.ts"),
     "daemon",

@@ -142,7 +142,13 @@ export async function benchGuest(options: BenchGuestOptions = {}): Promise<Recor
   const guest = () => devlxdGet(devlxdSocket);
   const floor = () => directGet(hybrid, port, id);
   using kept = new KeptClient(hybrid, port, id);
-  put(figures, "floor_kept_c1", await runLoop(() => kept.get(), { concurrency: 1, durationMs }));
+  const keptBefore = await procOne(daemon.pid);
+  const keptLoop = await runLoop(() => kept.get(), { concurrency: 1, durationMs });
+  put(figures, "floor_kept_c1", keptLoop);
+  // The host's own cost of a request on a kept connection: the floor under the warm guest path's.
+  figures.floor_kept_c1_host_cpu_us_per_request = Math.round(
+    ((await procOne(daemon.pid)).cpuUs - keptBefore.cpuUs) / keptLoop.requests,
+  );
   let agentPeakKb = 0;
   for (const concurrency of levels) {
     const hostBefore = await procOne(daemon.pid);
