@@ -222,8 +222,8 @@ export class Daemon {
       server = new HostVsockServer({
         cert,
         key,
-        byCid: (c) => registry.byCid(c),
-        byName: (n) => registry.get(n),
+        byCid: (c) => registry.viewByCid(c),
+        byName: (n) => registry.view(n),
         handler: (request, instance) => app.fetch(request, { instance }),
         // The coordinator records it (and acts on it); without one, only lastSeen is kept.
         onAgentRequest: coordinator

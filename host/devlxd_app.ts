@@ -29,7 +29,7 @@ export interface HostDevlxdAppOptions {
   logger?: Logger;
 }
 
-export type DevlxdEnv = { Bindings: { instance: Instance } };
+export type DevlxdEnv = { Bindings: { instance: Readonly<Instance> } };
 
 const EVENT_TYPES = ["config", "device"];
 const FINGERPRINT_RE = /^[0-9a-f]{64}$/;

@@ -217,3 +217,19 @@ Deno.test("Registry meta settings persist", () =>
     using r = Registry.open(path);
     assert.equal(r.getMeta("port"), "4242");
   }));
+
+Deno.test("Registry.view() and viewByCid() give the stored instance, which follows later changes; get() gives copies", () =>
+  withDb((path) => {
+    using r = Registry.open(path);
+    r.add(spec("vm1", 3));
+    const view = r.view("vm1")!;
+    const copy = r.get("vm1")!;
+    assert.equal(r.viewByCid(3), view);
+    assert.notEqual(r.get("vm1"), copy);
+    r.setConfig("vm1", "user.foo", "bar");
+    assert.equal(view.config["user.foo"], "bar");
+    assert.equal(copy.config["user.foo"], undefined);
+    r.remove("vm1");
+    assert.equal(r.view("vm1"), undefined);
+    assert.equal(r.viewByCid(3), undefined);
+  }));

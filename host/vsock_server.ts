@@ -46,12 +46,12 @@ export interface HostVsockServerOptions {
   /** The host's server certificate and key (PEM). */
   cert: string;
   key: string;
-  /** Looks up the instance with this vsock CID. */
-  byCid: (cid: number) => Instance | undefined;
-  /** Looks up the instance with this name. */
-  byName: (name: string) => Instance | undefined;
-  /** Serves one authenticated request. */
-  handler: (request: Request, instance: Instance) => Response | Promise<Response>;
+  /** Looks up the instance with this vsock CID (on every request: keep it cheap, no copy). */
+  byCid: (cid: number) => Readonly<Instance> | undefined;
+  /** Looks up the instance with this name (on every request: keep it cheap, no copy). */
+  byName: (name: string) => Readonly<Instance> | undefined;
+  /** Serves one authenticated request; `instance` is read, never modified. */
+  handler: (request: Request, instance: Readonly<Instance>) => Response | Promise<Response>;
   /** Called for every authenticated request (before the handler). */
   onAgentRequest?: (name: string) => void;
   /** Concurrent connections per CID (or hybrid instance). @default 32 */
@@ -96,6 +96,8 @@ interface Agent {
   source: ListenerSource;
   remote: SocketAddress;
   peer: PeerCertificate;
+  /** The instance's certificate (PEM) the peer's was found equal to. */
+  agentCert: string;
 }
 
 /** Serves the devlxd API on any number of listeners. */
@@ -175,31 +177,48 @@ export class HostVsockServer {
     }
     return {
       socket: tls,
-      identity: { instance: instance.name, source: context.source, remote, peer },
+      identity: {
+        instance: instance.name,
+        source: context.source,
+        remote,
+        peer,
+        agentCert: instance.agentCert,
+      },
     };
   }
 
   #request(request: Request, agent: Agent): Response | Promise<Response> {
-    // Re-check on every request: the instance may have been removed or re-keyed.
-    const instance = this.#match(agent.source, agent.remote, agent.peer);
-    if (!instance || instance.name !== agent.instance) return unauthorized();
+    // Re-check on every request: the instance may have been removed, moved or
+    // re-keyed. The same instance must still own this peer, with the very
+    // certificate the handshake's was compared with (so no DER work here).
+    const instance = this.#lookup(agent.source, agent.remote);
+    if (instance?.name !== agent.instance || instance.agentCert !== agent.agentCert) {
+      return unauthorized();
+    }
     this.#options.onAgentRequest?.(instance.name);
     // Its signal aborts as soon as the agent goes away (serveHttp).
     return this.#options.handler(request, instance);
   }
 
-  #match(
-    source: ListenerSource,
-    remote: SocketAddress,
-    peer: PeerCertificate,
-  ): Instance | undefined {
+  /** The instance this peer may be: by CID on AF_VSOCK, by listener on hybrid vsock. */
+  #lookup(source: ListenerSource, remote: SocketAddress): Readonly<Instance> | undefined {
     const instance = source.kind === "hybrid"
       ? this.#options.byName(source.instance)
       : remote.family === "vsock"
       ? this.#options.byCid(remote.cid)
       : undefined;
+    if (source.kind === "vsock" && instance?.hybrid !== undefined) return undefined;
+    return instance;
+  }
+
+  /** The instance this peer is: the one it may be, if its certificate is that instance's. */
+  #match(
+    source: ListenerSource,
+    remote: SocketAddress,
+    peer: PeerCertificate,
+  ): Readonly<Instance> | undefined {
+    const instance = this.#lookup(source, remote);
     if (!instance) return undefined;
-    if (source.kind === "vsock" && instance.hybrid !== undefined) return undefined;
     let pinned: Uint8Array;
     try {
       pinned = certificateDer(instance.agentCert);

@@ -84,6 +84,48 @@ Deno.test("HostVsockServer serves the listener's instance to its agent and repor
   assert.deepEqual(t.seen, ["vm1"]);
 });
 
+Deno.test("HostVsockServer re-checks every request on a kept connection: after a re-key or a removal, 401 without the handler", async () => {
+  let current: Instance | undefined;
+  await using t = await fixture({ byName: (name) => name === "vm1" ? current : undefined });
+  const other = await generateKeyPair();
+  current = {
+    name: "vm1",
+    cid: 10,
+    status: { kind: "none" },
+    hybrid: t.path,
+    agentCert: t.agent.cert,
+    clientCert: "",
+    clientKey: "",
+    config: {},
+    devices: {},
+    runtime: { agentState: "STOPPED", ready: false },
+  };
+  const original = current;
+  const ask = async (c: Duplex) => {
+    let kept = false;
+    const response = await httpRequest(c, new Request("http://devlxd/1.0"), {
+      reuse: () => kept = true,
+    });
+    await response.text();
+    return { status: response.status, kept };
+  };
+  {
+    using c = await t.connect();
+    assert.deepEqual(await ask(c), { status: 200, kept: true });
+    // Re-keyed: the same name now has another agent certificate.
+    current = { ...original, agentCert: other.cert };
+    assert.deepEqual(await ask(c), { status: 401, kept: false });
+  }
+  {
+    current = original;
+    using c = await t.connect();
+    assert.deepEqual(await ask(c), { status: 200, kept: true });
+    current = undefined; // removed
+    assert.deepEqual(await ask(c), { status: 401, kept: false });
+  }
+  assert.deepEqual(t.seen, ["vm1", "vm1"]);
+});
+
 Deno.test("HostVsockServer answers 401 to a stranger's certificate, without calling the handler, then closes", async () => {
   await using t = await fixture();
   using c = await t.connect(await generateKeyPair());
