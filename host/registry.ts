@@ -250,8 +250,7 @@ export class Registry {
 
   /** The instance named `name` (a copy), or undefined. */
   get(name: string): Instance | undefined {
-    this.#assertOpen();
-    const i = this.#instances.get(name);
+    const i = this.view(name);
     return i && structuredClone(i);
   }
 
@@ -264,9 +263,8 @@ export class Registry {
 
   /** The instance with guest CID `cid`, or undefined. */
   byCid(cid: number): Instance | undefined {
-    this.#assertOpen();
-    const name = this.#byCid.get(cid);
-    return name === undefined ? undefined : this.get(name);
+    const i = this.viewByCid(cid);
+    return i && structuredClone(i);
   }
 
   /**

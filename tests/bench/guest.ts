@@ -37,6 +37,7 @@ import {
   KeptClient,
   type LoopFigures,
   procOne,
+  type ProcSample,
   ROOT,
   round,
   runLoop,
@@ -69,6 +70,21 @@ function put(figures: Record<string, number>, prefix: string, f: LoopFigures): v
   figures[`${prefix}_p50_ms`] = f.p50Ms;
   figures[`${prefix}_p99_ms`] = f.p99Ms;
   if (f.errors > 0) figures[`${prefix}_errors`] = f.errors;
+}
+
+/**
+ * Runs `loop` and reads the host process's CPU time (its `/proc` counters)
+ * around it: µs per counted request (warm-up requests are not counted, a
+ * slight overestimate), and the host's sample after it.
+ */
+async function withHostCpu(
+  pid: number,
+  loop: () => Promise<LoopFigures>,
+): Promise<{ loop: LoopFigures; cpuUsPerRequest: number; after: ProcSample }> {
+  const before = await procOne(pid);
+  const figures = await loop();
+  const after = await procOne(pid);
+  return { loop: figures, cpuUsPerRequest: (after.cpuUs - before.cpuUs) / figures.requests, after };
 }
 
 /**
@@ -142,16 +158,15 @@ export async function benchGuest(options: BenchGuestOptions = {}): Promise<Recor
   const guest = () => devlxdGet(devlxdSocket);
   const floor = () => directGet(hybrid, port, id);
   using kept = new KeptClient(hybrid, port, id);
-  const keptBefore = await procOne(daemon.pid);
-  const keptLoop = await runLoop(() => kept.get(), { concurrency: 1, durationMs });
-  put(figures, "floor_kept_c1", keptLoop);
-  // The host's own cost of a request on a kept connection: the floor under the warm guest path's.
-  figures.floor_kept_c1_host_cpu_us_per_request = Math.round(
-    ((await procOne(daemon.pid)).cpuUs - keptBefore.cpuUs) / keptLoop.requests,
+  const keptRun = await withHostCpu(
+    daemon.pid,
+    () => runLoop(() => kept.get(), { concurrency: 1, durationMs }),
   );
+  put(figures, "floor_kept_c1", keptRun.loop);
+  // The host's own cost of a request on a kept connection: the floor under the warm guest path's.
+  figures.floor_kept_c1_host_cpu_us_per_request = Math.round(keptRun.cpuUsPerRequest);
   let agentPeakKb = 0;
   for (const concurrency of levels) {
-    const hostBefore = await procOne(daemon.pid);
     const sampling = { on: true };
     const sampler = (async () => {
       while (sampling.on) {
@@ -159,13 +174,9 @@ export async function benchGuest(options: BenchGuestOptions = {}): Promise<Recor
         await new Promise((r) => setTimeout(r, 200));
       }
     })();
-    const loop = await runLoop(guest, { concurrency, durationMs });
-    put(figures, `devlxd_c${concurrency}`, loop);
-    const hostCpuUs = (await procOne(daemon.pid)).cpuUs - hostBefore.cpuUs;
-    // Warm-up requests are not counted in `loop.requests`: a slight overestimate.
-    figures[`devlxd_c${concurrency}_host_cpu_us_per_request`] = Math.round(
-      hostCpuUs / loop.requests,
-    );
+    const run = await withHostCpu(daemon.pid, () => runLoop(guest, { concurrency, durationMs }));
+    put(figures, `devlxd_c${concurrency}`, run.loop);
+    figures[`devlxd_c${concurrency}_host_cpu_us_per_request`] = Math.round(run.cpuUsPerRequest);
     sampling.on = false;
     await sampler;
     put(figures, `floor_c${concurrency}`, await runLoop(floor, { concurrency, durationMs }));
@@ -195,14 +206,14 @@ export async function benchGuest(options: BenchGuestOptions = {}): Promise<Recor
 
   // Host capacity: many direct clients; the host's own CPU time per request.
   const clients = options.capacityClients ?? 16;
-  const before = await procOne(daemon.pid);
-  const run = await runLoop(floor, { concurrency: clients, durationMs, warmup: 0 });
-  const after = await procOne(daemon.pid);
-  const cpuUs = after.cpuUs - before.cpuUs;
-  put(figures, `host_direct_c${clients}`, run);
-  figures.host_direct_cpu_us_per_request = Math.round(cpuUs / run.requests);
-  figures.host_direct_rps_per_core = Math.round(run.requests / (cpuUs / 1e6));
-  figures.host_rss_mb = round(after.rssKb / 1024, 1);
+  const capacity = await withHostCpu(
+    daemon.pid,
+    () => runLoop(floor, { concurrency: clients, durationMs, warmup: 0 }),
+  );
+  put(figures, `host_direct_c${clients}`, capacity.loop);
+  figures.host_direct_cpu_us_per_request = Math.round(capacity.cpuUsPerRequest);
+  figures.host_direct_rps_per_core = Math.round(1e6 / capacity.cpuUsPerRequest);
+  figures.host_rss_mb = round(capacity.after.rssKb / 1024, 1);
   return figures;
 }
 
