@@ -1,6 +1,6 @@
 /**
  * Helpers for the tests of `shared/vsock/`: temporary socket directories,
- * bounded waits on events, and reading a stream to its end.
+ * bounded waits on events, reading a stream to its end, and what an fd number refers to.
  *
  * Owns: the temporary directories it creates (removed on dispose).
  * Permissions: `--allow-read`, `--allow-write` (temporary directory).
@@ -11,6 +11,8 @@
 import type { EventEmitter } from "node:events";
 import type { Readable } from "node:stream";
 import { Buffer } from "node:buffer";
+import { socketAddress } from "./_fd.ts";
+import { SocketError } from "./socket_error.ts";
 
 /** A temporary directory for socket files, removed on dispose. */
 export class TempDir implements Disposable {
@@ -75,6 +77,21 @@ export function readToEnd(stream: Readable, ms = 10000): Promise<Buffer> {
     stream.resume();
   });
   return within(done, ms, "stream end");
+}
+
+/**
+ * What this process's fd number `fd` is now: the local and peer addresses of
+ * the socket it holds, or why it has none (EBADF once closed). Test files run
+ * in parallel in one process, so a number one test closes may be reused by
+ * another at once: compare this before and after a close, not whether the
+ * number is open. (Each test's sockets live in its own temporary directory.)
+ */
+export function fdIdentity(fd: number): string {
+  try {
+    return JSON.stringify([socketAddress(fd, false), socketAddress(fd, true)]);
+  } catch (error) {
+    return error instanceof SocketError ? error.code : String(error);
+  }
 }
 
 /** `length` bytes of a deterministic, non-repeating-per-64KiB pattern. */
